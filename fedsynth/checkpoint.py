@@ -1,0 +1,185 @@
+"""Checkpoints: one self-describing file per snapshot, written atomically.
+
+A checkpoint holds the experiment config, group-keyed weights (the same keys as
+:meth:`SynthesisModel.get_weights`), per-group optimizer states, epoch/step/round, RNG states,
+the privacy ledger (if any), metrics and the fedsynth version. It loads with
+``torch.load(weights_only=True)``: only tensors and plain Python values are stored.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsynth import __version__
+from fedsynth.config import config_from_dict
+from fedsynth.errors import CheckpointError, ConfigError, WeightsError
+from fedsynth.io import atomic_path
+
+FORMAT = "fedsynth-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands: what the engine needs to continue exactly."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimiser steps (all groups count as one step)
+    round: int | None = None  # federated round, when driven by a federation
+    best_metric: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None  # privacy ledger state (accountant history, epsilon)
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """All RNG states the engine depends on, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: Any,
+    state: TrainingState,
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    *,
+    rng: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (all groups) and ``state`` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fedsynth_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "family": model.family,
+        "spatial_dims": model.spatial_dims,
+        "groups": model.groups(),
+        "config": model.config.to_dict(),
+        "weights": {k: torch.from_numpy(v) for k, v in model.get_weights().items()},
+        "optimizers": {g: opt.state_dict() for g, opt in (optimizers or {}).items()},
+        "epoch": state.epoch,
+        "step": state.step,
+        "round": state.round,
+        "best_metric": state.best_metric,
+        "metrics": {k: float(v) for k, v in state.metrics.items()},
+        "privacy": state.privacy,
+        "rng": capture_rng() if rng else None,
+        "extra": dict(extra or {}),
+    }
+    first_stage = getattr(model, "is_latent", False) and model.plain_net("autoencoder").autoencoder
+    if first_stage:
+        payload["extra"]["autoencoder_config"] = first_stage.config.to_dict()
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and sanity-check a checkpoint file; raises :class:`CheckpointError` with the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/corrupt files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fedsynth checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fedsynth checkpoint (no '{FORMAT}' header)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {payload['format_version']}; this fedsynth reads <= {FORMAT_VERSION}")
+    for key in ("config", "weights", "epoch", "step"):
+        if key not in payload:
+            raise CheckpointError(f"checkpoint {path} is incomplete: missing '{key}'")
+    return payload
+
+
+def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], device: str | torch.device = "cpu") -> Any:
+    """Rebuild the model a checkpoint describes and load its weights (never random weights)."""
+    from fedsynth.models import build_model
+
+    if isinstance(path_or_payload, Mapping):
+        payload, source = dict(path_or_payload), "<checkpoint>"
+    else:
+        payload, source = load_checkpoint(path_or_payload), str(path_or_payload)
+    try:
+        config = config_from_dict(payload["config"], f"{source} (stored config)")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    autoencoder = None
+    ae_cfg = payload.get("extra", {}).get("autoencoder_config")
+    if ae_cfg is not None:
+        autoencoder = build_model(config_from_dict(ae_cfg, f"{source} (autoencoder config)"))
+    if config.family == "diffusion" and getattr(config.model, "autoencoder_checkpoint", None) and autoencoder is None:
+        raise CheckpointError(f"checkpoint {source} is a latent diffusion run but stores no autoencoder config")
+    model = build_model(config, autoencoder=autoencoder)
+    try:
+        model.set_weights(payload["weights"], strict=True)
+    except WeightsError as err:
+        raise CheckpointError(f"checkpoint {source} does not match its model: {err}") from None
+    missing = set(model.groups()) - {k.split("/", 1)[0] for k in payload["weights"]}
+    if missing:
+        raise CheckpointError(f"checkpoint {source} has no weights for group(s) {sorted(missing)}")
+    return model.to(device)
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """Metadata of a checkpoint as plain JSON-able values (what ``fedsynth info`` prints)."""
+    payload = load_checkpoint(path)
+    privacy = payload.get("privacy") or {}
+    n_params = sum(int(t.numel()) for t in payload["weights"].values())
+    return {
+        "path": str(path),
+        "family": payload.get("family"),
+        "spatial_dims": payload.get("spatial_dims"),
+        "image_size": payload["config"].get("image_size"),
+        "channels": payload["config"].get("channels"),
+        "num_classes": payload["config"].get("num_classes"),
+        "groups": payload.get("groups"),
+        "num_weights": n_params,
+        "epoch": payload["epoch"],
+        "step": payload["step"],
+        "round": payload.get("round"),
+        "best_metric": payload.get("best_metric"),
+        "metrics": payload.get("metrics", {}),
+        "privacy_epsilon": privacy.get("epsilon") if privacy else None,
+        "privacy_delta": privacy.get("delta") if privacy else None,
+        "fedsynth_version": payload.get("fedsynth_version"),
+        "created": payload.get("created"),
+        "latent_diffusion": "autoencoder_config" in payload.get("extra", {}),
+    }

@@ -1,0 +1,175 @@
+"""The ``fedsynth`` command line. Each sub-command is a thin call into the library.
+
+User errors (:class:`FedsynthError`) are printed as one line-block without a traceback and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fedsynth.errors import FedsynthError
+
+Handler = Callable[[argparse.Namespace], int | None]
+_COMMANDS: dict[str, Handler] = {}
+#: modules that add sub-commands: each defines ``add_commands(subparsers)`` and uses ``@command``
+_EXTENSIONS: list[str] = []
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        _COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------- core commands
+
+
+@command("init-config")
+def _init_config(args: argparse.Namespace) -> None:
+    from fedsynth.config import default_config, render_yaml
+    from fedsynth.io import atomic_write_text
+
+    cfg = default_config(args.family, args.spatial_dims, args.image_size, args.channels, args.num_classes)
+    atomic_write_text(Path(args.output), render_yaml(cfg))
+    print(f"wrote {args.output}")
+
+
+@command("construct-csv")
+def _construct_csv(args: argparse.Namespace) -> None:
+    from fedsynth.data.manifest import construct_csv
+
+    n = construct_csv(args.input_dir, args.output, channel_ids=args.channels_id, labels_from_folders=args.labels_from_folders)
+    print(f"wrote {args.output} ({n} rows)")
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> None:
+    from fedsynth.local import TrainRequest, train
+
+    train(TrainRequest(args.config, args.data, args.output, args.val_data, args.epochs, args.resume, args.devices))
+    print(f"run written to {args.output}")
+
+
+@command("generate")
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from fedsynth.checkpoint import model_from_checkpoint
+    from fedsynth.engine import BEST, LAST, resolve_device
+    from fedsynth.errors import CheckpointError
+    from fedsynth.generation import sample, write_images
+
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+    else:
+        run = Path(args.run)
+        ckpt = run / BEST if (run / BEST).is_file() else run / LAST
+        if not ckpt.is_file():
+            raise CheckpointError(f"no checkpoint in run folder {run} (looked for {BEST} and {LAST}); train first or pass --checkpoint")
+    model = model_from_checkpoint(ckpt, device=resolve_device(args.device))
+    labels = torch.tensor([args.label]) if args.label is not None else None
+    try:
+        images = sample(model, args.num_images, seed=args.seed, labels=labels, sampler=args.sampler,
+                        steps=args.steps, guidance_scale=args.guidance_scale)
+    except ValueError as err:
+        raise FedsynthError(f"cannot generate from {ckpt}: {err}") from None
+    fmt = args.format or ("png" if model.spatial_dims == 2 else "nii.gz")
+    paths = write_images(images, args.output, image_format=fmt, labels=labels)
+    print(f"wrote {len(paths)} images and grid.png to {args.output}")
+
+
+@command("info")
+def _info(args: argparse.Namespace) -> None:
+    from fedsynth.checkpoint import checkpoint_info
+
+    print(json.dumps(checkpoint_info(args.checkpoint), indent=2))
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> None:
+    from fedsynth.demo import run_demo
+
+    paths = run_demo(args.output, family=args.family, epochs=args.epochs)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsynth", description="Federated synthesis of medical images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-config", help="write a complete, commented config that trains as is")
+    p.add_argument("--family", required=True, choices=["autoencoder", "gan", "diffusion"])
+    p.add_argument("--spatial-dims", type=int, choices=[2, 3], default=2)
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--num-classes", type=int, default=0)
+    p.add_argument("-o", "--output", required=True)
+
+    p = sub.add_parser("construct-csv", help="write a GaNDLF-style CSV for a folder of images")
+    p.add_argument("--input-dir", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--channels-id", nargs="+", default=None, help="substrings naming each channel's file")
+    p.add_argument("--labels-from-folders", action="store_true", help="class = sub-folder name")
+
+    p = sub.add_parser("train", help="train locally (one process, or N DDP processes)")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--data", required=True, help="training CSV")
+    p.add_argument("-o", "--output", required=True, help="run folder")
+    p.add_argument("--val-data", default=None)
+    p.add_argument("--epochs", type=int, default=None, help="override training.epochs")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
+    p.add_argument("--devices", type=int, default=1, help="processes (DDP: gloo on CPU, nccl on GPU)")
+
+    p = sub.add_parser("generate", help="sample images from a run or checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder (uses best.ckpt, else last.ckpt)")
+    src.add_argument("--checkpoint", help="checkpoint file")
+    p.add_argument("-n", "--num-images", type=int, default=16)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--label", type=int, default=None, help="class to generate (conditional models)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion)")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["png", "nii.gz", "nii"], default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    p = sub.add_parser("info", help="print a checkpoint's metadata as JSON")
+    p.add_argument("checkpoint")
+
+    p = sub.add_parser("demo", help="train and generate on real brain MRI slices that install offline")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--family", choices=["autoencoder", "gan", "diffusion"], default="gan")
+    p.add_argument("--epochs", type=int, default=5)
+
+    import importlib
+
+    for module in _EXTENSIONS:
+        importlib.import_module(module).add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = _COMMANDS[args.command](args)
+    except FedsynthError as err:
+        print(f"fedsynth {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedsynth {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Experiment configuration: one YAML file, validated by pydantic.
+
+Every block rejects unknown keys, so a misspelt option is an error rather than a silently
+ignored setting. :func:`load_config` turns validation failures into one :class:`ConfigError`
+that names the file, the field path, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsynth.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    """Base for every config block: unknown keys are rejected, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class AutoencoderConfig(_Strict):
+    """AutoencoderKL (KL-regularised) or VQVAE from MONAI, optionally with a patch discriminator."""
+
+    family: Literal["autoencoder"] = "autoencoder"
+    architecture: Literal["kl", "vqvae"] = Field("kl", description="MONAI AutoencoderKL or VQVAE")
+    channels: list[int] = Field([32, 64], description="feature channels per resolution level")
+    num_res_blocks: int = Field(1, ge=1)
+    latent_channels: int = Field(3, ge=1, description="KL latent channels / VQ embedding dim")
+    attention: bool = Field(False, description="self-attention at the lowest level (needs einops)")
+    norm_num_groups: int = Field(8, ge=1)
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (kl only)")
+    num_embeddings: int = Field(64, ge=2, description="codebook size (vqvae only)")
+    adversarial_weight: float = Field(0.0, ge=0, description="> 0 adds a PatchDiscriminator group")
+    discriminator_channels: int = Field(32, ge=1)
+    discriminator_layers: int = Field(2, ge=1)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_positive(cls, v: list[int]) -> list[int]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError("a non-empty list of positive integers")
+        return v
+
+
+class GanConfig(_Strict):
+    """DCGAN-style generator and discriminator (2D or 3D)."""
+
+    family: Literal["gan"] = "gan"
+    latent_dim: int = Field(64, ge=1, description="size of the generator's noise vector")
+    generator_channels: int = Field(64, ge=1, description="channels of the generator's first block")
+    discriminator_channels: int = Field(32, ge=1)
+    loss: Literal["nonsaturating", "hinge"] = "nonsaturating"
+    spectral_norm: bool = Field(False, description="spectral normalisation in the discriminator")
+    discriminator_norm: Literal["batch", "group", "none"] = Field(
+        "group", description="GroupNorm is DP-compatible; BatchNorm is the classic DCGAN choice"
+    )
+
+
+class DiffusionConfig(_Strict):
+    """DDPM-trained DiffusionModelUNet; optional latent diffusion on a trained autoencoder run."""
+
+    family: Literal["diffusion"] = "diffusion"
+    channels: list[int] = Field([32, 64], description="UNet channels per level")
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: list[bool] | None = Field(None, description="default: attention at the last level")
+    num_head_channels: int = Field(16, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    num_train_timesteps: int = Field(1000, ge=10)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "linear_beta"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    sampler: Literal["ddpm", "ddim"] = Field("ddim", description="default sampler for generate")
+    sampling_steps: int = Field(50, ge=1, description="default DDIM steps for generate")
+    guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance at generation")
+    class_dropout: float = Field(0.1, ge=0, le=1, description="label drop rate for CFG training")
+    autoencoder_checkpoint: str | None = Field(
+        None, description="checkpoint of a trained autoencoder run: enables latent diffusion"
+    )
+
+    @model_validator(mode="after")
+    def _attention_matches(self) -> "DiffusionConfig":
+        if self.attention_levels is not None and len(self.attention_levels) != len(self.channels):
+            raise ValueError(
+                f"attention_levels must have one entry per level ({len(self.channels)}), "
+                f"got {len(self.attention_levels)}"
+            )
+        return self
+
+
+ModelConfig = Annotated[Union[AutoencoderConfig, GanConfig, DiffusionConfig], Field(discriminator="family")]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class AugmentationConfig(_Strict):
+    """One MONAI random transform applied at train time."""
+
+    name: Literal["flip", "rotate90", "affine", "gaussian_noise", "contrast", "intensity_shift"]
+    prob: float = Field(0.5, ge=0, le=1)
+    spatial_axis: int | None = Field(None, description="flip: axis (None = all)")
+    rotate_range: float = Field(0.1, ge=0, description="affine: radians")
+    scale_range: float = Field(0.1, ge=0, description="affine: relative")
+    std: float = Field(0.02, ge=0, description="gaussian_noise: standard deviation")
+    gamma: tuple[float, float] = Field((0.8, 1.2), description="contrast: gamma range")
+    offset: float = Field(0.05, ge=0, description="intensity_shift: max offset")
+
+
+class DataConfig(_Strict):
+    """How images are read from the CSV, preprocessed and augmented."""
+
+    resample_spacing: list[float] | None = Field(None, description="resample to this spacing (mm) first")
+    resize_mode: Literal["resize", "crop_or_pad"] = Field(
+        "resize", description="bring images to image_size by interpolation or by centre crop/pad"
+    )
+    normalization: Literal["minmax", "zscore", "percentile"] = Field(
+        "minmax", description="per-image intensity normalisation; minmax and percentile give [0, 1]"
+    )
+    percentiles: tuple[float, float] = Field((0.5, 99.5), description="percentile clip bounds")
+    augmentations: list[AugmentationConfig] = Field(default_factory=list)
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="subjects held out when no --val-data")
+    cache: bool = Field(True, description="keep preprocessed images in memory")
+
+    @model_validator(mode="after")
+    def _percentiles_ordered(self) -> "DataConfig":
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        return self
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainingConfig(_Strict):
+    """The engine's loop: duration, optimisation, logging and checkpoints."""
+
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    batch_size: int = Field(16, ge=1, description="per process")
+    learning_rate: float = Field(2e-4, gt=0)
+    group_learning_rates: dict[str, float] = Field(
+        default_factory=dict, description="per-group override, e.g. {discriminator: 1e-4}"
+    )
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (1.6-2x on CPU)")
+    num_workers: int = Field(0, ge=0)
+    validate_every: int = Field(1, ge=1, description="epochs between validations")
+    sample_every: int = Field(5, ge=1, description="epochs between PNG sample grids")
+    num_sample_images: int = Field(16, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+# --------------------------------------------------------------------------- federation / privacy
+
+
+GroupPolicy = Literal["shared", "local"]
+
+
+class FederationConfig(_Strict):
+    """How a federation trains this model (used by the Flower and OpenFL drivers)."""
+
+    rounds: int = Field(3, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="cap on optimiser steps per round")
+    min_sites: int = Field(2, ge=1)
+    fraction_fit: float = Field(1.0, gt=0, le=1)
+    groups: dict[str, GroupPolicy] = Field(
+        default_factory=dict, description="per group: shared (FedAvg) or local; missing = family default"
+    )
+    transport_dtype: Literal["float32", "float16"] = "float32"
+    clip_update_norm: float | None = Field(None, gt=0, description="clip each site's update (L2)")
+    round_timeout_s: float = Field(3600.0, gt=0)
+
+
+class PrivacyConfig(_Strict):
+    """Differential privacy (Opacus) on the groups that see real images."""
+
+    enabled: bool = False
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    groups: list[str] | None = Field(None, description="default: the family's data-facing groups")
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment: image geometry, model, data handling, training, federation, privacy."""
+
+    spatial_dims: Literal[2, 3] = 2
+    image_size: list[int] = Field([64, 64], description="one size per spatial dimension")
+    channels: int = Field(1, ge=1, description="image channels = number of Channel_* columns")
+    num_classes: int = Field(0, ge=0, description="> 0: class-conditional on the CSV's Label")
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=GanConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _geometry(self) -> "ExperimentConfig":
+        if len(self.image_size) == 1:
+            self.__dict__["image_size"] = self.image_size * self.spatial_dims
+        if len(self.image_size) != self.spatial_dims:
+            raise ValueError(
+                f"image_size has {len(self.image_size)} entries but spatial_dims is {self.spatial_dims}"
+            )
+        if any(s < 8 for s in self.image_size):
+            raise ValueError(f"image_size entries must be >= 8, got {self.image_size}")
+        return self
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (YAML/JSON/checkpoint safe)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _FAMILY_TAGS))
+        given = e.get("input")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see `fedsynth init-config` for all options)"
+        else:
+            msg = e["msg"]
+        given_s = repr(given)
+        if len(given_s) > 80:
+            given_s = given_s[:77] + "..."
+        lines.append(f"  field '{loc or '<root>'}': {msg}; got {given_s}")
+    return "\n".join(lines)
+
+
+_FAMILY_TAGS = {"autoencoder", "gan", "diffusion"}
+
+
+def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a mapping into an :class:`ExperimentConfig`, raising :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: expected a mapping at top level, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return config_from_dict(data if data is not None else {}, str(path))
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    """Write the config as YAML, atomically."""
+    from fedsynth.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def default_config(family: str, spatial_dims: int, image_size: int | list[int], channels: int = 1,
+                   num_classes: int = 0) -> ExperimentConfig:
+    """A complete config that trains as is, sized for the given geometry."""
+    model = {"autoencoder": AutoencoderConfig, "gan": GanConfig, "diffusion": DiffusionConfig}
+    if family not in model:
+        raise ConfigError(f"unknown family '{family}': expected one of {sorted(model)}")
+    size = image_size if isinstance(image_size, list) else [image_size] * spatial_dims
+    return config_from_dict({
+        "spatial_dims": spatial_dims, "image_size": size, "channels": channels, "num_classes": num_classes,
+        "model": {"family": family},
+        "data": {"augmentations": [{"name": "flip", "prob": 0.5, "spatial_axis": spatial_dims - 1}]},
+        "training": {"batch_size": 16 if spatial_dims == 2 else 4},
+    }, f"defaults for {family}")
+
+
+def render_yaml(config: ExperimentConfig) -> str:
+    """YAML of ``config`` with each field's description as a comment (for ``init-config``)."""
+    lines = [f"# fedsynth experiment config ({config.family}, {config.spatial_dims}D). Unknown keys are errors.",
+             "# Validate with: fedsynth train -c THIS_FILE --data data.csv -o RUN_DIR"]
+    _render(config, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render(block: BaseModel, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for name, info in type(block).model_fields.items():
+        value = getattr(block, name)
+        comment = f"  # {info.description}" if info.description else ""
+        if isinstance(value, BaseModel):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0] if type(value).__doc__ else ""
+            lines.append(f"{pad}{name}:{'  # ' + doc if doc else ''}")
+            _render(value, indent + 1, lines)
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            lines.append(f"{pad}{name}:{comment}")
+            for item in value:
+                dumped = yaml.safe_dump([item.model_dump(mode="json", exclude_defaults=True) | {"name": item.name}],
+                                        default_flow_style=None, sort_keys=False).rstrip()
+                lines.extend(f"{pad}  {ln}" for ln in dumped.splitlines())
+        else:
+            dumped = yaml.safe_dump({name: _plain(value)}, default_flow_style=True, sort_keys=False).strip()[1:-1]
+            lines.append(f"{pad}{dumped}{comment}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value

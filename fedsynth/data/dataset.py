@@ -1,0 +1,93 @@
+"""Torch datasets and loaders over manifest records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from fedsynth.config import ExperimentConfig
+from fedsynth.data.images import augmentation, preprocessing, read_image, to_spatial_dims
+from fedsynth.data.manifest import Record, read_manifest, split_by_subject
+from fedsynth.errors import DataError
+from fedsynth.models.base import Batch
+
+
+class ImageDataset(Dataset):
+    """Preprocessed images (cached in memory by default) with optional train-time augmentation."""
+
+    def __init__(self, records: Sequence[Record], config: ExperimentConfig, *, train: bool) -> None:
+        if not records:
+            raise DataError("no images to load (empty record list)")
+        self.records = list(records)
+        self.config = config
+        self.spatial_dims = config.spatial_dims
+        self.pre = preprocessing(config.data, list(config.image_size))
+        self.aug = augmentation(config.data.augmentations, config.spatial_dims) if train else None
+        self._cache: dict[int, torch.Tensor] = {}
+        if config.data.cache:
+            for i in range(len(self.records)):
+                self._cache[i] = self._load(i)
+
+    def _load(self, index: int) -> torch.Tensor:
+        rec = self.records[index]
+        parts = []
+        for file in rec.channels:
+            array = read_image(file, resample_spacing=self.config.data.resample_spacing)
+            parts.append(to_spatial_dims(array, self.spatial_dims, f"{rec.where()}, file {file}"))
+        shapes = {p.shape[1:] for p in parts}
+        if len(shapes) > 1:
+            raise DataError(f"{rec.where()}: channel images have different shapes {sorted(map(list, shapes))}")
+        array = np.concatenate(parts, axis=0)
+        if array.shape[0] != self.config.channels:
+            raise DataError(f"{rec.where()}: image has {array.shape[0]} channel(s) but the config says channels: {self.config.channels}")
+        if not np.isfinite(array).all():
+            raise DataError(f"{rec.where()}: image contains NaN or Inf values")
+        return self.pre(array)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed augmentation so every epoch is reproducible (and resumable) from the seed."""
+        if self.aug is not None:
+            self.aug.set_random_state(seed=(self.config.seed * 1000 + epoch) % (2**32))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self._cache[index] if index in self._cache else self._load(index)
+        if self.aug is not None:
+            image = self.aug(image)
+        label = self.records[index].label
+        return image, -1 if label is None else label
+
+    @property
+    def labels(self) -> list[int | None]:
+        return [r.label for r in self.records]
+
+
+def collate(items: list[tuple[torch.Tensor, int]]) -> Batch:
+    images = torch.stack([i for i, _ in items])
+    labels = torch.tensor([l for _, l in items], dtype=torch.long)
+    return Batch(images, labels if (labels >= 0).all() else None)
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0,
+                world_size: int = 1, num_workers: int = 0) -> DataLoader:
+    """A loader whose order depends only on (seed, epoch, rank): call ``loader.sampler.set_epoch``."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate)
+
+
+def load_datasets(config: ExperimentConfig, train_csv: str, val_csv: str | None = None) -> tuple[ImageDataset, ImageDataset | None]:
+    """Read manifests, split by subject if needed, and build train/validation datasets."""
+    records = read_manifest(train_csv, expected_channels=config.channels, num_classes=config.num_classes)
+    if val_csv is not None:
+        train_records = records
+        val_records = read_manifest(val_csv, expected_channels=config.channels, num_classes=config.num_classes)
+    else:
+        train_records, val_records = split_by_subject(records, config.data.val_fraction, config.seed)
+    train = ImageDataset(train_records, config, train=True)
+    val = ImageDataset(val_records, config, train=False) if val_records else None
+    return train, val

@@ -1,0 +1,200 @@
+"""GaNDLF-style CSV manifests: ``SubjectID, Channel_0..N[, Label]``, one row per image.
+
+Several rows may share a SubjectID (e.g. slices of one volume): train/validation splits are
+made by subject so no subject appears on both sides. Relative paths are resolved against the
+CSV's own folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsynth.errors import DataError
+from fedsynth.io import atomic_path
+
+_CHANNEL = re.compile(r"^Channel_(\d+)$")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".tif", ".tiff", ".dcm", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of the manifest: its subject, channel files, optional label and CSV row."""
+
+    subject_id: str
+    channels: tuple[Path, ...]
+    label: int | None
+    row: int  # 1-based data row number in the CSV (the header is row 0)
+    source: str  # the CSV path, for messages
+
+    def where(self) -> str:
+        return f"{self.source}, row {self.row} (SubjectID '{self.subject_id}')"
+
+
+def read_manifest(path: str | Path, *, expected_channels: int | None = None, num_classes: int = 0,
+                  check_files: bool = True) -> list[Record]:
+    """Parse and validate a CSV manifest; every problem raises :class:`DataError` naming the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data CSV not found: {path}")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if "SubjectID" not in header:
+            raise DataError(f"{path}: missing column 'SubjectID' (header is {header}); expected SubjectID, Channel_0..N[, Label]")
+        channel_cols = sorted((int(m.group(1)), h) for h in header if (m := _CHANNEL.match(h)))
+        if not channel_cols:
+            raise DataError(f"{path}: no 'Channel_0' column (header is {header}); expected SubjectID, Channel_0..N[, Label]")
+        indices = [i for i, _ in channel_cols]
+        if indices != list(range(len(indices))):
+            raise DataError(f"{path}: channel columns must be Channel_0..Channel_{len(indices) - 1} without gaps, got {[h for _, h in channel_cols]}")
+        if expected_channels is not None and len(channel_cols) != expected_channels:
+            raise DataError(f"{path}: has {len(channel_cols)} Channel_* column(s) but the config says channels: {expected_channels}")
+        has_label = "Label" in header
+        if num_classes > 0 and not has_label:
+            raise DataError(f"{path}: the config is class-conditional (num_classes: {num_classes}) but the CSV has no 'Label' column")
+        records: list[Record] = []
+        for row_no, raw in enumerate(reader, start=1):
+            row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+            subject = row.get("SubjectID", "")
+            where = f"{path}, row {row_no}"
+            if not subject:
+                raise DataError(f"{where}: empty SubjectID")
+            files = []
+            for _, col in channel_cols:
+                value = row.get(col, "")
+                if not value:
+                    raise DataError(f"{where} (SubjectID '{subject}'): empty {col}")
+                file = Path(value)
+                if not file.is_absolute():
+                    file = (path.parent / file).resolve()
+                if check_files and not file.exists():
+                    raise DataError(f"{where} (SubjectID '{subject}'): {col} file not found: {file}")
+                files.append(file)
+            label = _parse_label(row.get("Label", ""), num_classes, where, subject) if has_label else None
+            records.append(Record(subject, tuple(files), label, row_no, str(path)))
+    if not records:
+        raise DataError(f"{path}: the CSV has a header but no data rows")
+    return records
+
+
+def _parse_label(value: str, num_classes: int, where: str, subject: str) -> int | None:
+    if value == "" and num_classes == 0:
+        return None
+    try:
+        label = int(float(value))
+        if float(value) != label:
+            raise ValueError
+    except ValueError:
+        raise DataError(f"{where} (SubjectID '{subject}'): Label must be an integer class, got {value!r}") from None
+    if num_classes > 0 and not 0 <= label < num_classes:
+        raise DataError(f"{where} (SubjectID '{subject}'): Label {label} is outside [0, {num_classes - 1}] (num_classes: {num_classes})")
+    return label
+
+
+def split_by_subject(records: Sequence[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Split records into train/validation so that each subject lies on one side only."""
+    if val_fraction <= 0:
+        return list(records), []
+    subjects = sorted({r.subject_id for r in records})
+    if len(subjects) < 2:
+        raise DataError(f"cannot hold out a validation split: the data has only {len(subjects)} subject(s); pass --val-data or set data.val_fraction: 0")
+    rng = random.Random(seed)
+    rng.shuffle(subjects)
+    n_val = min(len(subjects) - 1, max(1, round(len(subjects) * val_fraction)))
+    val_subjects = set(subjects[:n_val])
+    return [r for r in records if r.subject_id not in val_subjects], [r for r in records if r.subject_id in val_subjects]
+
+
+def construct_csv(input_dir: str | Path, output: str | Path, *, channel_ids: Sequence[str] | None = None,
+                  labels_from_folders: bool = False) -> int:
+    """Write a manifest for the images under ``input_dir``; returns the number of rows.
+
+    Layouts understood (as GaNDLF's ``construct_csv``):
+    - one sub-folder per subject holding its channel files, matched by ``channel_ids`` substrings
+      (e.g. ``t1 t2``), or a single image per folder when none are given;
+    - images directly in ``input_dir`` (one subject each);
+    - with ``labels_from_folders``: ``input_dir/<class name>/<images>``; classes are numbered in
+      sorted order of folder names.
+    """
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise DataError(f"input directory not found: {root}")
+    rows: list[list[str]] = []
+    classes: list[str] = []
+    if labels_from_folders:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"{root}: --labels-from-folders needs one sub-folder per class, found none")
+        for label, cls in enumerate(classes):
+            for img in _images_in(root / cls):
+                rows.append([f"{cls}_{_stem(img)}", str(img.resolve()), str(label)])
+    else:
+        for entry in sorted(root.iterdir()):
+            if entry.is_dir():
+                files = _images_in(entry)
+                if _is_dicom_dir(entry):
+                    rows.append([entry.name, str(entry.resolve())])
+                    continue
+                if channel_ids:
+                    chosen = []
+                    for cid in channel_ids:
+                        match = [f for f in files if cid in f.name]
+                        if len(match) != 1:
+                            raise DataError(f"{entry}: expected exactly one file containing '{cid}', found {[m.name for m in match]}")
+                        chosen.append(str(match[0].resolve()))
+                    rows.append([entry.name, *chosen])
+                else:
+                    for img in files:
+                        rows.append([entry.name if len(files) == 1 else f"{entry.name}", str(img.resolve())])
+            elif _is_image(entry):
+                rows.append([_stem(entry), str(entry.resolve())])
+    if not rows:
+        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    n_channels = len(rows[0]) - (2 if labels_from_folders else 1)
+    if any(len(r) != len(rows[0]) for r in rows):
+        raise DataError(f"{root}: subjects have different numbers of channel files; pass --channels-id")
+    header = ["SubjectID", *[f"Channel_{i}" for i in range(n_channels)]] + (["Label"] if labels_from_folders else [])
+    with atomic_path(Path(output)) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return len(rows)
+
+
+def write_manifest(path: str | Path, rows: Sequence[tuple[str, Sequence[str | Path], int | None]]) -> None:
+    """Write ``(subject_id, channel_paths, label)`` rows as a manifest, atomically."""
+    n = len(rows[0][1])
+    with_label = any(label is not None for _, _, label in rows)
+    header = ["SubjectID", *[f"Channel_{i}" for i in range(n)]] + (["Label"] if with_label else [])
+    with atomic_path(Path(path)) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for subject, files, label in rows:
+            writer.writerow([subject, *map(str, files)] + ([label if label is not None else ""] if with_label else []))
+
+
+def _is_image(p: Path) -> bool:
+    name = p.name.lower()
+    return p.is_file() and any(name.endswith(s) for s in IMAGE_SUFFIXES)
+
+
+def _is_dicom_dir(p: Path) -> bool:
+    files = [f for f in p.iterdir() if f.is_file()]
+    return bool(files) and all(f.suffix.lower() in (".dcm", "") for f in files) and any(f.suffix.lower() == ".dcm" for f in files)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if _is_image(f))
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for s in IMAGE_SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return p.stem

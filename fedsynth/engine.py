@@ -1,0 +1,310 @@
+"""The one training loop. Local CLI, DDP workers, Flower clients and OpenFL collaborators all
+drive a model through :class:`Engine`; none of them writes a loop of its own.
+
+The engine owns: epochs/steps, validation, checkpoints (``last``/``best``), resume, logging
+(progress bar, ``metrics.csv``, TensorBoard), PNG sample grids, and the optional privacy
+plugin, which swaps the optimizers and loader for private ones without changing the loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from fedsynth.checkpoint import TrainingState, load_checkpoint, restore_rng, save_checkpoint
+from fedsynth.config import ExperimentConfig
+from fedsynth.data.dataset import ImageDataset, make_loader
+from fedsynth.data.images import save_image
+from fedsynth.errors import CheckpointError, WeightsError
+from fedsynth.generation import image_grid, sample
+from fedsynth.models.base import SynthesisModel
+
+LAST = "last.ckpt"
+BEST = "best.ckpt"
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torch.distributed job (world_size 1 = no DDP)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class PrivacyPlugin(Protocol):
+    """What the engine needs from a differential-privacy implementation (see fedsynth.privacy)."""
+
+    def make_private(self, model: SynthesisModel, optimizers: dict[str, torch.optim.Optimizer],
+                     loader: DataLoader) -> tuple[dict[str, torch.optim.Optimizer], DataLoader]: ...
+
+    def can_step(self) -> str | None:
+        """``None`` if one more step stays within budget, else the reason to stop."""
+
+    def report(self) -> dict[str, float]:
+        """Metrics to log (e.g. ``{"epsilon": 1.2}``)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def resolve_device(choice: str, rank: int = 0) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+class Engine:
+    """Trains, validates, samples and checkpoints one :class:`SynthesisModel`."""
+
+    def __init__(
+        self,
+        model: SynthesisModel,
+        config: ExperimentConfig,
+        *,
+        run_dir: str | Path | None = None,
+        dist: Distributed = Distributed(),
+        device: torch.device | None = None,
+        privacy: PrivacyPlugin | None = None,
+    ) -> None:
+        self.config = config
+        self.dist = dist
+        self.device = device or resolve_device(config.training.device, dist.rank)
+        self.model = model.to(self.device)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.privacy = privacy
+        self.state = TrainingState()
+        self.optimizers = model.configure_optimizers(config.training)
+        self._private_loader: DataLoader | None = None
+        self._tb: Any = None
+        if dist.world_size > 1:
+            self._wrap_ddp()
+        if self.writes and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def writes(self) -> bool:
+        return self.dist.is_main and self.run_dir is not None
+
+    def _wrap_ddp(self) -> None:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        for name in self.model.trainable_net_names():
+            self.model.nets[name] = torch.nn.parallel.DistributedDataParallel(self.model.nets[name], device_ids=ids)
+
+    def loader(self, dataset: ImageDataset, *, train: bool) -> DataLoader:
+        t = self.config.training
+        if not train:
+            return make_loader(dataset, t.batch_size, shuffle=False, seed=self.config.seed, num_workers=t.num_workers)
+        loader = make_loader(dataset, t.batch_size, shuffle=True, seed=self.config.seed, rank=self.dist.rank,
+                             world_size=self.dist.world_size, num_workers=t.num_workers)
+        if self.privacy is not None:
+            if self._private_loader is None or self._private_loader.dataset is not dataset:
+                self.optimizers, self._private_loader = self.privacy.make_private(self.model, self.optimizers, loader)
+            loader = self._private_loader
+        return loader
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self, train_data: ImageDataset, val_data: ImageDataset | None = None, *,
+            epochs: int | None = None, max_steps: int | None = None) -> TrainingState:
+        """Train until ``epochs`` completed epochs (default: config) or ``max_steps`` total steps."""
+        t = self.config.training
+        target_epochs = epochs if epochs is not None else t.epochs
+        max_steps = max_steps if max_steps is not None else t.max_steps
+        loader = self.loader(train_data, train=True)
+        val_loader = self.loader(val_data, train=False) if val_data is not None else None
+        stop_reason: str | None = None
+        while self.state.epoch < target_epochs and stop_reason is None:
+            epoch = self.state.epoch
+            train_metrics, stop_reason = self._train_epoch(loader, train_data, epoch, max_steps)
+            self.state.epoch = epoch + 1
+            metrics = {f"train_{k}": v for k, v in train_metrics.items()}
+            if val_loader is not None and (self.state.epoch % t.validate_every == 0 or self.state.epoch == target_epochs):
+                metrics.update({f"val_{k}": v for k, v in self.validate(val_loader).items()})
+            if self.privacy is not None:
+                metrics.update(self.privacy.report())
+                self.state.privacy = self.privacy.state_dict()
+            self.state.metrics = metrics
+            self._end_of_epoch(metrics)
+            if max_steps is not None and self.state.step >= max_steps:
+                break
+        if stop_reason:
+            self.log_message(f"training stopped: {stop_reason}")
+        return self.state
+
+    def _train_epoch(self, loader: DataLoader, dataset: ImageDataset, epoch: int,
+                     max_steps: int | None) -> tuple[dict[str, float], str | None]:
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        self.model.train()
+        sums: dict[str, float] = {}
+        steps, images, stop = 0, 0, None
+        bar = self._progress(loader, epoch)
+        start = time.perf_counter()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.training.precision == "bf16")
+        for batch in bar:
+            if max_steps is not None and self.state.step >= max_steps:
+                break
+            if self.privacy is not None and (stop := self.privacy.can_step()) is not None:
+                break
+            batch = batch.to(self.device)
+            with autocast:
+                out = self.model.training_step(batch, self.optimizers)
+            self.state.step += 1
+            steps += 1
+            images += len(batch)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if self.dist.is_main and hasattr(bar, "set_postfix"):
+                rate = images * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
+                post = {"loss": f"{out.get('loss', float('nan')):.4f}", "img/s": f"{rate:.1f}"}
+                if self.privacy is not None:
+                    post.update({k: f"{v:.3g}" for k, v in self.privacy.report().items()})
+                bar.set_postfix(post)
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics["images_per_s"] = images * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
+        metrics["steps"] = float(steps)
+        return metrics, stop
+
+    def _progress(self, loader: DataLoader, epoch: int) -> Any:
+        if not (self.dist.is_main and self.config.training.progress):
+            return loader
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+
+    @torch.no_grad()
+    def validate(self, loader: DataLoader | ImageDataset) -> dict[str, float]:
+        """Mean validation metrics over a loader (or dataset); ``loss`` is lower-is-better."""
+        if isinstance(loader, ImageDataset):
+            loader = self.loader(loader, train=False)
+        self.model.eval()
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in loader:
+            batch = batch.to(self.device)
+            out = self.model.validation_step(batch)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
+            n += len(batch)
+        self.model.train()
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ outputs
+
+    def _end_of_epoch(self, metrics: dict[str, float]) -> None:
+        if not self.writes:
+            return
+        assert self.run_dir is not None
+        row = {"epoch": self.state.epoch, "step": self.state.step, **({"round": self.state.round} if self.state.round is not None else {}), **metrics}
+        self._log_csv(row)
+        self._log_tensorboard(metrics)
+        val_loss = metrics.get("val_loss")
+        improved = val_loss is not None and math.isfinite(val_loss) and (self.state.best_metric is None or val_loss < self.state.best_metric)
+        if improved:
+            self.state.best_metric = val_loss
+        self.save(self.run_dir / LAST)
+        if improved:
+            self.save(self.run_dir / BEST)
+        if self.state.epoch % self.config.training.sample_every == 0:
+            self.write_sample_grid(self.run_dir / "samples" / f"epoch_{self.state.epoch:04d}.png")
+
+    def _log_csv(self, row: dict[str, Any]) -> None:
+        assert self.run_dir is not None
+        path = self.run_dir / "metrics.csv"
+        rows: list[dict[str, Any]] = []
+        if path.exists():
+            with path.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]  # resume overwrites the tail
+        fields: list[str] = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
+        from fedsynth.io import atomic_path
+
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _log_tensorboard(self, metrics: dict[str, float]) -> None:
+        if not self.config.training.tensorboard:
+            return
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            assert self.run_dir is not None
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        for k, v in metrics.items():
+            self._tb.add_scalar(k.replace("_", "/", 1), v, self.state.epoch)
+        self._tb.flush()
+
+    def write_sample_grid(self, path: Path) -> None:
+        n = self.config.training.num_sample_images
+        images = sample(self.model, n, seed=self.config.seed, batch_size=min(n, 16))
+        save_image(image_grid(images.numpy()), path)
+        self.model.train()
+
+    def log_message(self, message: str) -> None:
+        if self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[fedsynth] {message}")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+        """Checkpoint model, optimizers, state and RNG to ``path`` (atomic)."""
+        if self.privacy is not None:
+            self.state.privacy = self.privacy.state_dict()
+        return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra)
+
+    def resume(self, path: str | Path) -> TrainingState:
+        """Continue exactly where ``path`` stopped: weights, optimizer states, counters, RNG."""
+        payload = load_checkpoint(path)
+        if payload.get("family") != self.model.family:
+            raise CheckpointError(f"cannot resume from {path}: it is a {payload.get('family')} checkpoint, this run trains a {self.model.family}")
+        try:
+            self.model.set_weights(payload["weights"], strict=True)
+        except WeightsError as err:
+            raise CheckpointError(f"cannot resume from {path}: {err}") from None
+        for group, opt_state in payload.get("optimizers", {}).items():
+            if group in self.optimizers:
+                self.optimizers[group].load_state_dict(opt_state)
+        self.state = TrainingState(epoch=payload["epoch"], step=payload["step"], round=payload.get("round"),
+                                   best_metric=payload.get("best_metric"), metrics=dict(payload.get("metrics", {})),
+                                   privacy=payload.get("privacy"))
+        if self.privacy is not None and self.state.privacy:
+            self.privacy.load_state_dict(self.state.privacy)
+        if payload.get("rng") is not None and self.dist.world_size == 1:
+            restore_rng(payload["rng"])
+        elif self.dist.world_size > 1:
+            torch.manual_seed(self.config.seed + 7919 * self.dist.rank + self.state.epoch)
+            np.random.seed((self.config.seed + self.dist.rank + self.state.epoch) % 2**32)
+        return self.state
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed torch, numpy and random for this process (rank-specific)."""
+    import random
+
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + 7919 * rank)
+

@@ -1,0 +1,21 @@
+"""Exceptions with messages meant for the user: each names the file, field or value at fault."""
+
+
+class FedsynthError(Exception):
+    """Base class of every error fedsynth reports to the user (the CLI prints it, no traceback)."""
+
+
+class ConfigError(FedsynthError):
+    """The experiment YAML is missing, unreadable or invalid."""
+
+
+class DataError(FedsynthError):
+    """A CSV manifest or an image it points to is missing, unreadable or of the wrong shape."""
+
+
+class CheckpointError(FedsynthError):
+    """A checkpoint is missing, corrupt or does not match the model."""
+
+
+class WeightsError(FedsynthError):
+    """Group-keyed weights do not match the model (unknown key, missing key, wrong shape)."""

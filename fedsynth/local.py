@@ -1,0 +1,103 @@
+"""Local driver: train one site's model in this process, or in N DDP processes (``--devices N``).
+
+Also works under ``torchrun`` (it reads ``RANK``/``WORLD_SIZE`` from the environment).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from fedsynth.config import ExperimentConfig, load_config, save_config
+from fedsynth.data.dataset import load_datasets
+from fedsynth.engine import LAST, Distributed, Engine, resolve_device, seed_everything
+from fedsynth.errors import CheckpointError
+from fedsynth.models import build_model
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Everything ``fedsynth train`` was asked to do."""
+
+    config_path: str
+    data: str
+    run_dir: str
+    val_data: str | None = None
+    epochs: int | None = None
+    resume: bool = False
+    devices: int = 1
+
+
+def build_engine(config: ExperimentConfig, run_dir: str | Path | None, dist: Distributed = Distributed()) -> Engine:
+    """Seeded model + engine (+ privacy plugin when enabled): the same for every driver."""
+    seed_everything(config.seed, dist.rank)
+    model = build_model(config)
+    privacy = None
+    if config.privacy.enabled:
+        from fedsynth.privacy import make_privacy_plugin  # optional dependency (opacus)
+
+        privacy = make_privacy_plugin(config, model)
+    device = resolve_device(config.training.device, dist.rank)
+    return Engine(model, config, run_dir=run_dir, dist=dist, device=device, privacy=privacy)
+
+
+def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> Engine:
+    """Train as requested in this process (one rank of a DDP job when ``dist.world_size > 1``)."""
+    config = load_config(request.config_path)
+    if request.epochs is not None:
+        config.training.epochs = request.epochs
+    run_dir = Path(request.run_dir)
+    train_data, val_data = load_datasets(config, request.data, request.val_data)
+    engine = build_engine(config, run_dir, dist)
+    if request.resume:
+        last = run_dir / LAST
+        if not last.is_file():
+            raise CheckpointError(f"--resume: no checkpoint to resume from at {last}")
+        engine.resume(last)
+        engine.log_message(f"resumed from {last} at epoch {engine.state.epoch}, step {engine.state.step}")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    engine.fit(train_data, val_data)
+    return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, request: TrainRequest, world_size: int, port: int) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        run_training(request, Distributed(rank, world_size))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def train(request: TrainRequest) -> None:
+    """Entry point of ``fedsynth train``: spawn DDP workers when asked, else train in-process."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1:  # started by torchrun
+        rank = int(os.environ["RANK"])
+        backend = "nccl" if resolve_device("auto").type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend)
+        try:
+            run_training(request, Distributed(rank, env_world))
+        finally:
+            torch_dist.destroy_process_group()
+        return
+    if request.devices > 1:
+        load_config(request.config_path)  # fail fast, in the parent, on a bad config
+        torch.multiprocessing.start_processes(_worker, args=(request, request.devices, _free_port()),
+                                              nprocs=request.devices, start_method="spawn")
+        return
+    run_training(request)

@@ -1,0 +1,188 @@
+"""Autoencoder family: MONAI ``AutoencoderKL`` or ``VQVAE``, optional ``PatchDiscriminator``.
+
+Groups: ``encoder`` and ``decoder`` (the VQ codebook belongs to the encoder), plus
+``discriminator`` when ``adversarial_weight > 0``. All of them see real images.
+A trained autoencoder run is also the first stage of latent diffusion
+(:meth:`AutoencoderModel.encode_latent` / :meth:`decode_latent`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
+
+from fedsynth.config import AutoencoderConfig, ExperimentConfig
+from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
+
+
+class AutoencoderModel(SynthesisModel):
+    """Reconstruction (L1) + KL or VQ loss, with an optional adversarial patch loss."""
+
+    family = "autoencoder"
+    default_federation_policy = {"encoder": "shared", "decoder": "shared", "discriminator": "shared"}
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        super().__init__(config)
+        cfg = config.model
+        assert isinstance(cfg, AutoencoderConfig)
+        self.cfg = cfg
+        levels = len(cfg.channels)
+        for c in cfg.channels:
+            if c % cfg.norm_num_groups:
+                raise ValueError(f"autoencoder channels {cfg.channels} must be multiples of norm_num_groups={cfg.norm_num_groups}")
+        for s in self.image_size:
+            if s % 2 ** (levels - 1):
+                raise ValueError(f"image_size {list(self.image_size)} must be divisible by {2 ** (levels - 1)} for {levels} levels")
+        if cfg.architecture == "kl":
+            self.nets["autoencoder"] = AutoencoderKL(
+                spatial_dims=self.spatial_dims,
+                in_channels=self.in_channels,
+                out_channels=self.in_channels,
+                channels=tuple(cfg.channels),
+                num_res_blocks=cfg.num_res_blocks,
+                attention_levels=tuple([False] * (levels - 1) + [cfg.attention]),
+                latent_channels=cfg.latent_channels,
+                norm_num_groups=cfg.norm_num_groups,
+                with_encoder_nonlocal_attn=cfg.attention,
+                with_decoder_nonlocal_attn=cfg.attention,
+            )
+            self.latent_factor = 2 ** (levels - 1)
+        else:
+            self.nets["autoencoder"] = VQVAE(
+                spatial_dims=self.spatial_dims,
+                in_channels=self.in_channels,
+                out_channels=self.in_channels,
+                channels=tuple(cfg.channels),
+                num_res_channels=tuple(cfg.channels),
+                num_res_layers=cfg.num_res_blocks,
+                downsample_parameters=tuple((2, 4, 1, 1) for _ in cfg.channels),
+                upsample_parameters=tuple((2, 4, 1, 1, 0) for _ in cfg.channels),
+                num_embeddings=cfg.num_embeddings,
+                embedding_dim=cfg.latent_channels,
+            )
+            self.latent_factor = 2**levels
+        if cfg.adversarial_weight > 0:
+            self.nets["discriminator"] = PatchDiscriminator(
+                spatial_dims=self.spatial_dims,
+                channels=cfg.discriminator_channels,
+                in_channels=self.in_channels,
+                num_layers_d=cfg.discriminator_layers,
+                norm=("GROUP", {"num_groups": min(8, cfg.discriminator_channels)}),
+            )
+
+    def group_specs(self) -> dict[str, GroupSpec]:
+        if self.cfg.architecture == "kl":
+            specs = {
+                "encoder": GroupSpec("autoencoder", ("encoder", "quant_conv_mu", "quant_conv_log_sigma")),
+                "decoder": GroupSpec("autoencoder", ("post_quant_conv", "decoder")),
+            }
+        else:
+            specs = {
+                "encoder": GroupSpec("autoencoder", ("encoder", "quantizer")),
+                "decoder": GroupSpec("autoencoder", ("decoder",)),
+            }
+        if "discriminator" in self.nets:
+            specs["discriminator"] = GroupSpec("discriminator")
+        return specs
+
+    # ------------------------------------------------------------------ losses
+
+    def _reconstruct(self, images: torch.Tensor, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (reconstruction in model range, per-batch regulariser: KL or VQ loss)."""
+        x = to_model_range(images)
+        if self.cfg.architecture == "kl":
+            recon, mu, sigma = net(x)
+            # KL summed over latent elements per sample, then averaged over the batch.
+            kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1)
+            reg = self.cfg.kl_weight * kl.flatten(1).sum(1).mean()
+        else:
+            recon, quant_loss = net(x)
+            reg = quant_loss.mean()
+        return recon, reg
+
+    def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+        x = to_model_range(batch.images)
+        recon, reg = self._reconstruct(batch.images, self.net("autoencoder"))
+        rec_loss = F.l1_loss(recon, x)
+        loss = rec_loss + reg
+        metrics: dict[str, float] = {"recon_loss": float(rec_loss.detach()), "reg_loss": float(reg.detach())}
+        use_adv = "discriminator" in self.nets
+        if use_adv:
+            logits = self.plain_net("discriminator")(recon)[-1]
+            for p in self.plain_net("discriminator").parameters():
+                p.requires_grad_(False)
+            g_adv = F.softplus(-logits).mean()
+            loss = loss + self.cfg.adversarial_weight * g_adv
+            metrics["g_adv"] = float(g_adv.detach())
+        for group in ("encoder", "decoder"):
+            optimizers[group].zero_grad(set_to_none=True)
+        loss.backward()
+        for group in ("encoder", "decoder"):
+            optimizers[group].step()
+        if use_adv:
+            for p in self.plain_net("discriminator").parameters():
+                p.requires_grad_(True)
+            n = x.shape[0]
+            logits = self.net("discriminator")(torch.cat([x, recon.detach()]))[-1].flatten(1).mean(1)
+            d_loss = F.softplus(-logits[:n]).mean() + F.softplus(logits[n:]).mean()
+            optimizers["discriminator"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            optimizers["discriminator"].step()
+            metrics["d_loss"] = float(d_loss.detach())
+        metrics["loss"] = float(loss.detach())
+        return metrics
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> dict[str, float]:
+        x = to_model_range(batch.images)
+        recon, reg = self._reconstruct(batch.images, self.plain_net("autoencoder"))
+        rec = F.l1_loss(recon, x)
+        mse = F.mse_loss(to_data_range(recon), batch.images.clamp(0, 1))
+        psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+        return {"loss": float(rec + reg), "recon_loss": float(rec), "psnr": float(psnr)}
+
+    # ------------------------------------------------------------------ latent interface
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode and decode data-range images; returns data-range reconstructions."""
+        recon, _ = self._reconstruct(images.to(self.device), self.plain_net("autoencoder"))
+        return to_data_range(recon)
+
+    @torch.no_grad()
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Deterministic latent (KL mean, or VQ-quantised embedding) of data-range images."""
+        net = self.plain_net("autoencoder")
+        x = to_model_range(images)
+        if self.cfg.architecture == "kl":
+            mu, _ = net.encode(x)
+            return mu
+        quantized, _ = net.quantize(net.encode(x))
+        return quantized
+
+    @torch.no_grad()
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Decode a latent back to data-range images."""
+        return to_data_range(self.plain_net("autoencoder").decode(latent))
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.cfg.latent_channels, *(s // self.latent_factor for s in self.image_size))
+
+    @torch.no_grad()
+    def generate(self, num_images: int, *, generator: torch.Generator, labels: torch.Tensor | None = None,
+                 sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+        """Decode latents drawn from the prior (KL: N(0, I); VQ: uniform codebook entries)."""
+        if labels is not None:
+            raise ValueError("autoencoders are unconditional: do not pass a label")
+        shape = self.latent_shape()
+        net = self.plain_net("autoencoder")
+        if self.cfg.architecture == "kl":
+            z = torch.randn(num_images, *shape, generator=generator, device=generator.device).to(self.device)
+        else:
+            idx = torch.randint(0, self.cfg.num_embeddings, (num_images, *shape[1:]), generator=generator,
+                                device=generator.device).to(self.device)
+            z = net.quantizer.embed(idx).contiguous()
+        return self.decode_latent(z)

@@ -1,0 +1,238 @@
+"""The contract every synthesis model fulfils: named parameter groups and family hooks.
+
+A :class:`SynthesisModel` owns one or more MONAI networks (``self.nets``) and declares how
+their parameters split into *groups* (``generator``, ``discriminator``, ``encoder``, ...).
+Weights travel between processes, frameworks and files only as a flat mapping
+``"<group>/<parameter or buffer name>" -> np.ndarray`` produced by :meth:`get_weights` and
+consumed by :meth:`set_weights`. The engine owns the loop; a family fills in three hooks:
+:meth:`training_step`, :meth:`validation_step` and :meth:`generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsynth.config import ExperimentConfig, TrainingConfig
+from fedsynth.errors import WeightsError
+
+GROUP_SEP = "/"
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Which part of which network forms a parameter group.
+
+    ``modules`` lists child-module names inside ``self.nets[net]``; empty means the whole net.
+    A group that is not ``trainable`` gets no optimizer (e.g. a frozen autoencoder).
+    ``sees_real_data`` marks groups whose gradients are computed from real images (DP default).
+    """
+
+    net: str
+    modules: tuple[str, ...] = ()
+    trainable: bool = True
+    sees_real_data: bool = True
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and Opacus (``._module``) wrappers so keys never gain prefixes."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_module") and isinstance(getattr(module, "_module"), nn.Module):
+            module = module._module  # Opacus GradSampleModule
+        else:
+            return module
+
+
+@dataclass
+class Batch:
+    """One mini-batch: images in the model's data range and optional integer class labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "Batch":
+        labels = self.labels.to(device) if self.labels is not None else None
+        return Batch(self.images.to(device), labels)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+class SynthesisModel(nn.Module):
+    """Base class of the autoencoder, GAN and diffusion families."""
+
+    family: ClassVar[str]
+    #: per-group policy used when the federation config names no policy for a group
+    default_federation_policy: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.spatial_dims: int = config.spatial_dims
+        self.in_channels: int = config.channels
+        self.image_size: tuple[int, ...] = tuple(config.image_size)
+        self.num_classes: int = config.num_classes
+        self.nets = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ groups
+
+    def group_specs(self) -> dict[str, GroupSpec]:
+        """Ordered mapping of group name to its :class:`GroupSpec` (families override)."""
+        raise NotImplementedError
+
+    def groups(self) -> list[str]:
+        """Names of all parameter groups, in a stable order."""
+        return list(self.group_specs())
+
+    def trainable_groups(self) -> list[str]:
+        return [g for g, s in self.group_specs().items() if s.trainable]
+
+    def trainable_net_names(self) -> list[str]:
+        """Networks holding at least one trainable group (the ones DDP/DP wrap)."""
+        names: list[str] = []
+        for spec in self.group_specs().values():
+            if spec.trainable and spec.net not in names:
+                names.append(spec.net)
+        return names
+
+    def net(self, name: str) -> nn.Module:
+        """The network ``name`` as stored (possibly wrapped by DDP or Opacus)."""
+        return self.nets[name]
+
+    def plain_net(self, name: str) -> nn.Module:
+        """The network ``name`` with every wrapper removed (use for sampling and export)."""
+        return unwrap(self.nets[name])
+
+    def group_module(self, group: str) -> nn.Module:
+        """A module whose ``state_dict`` is exactly the group's parameters and buffers."""
+        spec = self._spec(group)
+        net = self.plain_net(spec.net)
+        if not spec.modules:
+            return net
+        return nn.ModuleDict({name: getattr(net, name) for name in spec.modules})
+
+    def group_parameters(self, group: str) -> list[nn.Parameter]:
+        return list(self.group_module(group).parameters())
+
+    def _spec(self, group: str) -> GroupSpec:
+        specs = self.group_specs()
+        if group not in specs:
+            raise WeightsError(f"unknown parameter group '{group}'; this {self.family} model has {list(specs)}")
+        return specs[group]
+
+    # ------------------------------------------------------------------ weights
+
+    def get_weights(self, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Copy the weights of ``groups`` (default all) as ``{"group/name": array}``, buffers included."""
+        names = list(groups) if groups is not None else self.groups()
+        out: dict[str, np.ndarray] = {}
+        for group in names:
+            for key, tensor in self.group_module(group).state_dict().items():
+                out[f"{group}{GROUP_SEP}{key}"] = tensor.detach().cpu().numpy().copy()
+        return out
+
+    def set_weights(self, weights: Mapping[str, np.ndarray | torch.Tensor], strict: bool = True) -> None:
+        """Load group-keyed weights. Unknown keys and wrong shapes always raise, naming the key.
+
+        With ``strict`` every key of each group that appears in ``weights`` must be present;
+        groups absent from ``weights`` are left unchanged (so a subset of groups can be loaded).
+        """
+        by_group: dict[str, dict[str, torch.Tensor]] = {}
+        specs = self.group_specs()
+        for key, value in weights.items():
+            group, sep, name = key.partition(GROUP_SEP)
+            if not sep or group not in specs:
+                raise WeightsError(f"unknown weight key '{key}': expected '<group>/<name>' with group in {list(specs)}")
+            by_group.setdefault(group, {})[name] = torch.as_tensor(np.asarray(value))
+        for group, incoming in by_group.items():
+            module = self.group_module(group)
+            current = module.state_dict()
+            unknown = sorted(set(incoming) - set(current))
+            if unknown:
+                raise WeightsError(f"unknown weight key '{group}/{unknown[0]}' ({len(unknown)} unknown in group '{group}')")
+            missing = sorted(set(current) - set(incoming))
+            if strict and missing:
+                raise WeightsError(f"missing weight key '{group}/{missing[0]}' ({len(missing)} missing in group '{group}')")
+            for name, tensor in incoming.items():
+                if tuple(tensor.shape) != tuple(current[name].shape):
+                    raise WeightsError(
+                        f"wrong shape for '{group}/{name}': expected {tuple(current[name].shape)}, "
+                        f"got {tuple(tensor.shape)}"
+                    )
+                incoming[name] = tensor.to(dtype=current[name].dtype)
+            module.load_state_dict(incoming, strict=False)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self, training: TrainingConfig) -> dict[str, torch.optim.Optimizer]:
+        """One Adam optimizer per trainable group, so optimizer state is per group too."""
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+        for group in self.trainable_groups():
+            lr = training.group_learning_rates.get(group, training.learning_rate)
+            optimizers[group] = torch.optim.Adam(
+                self.group_parameters(group), lr=lr, betas=training.betas, weight_decay=training.weight_decay
+            )
+        return optimizers
+
+    # ------------------------------------------------------------------ family hooks
+
+    def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+        """One optimisation step on ``batch`` (zero_grad, backward, step); returns scalar losses."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> dict[str, float]:
+        """Scalar validation metrics for ``batch``; must contain ``"loss"`` (lower is better)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num_images: int,
+        *,
+        generator: torch.Generator,
+        labels: torch.Tensor | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Sample ``num_images`` images, shape ``(N, C, *image_size)``, in the data range ([0, 1])."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_labels(self, labels: torch.Tensor | None, num_images: int) -> torch.Tensor | None:
+        """Validate class labels for conditional generation (``None`` for unconditional models)."""
+        if self.num_classes == 0:
+            if labels is not None:
+                raise ValueError("this model is unconditional (num_classes = 0): do not pass a label")
+            return None
+        if labels is None:
+            return torch.arange(num_images, device=self.device) % self.num_classes
+        labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(num_images)
+        if labels.numel() != num_images or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"labels must be {num_images} integers in [0, {self.num_classes - 1}]")
+        return labels
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """Map data-range images ([0, 1]) to the networks' range ([-1, 1])."""
+    return images * 2.0 - 1.0
+
+
+def to_data_range(images: torch.Tensor) -> torch.Tensor:
+    """Map network outputs ([-1, 1]) back to the data range ([0, 1])."""
+    return ((images + 1.0) / 2.0).clamp(0.0, 1.0)

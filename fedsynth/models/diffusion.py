@@ -1,0 +1,171 @@
+"""Diffusion family: MONAI ``DiffusionModelUNet`` trained as DDPM, sampled with DDPM or DDIM.
+
+Groups: ``unet`` and, for latent diffusion, a frozen ``autoencoder`` (the networks of a trained
+autoencoder run plus the latent scale factor). Class-conditional models learn a label embedding
+with one extra "null" class used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from torch import nn
+
+from fedsynth.config import DiffusionConfig, ExperimentConfig
+from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
+
+
+class LatentCodec(nn.Module):
+    """A frozen trained autoencoder plus the scale that brings its latents to unit variance."""
+
+    def __init__(self, autoencoder: SynthesisModel) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.register_buffer("scale", torch.zeros(()))
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.autoencoder.encode_latent(images)
+        if float(self.scale) == 0.0:  # first batch ever: fix the scale factor from the data
+            self.scale.fill_(1.0 / float(z.flatten().std().clamp_min(1e-6)))
+        return z * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode_latent(z / self.scale)
+
+
+class DiffusionModel(SynthesisModel):
+    """DDPM training objective; DDPM or DDIM sampling with optional classifier-free guidance."""
+
+    family = "diffusion"
+    default_federation_policy = {"unet": "shared", "autoencoder": "shared"}
+
+    def __init__(self, config: ExperimentConfig, autoencoder: SynthesisModel | None = None) -> None:
+        super().__init__(config)
+        cfg = config.model
+        assert isinstance(cfg, DiffusionConfig)
+        self.cfg = cfg
+        if autoencoder is not None:
+            self.nets["autoencoder"] = LatentCodec(autoencoder)
+            sample_shape = tuple(autoencoder.latent_shape())  # type: ignore[attr-defined]
+        else:
+            sample_shape = (self.in_channels, *self.image_size)
+        self.sample_shape: tuple[int, ...] = sample_shape
+        levels = len(cfg.channels)
+        attention = cfg.attention_levels or [False] * (levels - 1) + [True]
+        for s in sample_shape[1:]:
+            if s % 2 ** (levels - 1):
+                raise ValueError(f"diffusion input size {list(sample_shape[1:])} must be divisible by {2 ** (levels - 1)}")
+        self.nets["unet"] = DiffusionModelUNet(
+            spatial_dims=self.spatial_dims,
+            in_channels=sample_shape[0],
+            out_channels=sample_shape[0],
+            channels=tuple(cfg.channels),
+            num_res_blocks=cfg.num_res_blocks,
+            attention_levels=tuple(attention),
+            num_head_channels=cfg.num_head_channels,
+            norm_num_groups=cfg.norm_num_groups,
+            num_class_embeds=self.num_classes + 1 if self.num_classes else None,
+        )
+        self.train_scheduler = self.make_scheduler("ddpm")
+
+    @property
+    def is_latent(self) -> bool:
+        return "autoencoder" in self.nets
+
+    def group_specs(self) -> dict[str, GroupSpec]:
+        specs = {"unet": GroupSpec("unet")}
+        if self.is_latent:
+            specs["autoencoder"] = GroupSpec("autoencoder", trainable=False, sees_real_data=False)
+        return specs
+
+    def make_scheduler(self, sampler: str) -> Scheduler:
+        """Build a fresh scheduler from the config (rebuildable on any host)."""
+        kwargs = dict(
+            num_train_timesteps=self.cfg.num_train_timesteps,
+            schedule=self.cfg.schedule,
+            prediction_type=self.cfg.prediction_type,
+            clip_sample=not self.is_latent,
+        )
+        if sampler == "ddim":
+            return DDIMScheduler(**kwargs)
+        if sampler == "ddpm":
+            return DDPMScheduler(**kwargs)
+        raise ValueError(f"unknown sampler '{sampler}': expected 'ddpm' or 'ddim'")
+
+    # ------------------------------------------------------------------ training
+
+    def _to_sample_space(self, images: torch.Tensor) -> torch.Tensor:
+        if self.is_latent:
+            return self.plain_net("autoencoder").encode(images)  # type: ignore[operator]
+        return to_model_range(images)
+
+    def _class_inputs(self, labels: torch.Tensor | None, drop: float) -> torch.Tensor | None:
+        if not self.num_classes:
+            return None
+        assert labels is not None, "a conditional diffusion model needs labels"
+        if drop > 0:
+            mask = torch.rand(labels.shape, device=labels.device) < drop
+            labels = torch.where(mask, torch.full_like(labels, self.num_classes), labels)
+        return labels
+
+    def _loss(self, unet: nn.Module, batch: Batch, drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        x0 = self._to_sample_space(batch.images)
+        n = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator, device=x0.device)
+        x_t = self.train_scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+        pred = unet(x_t, timesteps=t, class_labels=self._class_inputs(batch.labels, drop))
+        if self.cfg.prediction_type == "epsilon":
+            target = noise
+        elif self.cfg.prediction_type == "sample":
+            target = x0
+        else:
+            target = self.train_scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+    def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+        loss = self._loss(self.net("unet"), batch, self.cfg.class_dropout)
+        optimizers["unet"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["unet"].step()
+        return {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> dict[str, float]:
+        gen = torch.Generator(device=batch.images.device).manual_seed(1234)
+        return {"loss": float(self._loss(self.plain_net("unet"), batch, 0.0, generator=gen))}
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(self, num_images: int, *, generator: torch.Generator, labels: torch.Tensor | None = None,
+                 sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+        """Reverse diffusion from Gaussian noise, one visible loop, seeded by ``generator``."""
+        labels = self.check_labels(labels, num_images)
+        sampler = sampler or self.cfg.sampler
+        steps = steps or (self.cfg.sampling_steps if sampler == "ddim" else self.cfg.num_train_timesteps)
+        scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        scheduler = self.make_scheduler(sampler)
+        scheduler.set_timesteps(num_inference_steps=steps, device=self.device)
+        unet = self.plain_net("unet")
+        guided = labels is not None and scale != 1.0
+        x = torch.randn((num_images, *self.sample_shape), generator=generator, device=generator.device).to(self.device)
+        for t in scheduler.timesteps:
+            t_batch = torch.full((num_images,), int(t), device=self.device, dtype=torch.long)
+            if guided:
+                null = torch.full_like(labels, self.num_classes)
+                out = unet(torch.cat([x, x]), timesteps=torch.cat([t_batch, t_batch]), class_labels=torch.cat([labels, null]))
+                cond, uncond = out.chunk(2)
+                model_output = uncond + scale * (cond - uncond)
+            else:
+                model_output = unet(x, timesteps=t_batch, class_labels=labels)
+            x, _ = scheduler.step(model_output, int(t), x, generator=generator)  # type: ignore[call-arg]
+        if self.is_latent:
+            return self.plain_net("autoencoder").decode(x).clamp(0, 1)  # type: ignore[operator]
+        return to_data_range(x)

@@ -1,0 +1,208 @@
+"""GAN family: DCGAN-style generator and discriminator built from MONAI's ``Generator`` and
+``Discriminator`` networks, 2D or 3D, optionally class-conditional.
+
+Groups: ``generator`` and ``discriminator``. Only the discriminator sees real images, so it is
+the group differential privacy wraps; the generator learns through it (post-processing).
+
+Conditioning: the generator gets a learned label embedding concatenated to its noise vector;
+the discriminator gets one-hot label maps concatenated to its input channels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import Discriminator, Generator
+from torch import nn
+
+from fedsynth.config import ExperimentConfig, GanConfig
+from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
+
+
+def _levels(image_size: tuple[int, ...]) -> int:
+    """Number of 2x up/down-sampling levels so the coarsest map is 4 or more per side."""
+    levels = max(1, int(math.log2(min(image_size) / 4)))
+    for s in image_size:
+        if s % (2**levels):
+            raise ValueError(f"GAN image_size {list(image_size)} must be divisible by {2**levels} in every dimension")
+    return levels
+
+
+class ConditionalGenerator(nn.Module):
+    """Noise (+ label embedding) -> MONAI Generator -> tanh."""
+
+    def __init__(self, cfg: GanConfig, spatial_dims: int, out_channels: int, image_size: tuple[int, ...], num_classes: int):
+        super().__init__()
+        levels = _levels(image_size)
+        start = tuple(s // 2**levels for s in image_size)
+        embed_dim = cfg.latent_dim if num_classes else 0
+        self.label_embedding = nn.Embedding(num_classes, embed_dim) if num_classes else None
+        width = cfg.generator_channels
+        channels = [max(width // 2**i, 8) for i in range(1, levels)] + [out_channels]
+        self.body = Generator(
+            latent_shape=(cfg.latent_dim + embed_dim,),
+            start_shape=(width, *start),
+            channels=channels,
+            strides=[2] * levels,
+            kernel_size=3,
+            num_res_units=0,
+            act="RELU",
+            norm="BATCH",
+        )
+        self.latent_dim = cfg.latent_dim
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.label_embedding is not None:
+            assert labels is not None, "a conditional generator needs labels"
+            z = torch.cat([z, self.label_embedding(labels)], dim=1)
+        return torch.tanh(self.body(z))
+
+
+class ConditionalDiscriminator(nn.Module):
+    """(Image [+ one-hot label maps]) -> MONAI Discriminator -> one logit per image."""
+
+    def __init__(self, cfg: GanConfig, spatial_dims: int, in_channels: int, image_size: tuple[int, ...], num_classes: int):
+        super().__init__()
+        levels = _levels(image_size)
+        norm = {"batch": "BATCH", "group": ("GROUP", {"num_groups": 8}), "none": None}[cfg.discriminator_norm]
+        width = cfg.discriminator_channels
+        channels = [width * 2**i for i in range(levels)]
+        if cfg.discriminator_norm == "group" and any(c % 8 for c in channels):
+            raise ValueError("discriminator_channels must be a multiple of 8 with group norm")
+        self.num_classes = num_classes
+        self.body = Discriminator(
+            in_shape=(in_channels + num_classes, *image_size),
+            channels=channels,
+            strides=[2] * levels,
+            kernel_size=3,
+            num_res_units=0,
+            act=("LEAKYRELU", {"negative_slope": 0.2}),
+            norm=norm,
+            dropout=None,
+            last_act=None,
+        )
+        if cfg.spectral_norm:
+            for module in list(self.body.modules()):
+                if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+                    nn.utils.parametrizations.spectral_norm(module)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            assert labels is not None, "a conditional discriminator needs labels"
+            onehot = F.one_hot(labels, self.num_classes).to(images.dtype)
+            maps = onehot.view(*onehot.shape, *([1] * (images.dim() - 2))).expand(-1, -1, *images.shape[2:])
+            images = torch.cat([images, maps], dim=1)
+        return self.body(images).reshape(-1)
+
+
+class GanModel(SynthesisModel):
+    """DCGAN-style GAN with non-saturating or hinge loss."""
+
+    family = "gan"
+    # Sharing the discriminator keeps every site's generator judged by the same critic; keeping
+    # it local saves half the traffic and keeps the only data-facing network on site.
+    default_federation_policy = {"generator": "shared", "discriminator": "shared"}
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        super().__init__(config)
+        cfg = config.model
+        assert isinstance(cfg, GanConfig)
+        self.cfg = cfg
+        self.nets["generator"] = ConditionalGenerator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
+        self.nets["discriminator"] = ConditionalDiscriminator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
+
+    def group_specs(self) -> dict[str, GroupSpec]:
+        return {
+            "generator": GroupSpec("generator", sees_real_data=False),
+            "discriminator": GroupSpec("discriminator"),
+        }
+
+    def _noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(n, self.cfg.latent_dim, generator=generator, device=self.device if generator is None else generator.device)
+
+    def _d_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss == "hinge":
+            return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+    def _g_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss == "hinge":
+            return -fake_logits.mean()
+        return F.softplus(-fake_logits).mean()
+
+    def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+        real = to_model_range(batch.images)
+        n = real.shape[0]
+        labels = batch.labels if self.num_classes else None
+        generator, discriminator = self.net("generator"), self.net("discriminator")
+
+        # Discriminator: real and fake through D in ONE forward/backward (fake batch sized like
+        # the real one), so per-sample DP accounting sees each real image exactly once.
+        with torch.no_grad():
+            fake = self.plain_net("generator")(self._noise(n), labels)
+        both_labels = torch.cat([labels, labels]) if labels is not None else None
+        logits = discriminator(torch.cat([real, fake]), both_labels)
+        d_loss = self._d_loss(logits[:n], logits[n:])
+        optimizers["discriminator"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizers["discriminator"].step()
+
+        # Generator: gradients flow through D (unwrapped: no DDP sync, no DP per-sample hooks)
+        # but D's parameters get no gradient and only G's optimizer steps.
+        fake = generator(self._noise(n), labels)
+        with self.discriminator_frozen():
+            g_loss = self._g_loss(self.plain_net("discriminator")(fake, labels))
+            optimizers["generator"].zero_grad(set_to_none=True)
+            g_loss.backward()
+            optimizers["generator"].step()
+        optimizers["discriminator"].zero_grad(set_to_none=True)
+        d, g = float(d_loss.detach()), float(g_loss.detach())
+        return {"loss": d + g, "d_loss": d, "g_loss": g}
+
+    def discriminator_frozen(self):  # noqa: ANN201 - context manager
+        """Context in which D computes no parameter gradients (and no per-sample gradients under DP)."""
+        return _NoParamGrad(self.net("discriminator"))
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> dict[str, float]:
+        real = to_model_range(batch.images)
+        labels = batch.labels if self.num_classes else None
+        fake = self.net("generator")(self._noise(real.shape[0]), labels)
+        disc = self.net("discriminator")
+        d_loss = self._d_loss(disc(real, labels), disc(fake, labels))
+        g_loss = self._g_loss(disc(fake, labels))
+        # Lower is "better" only loosely for GANs; the engine uses it to pick `best`.
+        return {"loss": float(g_loss + d_loss), "d_loss": float(d_loss), "g_loss": float(g_loss)}
+
+    @torch.no_grad()
+    def generate(self, num_images: int, *, generator: torch.Generator, labels: torch.Tensor | None = None,
+                 sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+        labels = self.check_labels(labels, num_images)
+        z = torch.randn(num_images, self.cfg.latent_dim, generator=generator, device=generator.device).to(self.device)
+        return to_data_range(self.plain_net("generator")(z, labels))
+
+
+class _NoParamGrad:
+    """Temporarily switch off ``requires_grad`` on a module's parameters (inputs still get gradients)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.saved: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [(p, p.requires_grad) for p in self.module.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(False)
+        hooks = getattr(self.module, "disable_hooks", None)  # Opacus GradSampleModule
+        if callable(hooks):
+            hooks()
+
+    def __exit__(self, *exc: object) -> None:
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+        hooks = getattr(self.module, "enable_hooks", None)
+        if callable(hooks):
+            hooks()
