@@ -1,0 +1,1 @@
+"""Federated training: backend-neutral policy (aggregation, site, server) and thin backend adapters."""

@@ -1,0 +1,224 @@
+"""Aggregation policy, in one backend-neutral place (used by the Flower and OpenFL drivers).
+
+- Which groups leave a site: :func:`resolve_group_policy` (``shared`` or ``local`` per group).
+- Sample-weighted FedAvg per group, streaming: :class:`FedAvg` keeps one running sum, so the
+  server's memory does not grow with the number of sites.
+- Robustness: an update with unknown or missing keys, wrong shapes, NaN/Inf or no samples is
+  rejected (logged with the site's id) and the round goes on without it.
+- Optional L2 clipping of each site's update (its difference to the current global weights).
+- Transport dtype (float32/float16) casts that restore each array's own dtype on the way back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsynth.config import FederationConfig
+from fedsynth.errors import ConfigError, FedsynthError
+
+log = logging.getLogger("fedsynth.aggregation")
+
+SHARED = "shared"
+LOCAL = "local"
+
+
+class UpdateRejected(FedsynthError):
+    """A site's update failed validation; the message names the site and the reason."""
+
+
+class NoValidUpdates(FedsynthError):
+    """Every update of a round was rejected (or none arrived)."""
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def resolve_group_policy(model: object, federation: FederationConfig) -> dict[str, str]:
+    """``{group: "shared"|"local"}`` for every group of ``model``: config first, then family default."""
+    groups: list[str] = model.groups()  # type: ignore[attr-defined]
+    unknown = sorted(set(federation.groups) - set(groups))
+    if unknown:
+        raise ConfigError(
+            f"federation.groups: unknown group '{unknown[0]}' for a {model.family} model; its groups are {groups}"  # type: ignore[attr-defined]
+        )
+    defaults: Mapping[str, str] = getattr(model, "default_federation_policy", {})
+    policy = {g: federation.groups.get(g, defaults.get(g, SHARED)) for g in groups}
+    if not any(p == SHARED for p in policy.values()):
+        raise ConfigError("federation.groups: every group is 'local', so nothing would be federated")
+    return policy
+
+
+def shared_groups(policy: Mapping[str, str]) -> list[str]:
+    return [g for g, p in policy.items() if p == SHARED]
+
+
+def group_of(key: str) -> str:
+    """The group of a weight key ``"<group>/<name>"``."""
+    return key.split("/", 1)[0]
+
+
+def select_groups(weights: Mapping[str, np.ndarray], groups: Iterable[str]) -> dict[str, np.ndarray]:
+    """The entries of ``weights`` that belong to ``groups``."""
+    wanted = set(groups)
+    return {k: v for k, v in weights.items() if group_of(k) in wanted}
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def to_transport(weights: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Cast floating arrays to the transport dtype; integer buffers travel unchanged."""
+    target = np.dtype(dtype)
+    return {k: (np.ascontiguousarray(v, dtype=target) if np.issubdtype(v.dtype, np.floating) else np.ascontiguousarray(v))
+            for k, v in weights.items()}
+
+
+def from_transport(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cast arrays back to the reference's dtypes (integers rounded), keys checked by the caller."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in weights.items():
+        ref = reference.get(k)
+        if ref is None:
+            out[k] = np.asarray(v)
+        elif np.issubdtype(ref.dtype, np.integer):
+            out[k] = np.rint(np.asarray(v, dtype=np.float64)).astype(ref.dtype)
+        else:
+            out[k] = np.asarray(v, dtype=ref.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class SiteUpdate:
+    """What one site sends after a round: its shared weights, sample count and metrics."""
+
+    site_id: str
+    weights: Mapping[str, np.ndarray]
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def validate_array(key: str, array: np.ndarray, expected_shape: tuple[int, ...], site_id: str) -> None:
+    """Raise :class:`UpdateRejected` for a wrong shape or non-finite values."""
+    if tuple(array.shape) != tuple(expected_shape):
+        raise UpdateRejected(f"site '{site_id}': wrong shape for '{key}': expected {tuple(expected_shape)}, got {tuple(array.shape)}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise UpdateRejected(f"site '{site_id}': '{key}' contains NaN or Inf")
+
+
+def validate_update(update: SiteUpdate, reference: Mapping[str, np.ndarray]) -> None:
+    """Check an update against the global weights it should replace."""
+    if update.num_samples <= 0:
+        raise UpdateRejected(f"site '{update.site_id}': num_samples must be positive, got {update.num_samples}")
+    unknown = sorted(set(update.weights) - set(reference))
+    if unknown:
+        raise UpdateRejected(f"site '{update.site_id}': unknown key '{unknown[0]}' ({len(unknown)} unknown; local groups must not be sent)")
+    missing = sorted(set(reference) - set(update.weights))
+    if missing:
+        raise UpdateRejected(f"site '{update.site_id}': missing key '{missing[0]}' ({len(missing)} missing)")
+    for key, ref in reference.items():
+        validate_array(key, np.asarray(update.weights[key]), ref.shape, update.site_id)
+
+
+def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``update - reference`` over the floating-point arrays."""
+    total = 0.0
+    for key, ref in reference.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            delta = np.asarray(update[key], dtype=np.float64) - ref.astype(np.float64)
+            total += float(np.sum(delta * delta))
+    return total**0.5
+
+
+# --------------------------------------------------------------------------- FedAvg
+
+
+class FedAvg:
+    """Streaming, sample-weighted FedAvg of site updates against the current global weights.
+
+    ``add`` validates, optionally clips, and folds one update into a running float64 sum of
+    ``n_i * (w_i - w_global)``; ``result`` returns ``w_global + sum / sum(n_i)`` in the
+    reference dtypes. Memory is one copy of the weights, whatever the number of sites.
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray], *, clip_update_norm: float | None = None) -> None:
+        self.reference = {k: np.asarray(v) for k, v in reference.items()}
+        self.clip_update_norm = clip_update_norm
+        self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in self.reference.items()}
+        self._total = 0
+        self.accepted: list[str] = []
+        self.rejected: list[tuple[str, str]] = []
+        self.site_metrics: dict[str, dict[str, float]] = {}
+        self.clipped: list[str] = []
+
+    def add(self, update: SiteUpdate) -> bool:
+        """Fold one site's update in; returns ``False`` (and logs why) if it was rejected."""
+        try:
+            validate_update(update, self.reference)
+        except UpdateRejected as err:
+            log.warning("rejected update: %s", err)
+            self.rejected.append((update.site_id, str(err)))
+            return False
+        scale = 1.0
+        if self.clip_update_norm is not None:
+            norm = update_norm(update.weights, self.reference)
+            if norm > self.clip_update_norm:
+                scale = self.clip_update_norm / norm
+                self.clipped.append(update.site_id)
+        for key, ref in self.reference.items():
+            delta = np.asarray(update.weights[key], dtype=np.float64) - ref.astype(np.float64)
+            self._sum[key] += update.num_samples * scale * delta
+        self._total += update.num_samples
+        self.accepted.append(update.site_id)
+        self.site_metrics[update.site_id] = {**update.metrics, "num_samples": float(update.num_samples)}
+        return True
+
+    @property
+    def num_samples(self) -> int:
+        return self._total
+
+    def mean_delta(self) -> dict[str, np.ndarray]:
+        """Sample-weighted mean update (float64), before it is added to the global weights."""
+        if not self.accepted:
+            reasons = "; ".join(r for _, r in self.rejected) or "no site sent an update"
+            raise NoValidUpdates(f"no valid update this round ({reasons})")
+        return {k: s / self._total for k, s in self._sum.items()}
+
+    def result(self, mean_delta: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """New global weights in the reference dtypes (optionally from a post-processed delta)."""
+        delta = mean_delta if mean_delta is not None else self.mean_delta()
+        out = {k: self.reference[k].astype(np.float64) + delta[k] for k in self.reference}
+        return from_transport(out, self.reference)
+
+    def metrics(self) -> dict[str, float]:
+        """Sample-weighted mean of each metric over accepted sites, plus counts."""
+        agg: dict[str, float] = {}
+        weight: dict[str, float] = {}
+        for m in self.site_metrics.values():
+            n = m.get("num_samples", 0.0)
+            for k, v in m.items():
+                if k == "num_samples":
+                    continue
+                agg[k] = agg.get(k, 0.0) + n * float(v)
+                weight[k] = weight.get(k, 0.0) + n
+        out = {k: agg[k] / weight[k] for k in agg if weight[k] > 0}
+        out.update(sites_accepted=float(len(self.accepted)), sites_rejected=float(len(self.rejected)),
+                   num_samples=float(self._total))
+        return out
+
+
+def weighted_mean(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> np.ndarray:
+    """Sample-weighted mean of same-shaped arrays, in the first array's dtype (per-tensor FedAvg)."""
+    arrays, weights = list(arrays), [float(w) for w in weights]
+    if not arrays or sum(weights) <= 0:
+        raise NoValidUpdates("weighted_mean needs at least one array with a positive weight")
+    acc = sum(w * np.asarray(a, dtype=np.float64) for a, w in zip(arrays, weights))
+    mean = acc / sum(weights)
+    dtype = np.asarray(arrays[0]).dtype
+    return np.rint(mean).astype(dtype) if np.issubdtype(dtype, np.integer) else mean.astype(dtype)

@@ -1,0 +1,92 @@
+"""One hospital's side of a federation, shared by the Flower and OpenFL drivers.
+
+A :class:`Site` keeps everything that must survive between rounds on the site's own disk
+(``state_dir/last.ckpt``: local groups, per-group optimizer states, step/epoch counters,
+RNG, the privacy ledger), because a federation may run each round in a fresh process.
+Each round it applies the global shared weights, trains with the one :class:`Engine` for
+``local_epochs`` (or ``local_steps``) and returns only the shared groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedsynth.config import ExperimentConfig
+from fedsynth.data.dataset import ImageDataset, load_datasets
+from fedsynth.engine import LAST, Engine
+from fedsynth.errors import WeightsError
+from fedsynth.federated.aggregation import group_of, resolve_group_policy, select_groups, shared_groups
+
+
+@dataclass
+class RoundResult:
+    """What a site reports after training a round (only shared groups in ``weights``)."""
+
+    weights: dict[str, np.ndarray]
+    num_samples: int
+    metrics: dict[str, float]
+
+
+class Site:
+    """Train and evaluate one site's model for a federation, state kept in ``state_dir``."""
+
+    def __init__(self, config: ExperimentConfig, train_csv: str | Path, state_dir: str | Path, *,
+                 site_id: str = "site", val_csv: str | Path | None = None) -> None:
+        from fedsynth.local import build_engine
+
+        self.config = config
+        self.site_id = site_id
+        self.train_csv, self.val_csv = str(train_csv), (str(val_csv) if val_csv else None)
+        self.state_dir = Path(state_dir)
+        self.engine: Engine = build_engine(config, self.state_dir)
+        self.policy = resolve_group_policy(self.engine.model, config.federation)
+        self.shared = shared_groups(self.policy)
+        self._data: tuple[ImageDataset, ImageDataset | None] | None = None
+        if (self.state_dir / LAST).is_file():
+            self.engine.resume(self.state_dir / LAST)
+
+    @property
+    def data(self) -> tuple[ImageDataset, ImageDataset | None]:
+        if self._data is None:
+            self._data = load_datasets(self.config, self.train_csv, self.val_csv)
+        return self._data
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.data[0])
+
+    def shared_weights(self) -> dict[str, np.ndarray]:
+        return self.engine.model.get_weights(self.shared)
+
+    def apply_global(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Load the server's weights for the shared groups; local groups must never arrive."""
+        local = sorted({group_of(k) for k in weights} - set(self.shared))
+        if local:
+            raise WeightsError(f"site '{self.site_id}': received weights for non-shared group(s) {local}")
+        self.engine.model.set_weights(weights, strict=True)
+
+    def train_round(self, global_weights: Mapping[str, np.ndarray], server_round: int) -> RoundResult:
+        """Apply global weights, train locally for one round, persist state, return shared weights."""
+        self.apply_global(global_weights)
+        fed = self.config.federation
+        state = self.engine.state
+        state.round = server_round
+        max_steps = state.step + fed.local_steps if fed.local_steps else None
+        train, val = self.data
+        self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs, max_steps=max_steps)
+        self.engine.save(self.state_dir / LAST)
+        metrics = {k: float(v) for k, v in self.engine.state.metrics.items() if math.isfinite(float(v))}
+        return RoundResult(select_groups(self.engine.model.get_weights(), self.shared), len(train), metrics)
+
+    def evaluate(self, global_weights: Mapping[str, np.ndarray]) -> tuple[float, int, dict[str, float]]:
+        """Validation loss of the global model on this site's validation data (else its training data)."""
+        self.apply_global(global_weights)
+        train, val = self.data
+        dataset = val if val is not None else train
+        metrics = self.engine.validate(dataset)
+        return float(metrics["loss"]), len(dataset), {k: float(v) for k, v in metrics.items()}
