@@ -1,0 +1,14 @@
+"""``fedsynth federate <backend>``: run a federation (Flower now; OpenFL adds ``federate openfl``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``fedsynth federate`` with one sub-command per backend."""
+    federate = subparsers.add_parser("federate", help="train across sites with a federated backend")
+    backends = federate.add_subparsers(dest="backend", required=True)
+    from fedsynth.federated.flower.cli import add_flower_command
+
+    add_flower_command(backends)

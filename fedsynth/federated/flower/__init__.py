@@ -1,0 +1,1 @@
+"""Flower backend: ClientApp/ServerApp adapters and the one-machine trial driver."""
