@@ -183,15 +183,36 @@ class FederationConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """Differential privacy (Opacus) on the groups that see real images."""
+    """Differential privacy (Opacus) on the groups that see real images (see docs/privacy.md)."""
 
     enabled: bool = False
-    noise_multiplier: float | None = Field(None, ge=0)
-    target_epsilon: float | None = Field(None, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="per-batch noise std / max_grad_norm; unset: calibrated from target_epsilon"
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="privacy budget: training stops before a step would exceed it"
+    )
+    epochs: int | None = Field(
+        None, ge=1, description="epochs target_epsilon is calibrated for (default training.epochs; "
+                                "federations: rounds x local_epochs)"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="L2 bound on each example's gradient (all private groups together)")
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
     groups: list[str] | None = Field(None, description="default: the family's data-facing groups")
+    grad_sample_mode: Literal["auto", "hooks", "functorch"] = Field(
+        "auto", description="Opacus per-sample gradients; auto = hooks in 2D, functorch in 3D"
+    )
+    client_noise_multiplier: float | None = Field(
+        None, gt=0, description="federations: server-side client-level DP noise (needs federation.clip_update_norm)"
+    )
+    client_delta: float = Field(1e-5, gt=0, lt=1, description="federations: delta of the client-level guarantee")
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> "PrivacyConfig":
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("privacy.enabled needs noise_multiplier or target_epsilon")
+        return self
 
 
 # --------------------------------------------------------------------------- experiment

@@ -8,6 +8,7 @@ A trained autoencoder run is also the first stage of latent diffusion
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +17,7 @@ from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 
 from fedsynth.config import AutoencoderConfig, ExperimentConfig
 from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.models.gan import _NoParamGrad
 
 
 class AutoencoderModel(SynthesisModel):
@@ -110,21 +112,21 @@ class AutoencoderModel(SynthesisModel):
         loss = rec_loss + reg
         metrics: dict[str, float] = {"recon_loss": float(rec_loss.detach()), "reg_loss": float(reg.detach())}
         use_adv = "discriminator" in self.nets
+        # D only scores the reconstruction here: its parameters get no gradient and, under DP,
+        # its per-sample hooks are off (forward and backward), as in the GAN's generator step.
+        frozen = _NoParamGrad(self.net("discriminator")) if use_adv else contextlib.nullcontext()
+        with frozen:
+            if use_adv:
+                logits = self.plain_net("discriminator")(recon)[-1]
+                g_adv = F.softplus(-logits).mean()
+                loss = loss + self.cfg.adversarial_weight * g_adv
+                metrics["g_adv"] = float(g_adv.detach())
+            for group in ("encoder", "decoder"):
+                optimizers[group].zero_grad(set_to_none=True)
+            loss.backward()
+            for group in ("encoder", "decoder"):
+                optimizers[group].step()
         if use_adv:
-            logits = self.plain_net("discriminator")(recon)[-1]
-            for p in self.plain_net("discriminator").parameters():
-                p.requires_grad_(False)
-            g_adv = F.softplus(-logits).mean()
-            loss = loss + self.cfg.adversarial_weight * g_adv
-            metrics["g_adv"] = float(g_adv.detach())
-        for group in ("encoder", "decoder"):
-            optimizers[group].zero_grad(set_to_none=True)
-        loss.backward()
-        for group in ("encoder", "decoder"):
-            optimizers[group].step()
-        if use_adv:
-            for p in self.plain_net("discriminator").parameters():
-                p.requires_grad_(True)
             n = x.shape[0]
             logits = self.net("discriminator")(torch.cat([x, recon.detach()]))[-1].flatten(1).mean(1)
             d_loss = F.softplus(-logits[:n]).mean() + F.softplus(logits[n:]).mean()

@@ -1,0 +1,313 @@
+"""Example-level differential privacy (DP-SGD with Opacus) behind the engine's ``PrivacyPlugin`` seam.
+
+What happens, and why:
+
+- **Which groups.** By default every trainable group whose gradients are computed from real
+  images (``GroupSpec.sees_real_data``): GAN → discriminator (the generator only sees the
+  discriminator, so it inherits the guarantee by post-processing); autoencoder → encoder,
+  decoder (and its discriminator); diffusion → unet. Leaving such a group out is an error.
+- **Before the optimizers exist** (:func:`make_privacy_plugin`, called by ``build_engine``):
+  layers Opacus cannot handle are replaced (BatchNorm → GroupNorm, with a message), every
+  layer's input is made contiguous (Opacus' hook mode gives silently wrong per-sample
+  gradients for channels-last conv inputs, which MONAI's attention blocks produce), the VQ-VAE's
+  EMA codebook update is frozen (it reads raw data outside DP), and a latent-diffusion scale
+  factor that would be computed from data is fixed to 1.
+- **make_private** (once per dataset): each private network becomes a ``GradSampleModule``
+  (``_module.`` never reaches group keys: models export through ``unwrap``), each private group's
+  optimizer a ``DPOptimizer``, and the loader a Poisson-sampling loader whose empty batches
+  are handled by a noise-only step that is still accounted.
+- **One mechanism per batch.** A batch may update k private groups (autoencoder: 2 or 3), each
+  clipping and noising on its own. Each group clips to ``max_grad_norm / sqrt(k)`` with noise
+  multiplier ``noise_multiplier * sqrt(k)``: the concatenated per-example gradient then has norm
+  ≤ ``max_grad_norm`` and per-coordinate noise ``noise_multiplier * max_grad_norm``, i.e. exactly
+  one subsampled Gaussian mechanism with ``noise_multiplier``, which the ledger records once.
+- **Rows per example.** Discriminators see ``[real; fake]`` (or ``[real; reconstruction]``) in
+  one forward: 2n rows for n examples. Row i and row n+i are folded into example i's gradient
+  before clipping, so adding or removing one image changes one clipped vector (sensitivity
+  ``max_grad_norm``), never two.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedsynth.config import ExperimentConfig
+from fedsynth.data.dataset import collate
+from fedsynth.errors import ConfigError
+from fedsynth.models.base import GROUP_SEP, Batch, SynthesisModel
+from fedsynth.privacy.ledger import PrivacyLedger
+
+log = logging.getLogger("fedsynth.privacy")
+
+
+def private_groups(model: SynthesisModel, config: ExperimentConfig) -> list[str]:
+    """The groups DP wraps: ``privacy.groups`` validated, else the data-facing trainable groups."""
+    specs = model.group_specs()
+    data_facing = [g for g, s in specs.items() if s.trainable and s.sees_real_data]
+    if config.privacy.groups is None:
+        groups = data_facing
+    else:
+        for g in config.privacy.groups:
+            if g not in specs:
+                raise ConfigError(f"privacy.groups: unknown group '{g}' for a {model.family} model; its groups are {list(specs)}")
+            if not specs[g].trainable:
+                raise ConfigError(f"privacy.groups: group '{g}' is frozen (not trained), so it needs no DP")
+        groups = [g for g in specs if g in config.privacy.groups]
+    left_out = [g for g in data_facing if g not in groups]
+    if left_out:
+        raise ConfigError(
+            f"privacy.groups leaves out '{left_out[0]}', whose gradients are computed from real images: "
+            f"the (epsilon, delta) guarantee would not hold; add it (data-facing groups: {data_facing})"
+        )
+    if not groups:
+        raise ConfigError(f"privacy: this {model.family} model has no trainable group that sees real images")
+    return groups
+
+
+def make_privacy_plugin(config: ExperimentConfig, model: SynthesisModel) -> "OpacusPrivacy":
+    """Prepare ``model`` for DP (before its optimizers are built) and return the engine's plugin."""
+    return OpacusPrivacy(config, model)
+
+
+class PairedDPOptimizer(DPOptimizer):
+    """A ``DPOptimizer`` that folds the rows fed per example (``[real; fake]``) into one before clipping."""
+
+    examples: int | None = None  # real examples in the current batch (set per step by the plugin)
+    group: str = "?"
+
+    def clip_and_accumulate(self) -> None:
+        n = self.examples
+        if n is not None:
+            for p in self.params:
+                gs = getattr(p, "grad_sample", None)
+                if isinstance(gs, torch.Tensor) and gs.shape[0] != n:
+                    if n == 0 or gs.shape[0] % n:
+                        raise RuntimeError(
+                            f"group '{self.group}': per-sample gradients have {gs.shape[0]} rows for a batch of {n} "
+                            "examples; a private network must see k whole copies of the batch ([real; fake])"
+                        )
+                    k = gs.shape[0] // n
+                    p.grad_sample = gs.reshape(k, n, *gs.shape[1:]).sum(0) / k
+        super().clip_and_accumulate()
+
+
+class OpacusPrivacy:
+    """The engine's privacy plugin: Opacus on the private groups, one ledger for the site's data."""
+
+    def __init__(self, config: ExperimentConfig, model: SynthesisModel) -> None:
+        self.config = config
+        self.cfg = config.privacy
+        self.groups = private_groups(model, config)
+        specs = model.group_specs()
+        self.net_names = list(dict.fromkeys(specs[g].net for g in self.groups))
+        mode = self.cfg.grad_sample_mode
+        self.grad_sample_mode = ("functorch" if config.spatial_dims == 3 else "hooks") if mode == "auto" else mode
+        self.ledger = PrivacyLedger(self.cfg.accountant, self.cfg.delta, self.cfg.target_epsilon)
+        self.noise_multiplier: float | None = self.cfg.noise_multiplier
+        self.sample_rate: float | None = None
+        self.messages: list[str] = []
+        self._model: SynthesisModel | None = None
+        self._dp_optimizers: dict[str, PairedDPOptimizer] = {}
+        self._released: set[str] = set()
+        self._prepare(model)
+
+    # ------------------------------------------------------------------ model preparation
+
+    def _say(self, message: str) -> None:
+        self.messages.append(message)
+        log.warning("privacy: %s", message)
+
+    def _prepare(self, model: SynthesisModel) -> None:
+        for name in self.net_names:
+            if _is_gan_batchnorm(model, name):
+                self._gan_groupnorm(model)
+            net = model.nets[name]
+            if ModuleValidator.validate(net, strict=False):
+                before = {k: type(m).__name__ for k, m in net.named_modules()}
+                fixed = ModuleValidator.fix(net)
+                after = {k: type(m).__name__ for k, m in fixed.named_modules()}
+                changed = sorted(f"{k} ({before[k]} -> {after.get(k, 'removed')})" for k in before if before[k] != after.get(k))
+                model.nets[name] = fixed
+                self._say(f"network '{name}': replaced {len(changed)} layer(s) Opacus cannot train privately: "
+                          + ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
+            for module in model.nets[name].modules():
+                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                    module.register_forward_pre_hook(_contiguous_inputs)
+                if type(module).__name__ == "EMAQuantizer":
+                    module.register_forward_pre_hook(_no_ema_update)
+                    self._say(f"network '{name}': the VQ codebook's EMA update is frozen under DP "
+                              "(it is computed from raw images outside DP); the codebook keeps its current entries")
+        codec = model.nets["autoencoder"] if getattr(model, "is_latent", False) else None
+        if codec is not None and hasattr(codec, "scale") and float(codec.scale) == 0.0:
+            codec.scale.fill_(1.0)
+            self._say("latent diffusion: latent scale factor fixed to 1.0 (computing it from the data would leak)")
+
+    def _gan_groupnorm(self, model: SynthesisModel) -> None:
+        from fedsynth.models.gan import ConditionalDiscriminator
+
+        cfg = self.config.model
+        try:
+            cfg.discriminator_norm = "group"  # type: ignore[union-attr]
+            model.nets["discriminator"] = ConditionalDiscriminator(
+                cfg, model.spatial_dims, model.in_channels, model.image_size, model.num_classes)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError(f"privacy needs GroupNorm in the discriminator: {err}") from None
+        self._say("network 'discriminator': BatchNorm replaced by GroupNorm (model.discriminator_norm set to 'group' "
+                  "in the stored config; BatchNorm mixes examples, which per-example DP forbids)")
+
+    # ------------------------------------------------------------------ PrivacyPlugin
+
+    def make_private(self, model: SynthesisModel, optimizers: dict[str, torch.optim.Optimizer],
+                     loader: DataLoader) -> tuple[dict[str, torch.optim.Optimizer], DataLoader]:
+        """Wrap the private networks and optimizers (once) and return a Poisson-sampling loader."""
+        dataset = loader.dataset
+        n_data = len(dataset)  # type: ignore[arg-type]
+        batch = self.config.training.batch_size
+        self.sample_rate = min(1.0, batch / n_data)
+        if self.noise_multiplier is None:
+            epochs = self.cfg.epochs or self.config.training.epochs
+            self.noise_multiplier = float(get_noise_multiplier(
+                target_epsilon=self.cfg.target_epsilon, target_delta=self.cfg.delta, sample_rate=self.sample_rate,
+                epochs=epochs, accountant=self.cfg.accountant))
+            self._say(f"noise_multiplier {self.noise_multiplier:.3f} calibrated for epsilon {self.cfg.target_epsilon} "
+                      f"at delta {self.cfg.delta} over {epochs} epoch(s) with sample rate {self.sample_rate:.4g}")
+        self._wrap_networks(model)
+        expected = max(1, round(self.sample_rate * n_data))
+        k = len(self.groups)
+        out = dict(optimizers)
+        for group in self.groups:
+            opt = optimizers[group]
+            if isinstance(opt, PairedDPOptimizer):
+                opt.expected_batch_size = expected
+                continue
+            dp = PairedDPOptimizer(opt, noise_multiplier=self.noise_multiplier * math.sqrt(k),
+                                   max_grad_norm=self.cfg.max_grad_norm / math.sqrt(k),
+                                   expected_batch_size=expected, loss_reduction="mean")
+            dp.group = group
+            dp.attach_step_hook(self._release_hook(group))
+            self._dp_optimizers[group] = dp
+            out[group] = dp
+        self._install_step(model)
+        self._check_keys(model)
+        sampler = UniformWithReplacementSampler(num_samples=n_data, sample_rate=self.sample_rate)
+        private_loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(self.config),
+                                    num_workers=loader.num_workers)
+        return out, private_loader
+
+    def can_step(self) -> str | None:
+        if self.noise_multiplier is None or self.sample_rate is None:
+            return None
+        left = self.ledger.steps_allowed(self.noise_multiplier, self.sample_rate)
+        if left is None or left > 0:
+            return None
+        return (f"privacy budget reached: one more step would exceed target_epsilon={self.cfg.target_epsilon} "
+                f"(epsilon={self.ledger.epsilon:.4g} at delta={self.cfg.delta} after {self.ledger.steps} private steps)")
+
+    def report(self) -> dict[str, float]:
+        return {"epsilon": self.ledger.epsilon}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.ledger.state_dict()
+        state.update(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+                     max_grad_norm=self.cfg.max_grad_norm, groups=list(self.groups),
+                     grad_sample_mode=self.grad_sample_mode)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.ledger.load_state_dict(state)
+        if self.cfg.noise_multiplier is None and state.get("noise_multiplier"):
+            self.noise_multiplier = float(state["noise_multiplier"])  # keep the calibrated noise of the run
+
+    # ------------------------------------------------------------------ internals
+
+    def _wrap_networks(self, model: SynthesisModel) -> None:
+        for name in self.net_names:
+            net = model.nets[name]
+            if isinstance(net, GradSampleModule):
+                continue  # already private: wrapping again would add every hook twice
+            if isinstance(net, nn.parallel.DistributedDataParallel):
+                raise ConfigError("privacy.enabled does not support multi-device (DDP) training; train with --devices 1")
+            model.nets[name] = GradSampleModule(net, batch_first=True, loss_reduction="mean", strict=True,
+                                                force_functorch=self.grad_sample_mode == "functorch")
+
+    def _release_hook(self, group: str) -> Callable[[DPOptimizer], None]:
+        def hook(_optimizer: DPOptimizer) -> None:
+            if group in self._released:
+                raise RuntimeError(f"group '{group}' took two private steps on one batch; the accounting assumes one")
+            self._released.add(group)
+
+        return hook
+
+    def _install_step(self, model: SynthesisModel) -> None:
+        """Route the engine's ``model.training_step`` through the per-batch bookkeeping (once)."""
+        if getattr(model, "_private_step_installed", False):
+            return
+        plain_step = model.training_step
+
+        def private_step(batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+            self._released.clear()
+            for opt in self._dp_optimizers.values():
+                opt.examples = len(batch)
+            try:
+                return self._noise_only_step() if len(batch) == 0 else plain_step(batch, optimizers)
+            finally:
+                if self._released:
+                    assert self.noise_multiplier is not None and self.sample_rate is not None
+                    self.ledger.step(self.noise_multiplier, self.sample_rate)
+
+        model.training_step = private_step  # type: ignore[method-assign]
+        model._private_step_installed = True  # type: ignore[attr-defined]
+        self._model = model
+
+    def _noise_only_step(self) -> dict[str, float]:
+        """An empty Poisson batch: every private group takes a zero-gradient, noised step (accounted)."""
+        for opt in self._dp_optimizers.values():
+            opt.zero_grad(set_to_none=True)
+            for p in opt.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return {}
+
+    def _check_keys(self, model: SynthesisModel) -> None:
+        for group in model.groups():
+            for key in model.group_module(group).state_dict():
+                if "_module." in key:
+                    raise RuntimeError(f"Opacus prefix leaked into weight key '{group}{GROUP_SEP}{key}'")
+
+
+class _EmptySafeCollate:
+    """Collate that turns an empty Poisson sample into an empty :class:`Batch` of the right shape."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.shape = (0, config.channels, *config.image_size)
+        self.conditional = config.num_classes > 0
+
+    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> Batch:
+        if items:
+            return collate(items)
+        return Batch(torch.zeros(self.shape), torch.zeros(0, dtype=torch.long) if self.conditional else None)
+
+
+def _contiguous_inputs(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _no_ema_update(module: nn.Module, _args: tuple[Any, ...]) -> None:
+    module.training = False  # EMAQuantizer updates its codebook only in training mode
+
+
+def _is_gan_batchnorm(model: SynthesisModel, name: str) -> bool:
+    return model.family == "gan" and name == "discriminator" and getattr(model.config.model, "discriminator_norm", "") == "batch"
