@@ -31,11 +31,12 @@ from pathlib import Path
 
 from fedsynth.errors import DataError, FedsynthError
 
-#: per task: the fedsynth sub-command and the options the cube's parameters already set
+#: per task: the fedsynth sub-command, and its options that the parameters file may not set: the
+#: paths (the cube's parameters set them, and only those are mounted in the container)
 TASKS: dict[str, tuple[str, frozenset[str]]] = {
-    "train": ("train", frozenset({"config", "data", "output", "val_data"})),  # paths come from the cube
+    "train": ("train", frozenset({"config", "data", "output", "val_data"})),
     "generate": ("generate", frozenset({"run", "checkpoint", "output"})),
-    "evaluate": ("evaluate", frozenset({"real", "synthetic", "output", "png"})),
+    "evaluate": ("evaluate", frozenset({"real", "synthetic", "output", "png", "config", "checkpoint", "train"})),
 }
 
 
@@ -78,6 +79,9 @@ def task_options(task: str, parameters_file: str | Path) -> list[str]:
     argv: list[str] = []
     for key, value in section.items():
         action = allowed.get(str(key))
+        if str(key) in reserved:
+            raise FedsynthError(f"{path}: option '{key}' in section '{task}' names a path, which the parameters file "
+                                "may not set: inside the MLCube only the task's parameters in mlcube.yaml are mounted")
         if action is None:
             raise FedsynthError(f"{path}: unknown option '{key}' in section '{task}' "
                                 f"(options of 'fedsynth {command}' it may set: {sorted(allowed)})")
