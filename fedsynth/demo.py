@@ -110,7 +110,7 @@ def build_demo_dataset(out_dir: str | Path, *, image_size: int = 32, count: int 
     return csvs
 
 
-def run_demo(out_dir: str | Path, *, family: str = "gan", epochs: int = 5, image_size: int = 32,
+def run_demo(out_dir: str | Path, *, family: str = "gan", epochs: int = 100, image_size: int = 32,
              num_images: int = 16) -> dict[str, Path]:
     """Build real 2D slices, write config + CSVs, train briefly, generate; returns the paths made."""
     from fedsynth.config import default_config, render_yaml
@@ -119,7 +119,7 @@ def run_demo(out_dir: str | Path, *, family: str = "gan", epochs: int = 5, image
     from fedsynth.local import TrainRequest, run_training
 
     out = Path(out_dir)
-    csvs = build_demo_dataset(out / "data", image_size=image_size, count=32)
+    csvs = build_demo_dataset(out / "data", image_size=image_size, count=48)
     train_csv = csvs["mni152"]
     val_csv = csvs.get("colin27")
     config = default_config(family, 2, image_size)
