@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fedsynth.data.images import save_image
+from fedsynth.io import atomic_write_text
 from fedsynth.models.base import SynthesisModel
 
 
@@ -64,5 +65,5 @@ def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str
     label_list = [int(labels[i]) if labels is not None and labels.numel() > 1 else (int(labels) if labels is not None else None)
                   for i in range(len(paths))]
     write_manifest(out / "manifest.csv", [(p.stem.split(".")[0], [p.resolve()], lab) for p, lab in zip(paths, label_list)])
-    (out / "generation.json").write_text(json.dumps({"count": len(paths), "format": image_format}, indent=2))
+    atomic_write_text(out / "generation.json", json.dumps({"count": len(paths), "format": image_format}, indent=2))
     return paths
