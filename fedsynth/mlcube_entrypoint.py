@@ -51,7 +51,11 @@ def _subparser(command: str) -> argparse.ArgumentParser | None:
 
 
 def task_options(task: str, parameters_file: str | Path) -> list[str]:
-    """The extra ``fedsynth`` options that ``parameters_file`` sets for ``task``, as CLI arguments."""
+    """The extra ``fedsynth`` options that ``parameters_file`` sets for ``task``, as CLI arguments.
+
+    Raises :class:`FedsynthError` naming the file for an unknown section or option, and when this
+    installation lacks the task's sub-command.
+    """
     import yaml
 
     path = Path(parameters_file)
@@ -73,15 +77,16 @@ def task_options(task: str, parameters_file: str | Path) -> list[str]:
     command, reserved = TASKS[task]
     parser = _subparser(command)
     if parser is None:
-        return []  # reported by the caller
+        raise FedsynthError(f"this fedsynth installation has no 'fedsynth {command}' sub-command, "
+                            f"which the MLCube task '{task}' runs; install a fedsynth release that has it")
     allowed = {a.dest: a for a in parser._actions
                if any(s.startswith("--") for s in a.option_strings) and a.dest not in reserved | {"help"}}
     argv: list[str] = []
     for key, value in section.items():
-        action = allowed.get(str(key))
         if str(key) in reserved:
             raise FedsynthError(f"{path}: option '{key}' in section '{task}' names a path, which the parameters file "
                                 "may not set: inside the MLCube only the task's parameters in mlcube.yaml are mounted")
+        action = allowed.get(str(key))
         if action is None:
             raise FedsynthError(f"{path}: unknown option '{key}' in section '{task}' "
                                 f"(options of 'fedsynth {command}' it may set: {sorted(allowed)})")
@@ -134,11 +139,7 @@ def run_task(task: str, args: argparse.Namespace) -> int:
     """Run one MLCube task through :func:`fedsynth.cli.main`; returns its exit status."""
     from fedsynth.cli import main
 
-    command = TASKS[task][0]
-    if _subparser(command) is None:
-        raise FedsynthError(f"this fedsynth installation has no 'fedsynth {command}' sub-command, "
-                            f"which the MLCube task '{task}' runs; install a fedsynth release that has it")
-    extra = task_options(task, args.parameters)
+    extra = task_options(task, args.parameters)  # also checks that the sub-command exists
     with tempfile.TemporaryDirectory(prefix="fedsynth-mlcube-") as tmp:
         scratch = Path(tmp)
         if task == "train":
