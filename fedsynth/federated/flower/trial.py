@@ -1,0 +1,223 @@
+"""The one-machine trial: certificates, a real SuperLink and one SuperNode per site on
+127.0.0.1 with TLS (and SuperNode authentication), ``flwr run``, progress, clean shutdown.
+
+Layout of ``RUN_DIR``::
+
+    config.yaml            the experiment config the server reads (rounds override applied)
+    certs/                 CA, server certificate, one client key pair per site (0600 keys)
+    app/                   the thin Flower app ``flwr run`` ships
+    sites/<id>/data.yaml   each site's data config; sites/<id>/state/ its private state
+    global/                global checkpoints (last/best/round_NNNN.ckpt, history.json)
+    server/                progress.jsonl (events), received.jsonl (what the server got)
+    logs/                  superlink.log, <site>.log, flwr-run.log
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsynth import pki
+from fedsynth.config import load_config, save_config
+from fedsynth.errors import ConfigError
+from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
+from fedsynth.federated.flower.client_app import SiteDataConfig, write_site_config
+from fedsynth.federated.flower.launcher import (
+    FederationError, Processes, SuperLinkPorts, TLSFiles, flower_env, flwr_cli, follow, free_port, superlink_argv,
+    supernode_argv, wait_for_port,
+)
+
+EventHook = Callable[[dict[str, Any], "LocalFederation"], None]
+
+
+@dataclass
+class TrialRequest:
+    """What ``fedsynth federate flower`` was asked to do."""
+
+    config_path: str | Path
+    sites: Mapping[str, str | Path]  # site id -> training CSV
+    run_dir: str | Path
+    rounds: int | None = None
+    val_sites: Mapping[str, str | Path] = field(default_factory=dict)  # site id -> validation CSV
+    tls: bool = True
+    node_auth: bool = True
+    evaluate: bool = True
+    timeout_s: float = 3600.0
+    overrides: Callable[[Any], None] | None = None  # edit the loaded config (tests/benchmarks)
+
+
+class LocalFederation:
+    """A Flower federation of real processes on this machine; use as a context manager."""
+
+    def __init__(self, request: TrialRequest) -> None:
+        self.request = request
+        self.run_dir = Path(request.run_dir).resolve()
+        if not request.sites:
+            raise ConfigError("give at least one --site ID=train.csv")
+        for site_id in request.sites:
+            if not site_id or "/" in site_id or site_id.startswith("."):
+                raise ConfigError(f"invalid site id '{site_id}': use a plain name such as site1")
+        self.processes = Processes()
+        self.ports = SuperLinkPorts.pick()
+        self.env = flower_env(self.run_dir / "flwr-home")
+        self.certs = self.run_dir / "certs"
+        self.app_dir = self.run_dir / "app"
+        self.run_id: int | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self) -> None:
+        """Write config, certificates, site data configs and the app (idempotent: a restart reuses them)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = load_config(self.request.config_path)
+        if self.request.rounds is not None:
+            config.federation.rounds = self.request.rounds
+        if self.request.overrides is not None:
+            self.request.overrides(config)
+        save_config(config, self.run_dir / "config.yaml")
+        if self.request.tls:
+            if not (self.certs / pki.CA_CERT).is_file():
+                pki.create_ca(self.certs, "fedsynth trial CA")
+            pki.issue_server_cert(self.certs, self.certs, "server", ["127.0.0.1", "localhost"])
+        for site_id, train_csv in self.request.sites.items():
+            csv = Path(train_csv).resolve()
+            if not csv.is_file():
+                raise ConfigError(f"--site {site_id}={train_csv}: file not found")
+            site_dir = self.run_dir / "sites" / site_id
+            val = self.request.val_sites.get(site_id)
+            write_site_config(site_dir / "data.yaml", SiteDataConfig(
+                site_id=site_id, train_csv=csv, val_csv=Path(val).resolve() if val else None, state_dir=site_dir / "state"))
+            if self.request.tls and not (self.certs / f"{site_id}.auth").is_file():
+                pki.issue_client_cert(self.certs, self.certs, site_id)
+        write_app(self.app_dir, AppSpec(config_path=self.run_dir / "config.yaml", run_dir=self.run_dir,
+                                        control_address=f"127.0.0.1:{self.ports.control}",
+                                        root_certificates=self.certs / pki.CA_CERT if self.request.tls else None,
+                                        evaluate=self.request.evaluate))
+
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        if not self.request.tls:
+            return None
+        return TLSFiles(self.certs / pki.CA_CERT, self.certs / "server.crt", self.certs / "server.key")
+
+    @property
+    def node_auth(self) -> bool:
+        return self.request.tls and self.request.node_auth
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        argv = superlink_argv(self.ports, self.tls_files, node_auth=self.node_auth)
+        self.processes.start("superlink", argv, self.run_dir / "logs" / "superlink.log", self.env, self.run_dir / "superlink")
+        for port in (self.ports.fleet, self.ports.control):
+            try:
+                wait_for_port(port, timeout, alive=lambda: self.processes.alive("superlink"))
+            except FederationError as err:
+                raise FederationError(f"SuperLink did not start: {err}\n{self.processes.tail('superlink')}") from None
+        if self.node_auth:
+            for site_id in self.request.sites:
+                self.register(self.certs / f"{site_id}.auth.pub")
+
+    def register(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink (node authentication)."""
+        flwr_cli(["supernode", "register", str(public_key), str(self.app_dir), FEDERATION], self.env, self.app_dir)
+
+    def start_supernode(self, site_id: str, *, root_cert: Path | None | str = "default", auth_key: Path | None | str = "default",
+                        data_config: Path | None | str = "default", max_wait_s: float | None = None, name: str | None = None) -> str:
+        """Start one site's SuperNode (the keyword arguments let tests start misconfigured ones)."""
+        site_dir = self.run_dir / "sites" / site_id
+        ca = self.certs / pki.CA_CERT if self.request.tls else None
+        key = self.certs / f"{site_id}.auth" if self.node_auth else None
+        argv = supernode_argv(
+            self.ports.fleet, free_port(), site_dir / "data.yaml" if data_config == "default" else data_config,  # type: ignore[arg-type]
+            site_dir / "flwr", root_cert=ca if root_cert == "default" else root_cert,  # type: ignore[arg-type]
+            auth_key=key if auth_key == "default" else auth_key, max_wait_s=max_wait_s)  # type: ignore[arg-type]
+        name = name or site_id
+        self.processes.start(name, argv, self.run_dir / "logs" / f"{name}.log", self.env, site_dir)
+        return name
+
+    def submit(self) -> int:
+        """``flwr run`` the app on the federation; returns the run id."""
+        data = flwr_cli(["run", str(self.app_dir), FEDERATION], self.env, self.app_dir)
+        self.run_id = int(data["run-id"])
+        return self.run_id
+
+    def run_status(self) -> str:
+        """The run's status as the SuperLink reports it (e.g. ``running``, ``finished:completed``)."""
+        data = flwr_cli(["ls", str(self.app_dir), FEDERATION, "--run-id", str(self.run_id)], self.env, self.app_dir, 60)
+        runs = data.get("runs") or []
+        return str(runs[0].get("status", "")) if runs else ""
+
+    # ------------------------------------------------------------------ run
+
+    def wait(self, on_event: EventHook | None = None, timeout: float | None = None, offset: int = 0) -> dict[str, Any]:
+        """Follow ``server/progress.jsonl`` until ``done`` (returned) or ``error``/a dead SuperLink (raised)."""
+        finished: dict[str, Any] = {}
+        last_status_check = time.monotonic()
+
+        def stop() -> bool:
+            nonlocal last_status_check
+            if finished:
+                return True
+            if not self.processes.alive("superlink"):
+                raise FederationError(f"the SuperLink exited:\n{self.processes.tail('superlink')}")
+            if self.run_id is not None and time.monotonic() - last_status_check > 20:
+                last_status_check = time.monotonic()
+                status = self.run_status()
+                if status.startswith("finished") and status != "finished:completed":
+                    time.sleep(1.0)  # let a last 'error' event land first
+                    if not finished:
+                        raise FederationError(f"run {self.run_id} ended as {status}:\n{self.processes.tail('superlink')}")
+            return False
+
+        for event in follow(self.run_dir / "server" / "progress.jsonl", stop, timeout or self.request.timeout_s, offset=offset):
+            if on_event is not None:
+                on_event(event, self)
+            if event["event"] == "done":
+                finished = event
+            elif event["event"] == "error":
+                raise FederationError(f"the federation failed: {event.get('error')}\n(see {self.run_dir / 'logs'})")
+        return finished
+
+    def run(self, on_event: EventHook | None = None) -> dict[str, Any]:
+        """Prepare, start everything, run the federation to the end; always stops every process."""
+        previous = signal.getsignal(signal.SIGTERM)
+        in_main = _is_main_thread()
+        if in_main:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.prepare()
+            progress = self.run_dir / "server" / "progress.jsonl"
+            offset = progress.stat().st_size if progress.is_file() else 0
+            self.start_superlink()
+            for site_id in self.request.sites:
+                self.start_supernode(site_id)
+            self.submit()
+            return self.wait(on_event, offset=offset)
+        finally:
+            self.processes.stop_all()
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.processes.stop_all()
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_trial(request: TrialRequest, on_event: EventHook | None = None) -> dict[str, Any]:
+    """Run the one-machine trial; returns the final ``done`` event (round, checkpoint)."""
+    return LocalFederation(request).run(on_event)
