@@ -256,7 +256,9 @@ def test_dockerfile_installs_like_the_readme() -> None:
     assert set(extras.group(1).split(",")) <= set(pyproject["project"]["optional-dependencies"])
     assert "torchvision" not in text
     readme = (ROOT / "README.md").read_text()
-    assert re.search(rf"pip install {re.escape(torch_pin)} && pip install", readme), "README install line changed"
+    # the README's order: the pinned torch first, then the package (editable there, a wheel in the image)
+    assert re.search(rf"pip install {re.escape(torch_pin)}\b.*?pip install (-e )?\"?\.", readme, re.S), \
+        "README no longer installs the torch pin before the package: update mlcube/Dockerfile to match"
     for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
         for item in source.split():
             assert (ROOT / item).exists(), f"Dockerfile copies {item}, which the repository lacks"
