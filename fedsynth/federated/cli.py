@@ -12,3 +12,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from fedsynth.federated.flower.cli import add_flower_command
 
     add_flower_command(backends)
+    from fedsynth.federated.openfl.cli import add_openfl_parser
+
+    add_openfl_parser(backends)
+
+
+from fedsynth.cli import command  # noqa: E402
+
+
+@command("federate")
+def _federate(args: argparse.Namespace) -> int | None:
+    """Dispatch to the backend's handler (each backend parser sets ``federate_handler``)."""
+    handler = getattr(args, "federate_handler", None)
+    if handler is None:
+        raise SystemExit(f"fedsynth federate {args.backend}: not available yet")
+    return handler(args)

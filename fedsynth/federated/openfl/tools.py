@@ -1,0 +1,154 @@
+"""Workspace-side tools run inside an OpenFL workspace (cwd = workspace):
+
+- :func:`start_aggregator`: what ``fx aggregator start`` does, but with the gRPC server bound to
+  one address (OpenFL 1.9 always listens on ``[::]``); ``--bind 127.0.0.1`` for one-machine
+  trials, the aggregator's own interface address in a real deployment.
+- :func:`export_checkpoint`: an aggregated OpenFL model (``save/last.pbuf`` / ``save/best.pbuf``)
+  as a core fedsynth checkpoint (``fedsynth info`` / ``fedsynth generate --checkpoint``).
+- :func:`pin_config`: write the hash of ``plan/fedsynth.yaml`` and its round count into plan.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsynth.errors import CheckpointError, ConfigError
+from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, file_sha256, load_pinned_config
+
+log = logging.getLogger("fedsynth.openfl")
+
+
+def _plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
+    return plan.setdefault("task_runner", {}).setdefault("settings", {})
+
+
+def pin_config(plan_path: str | Path = "plan/plan.yaml") -> str:
+    """Pin ``plan/fedsynth.yaml`` in plan.yaml (every ``config_sha256`` + ``rounds_to_train``).
+
+    Edits the values in place so the plan's comments survive; returns the hash.
+    """
+    import re
+
+    from fedsynth.io import atomic_write_text
+
+    plan_path = Path(plan_path)
+    text = plan_path.read_text()
+    plan = yaml.safe_load(text)
+    config_path = Path(_plan_settings(plan).get("config_path", CONFIG_IN_WORKSPACE))
+    config = load_pinned_config(config_path)
+    digest = file_sha256(config_path)
+    text = re.sub(r"(?m)^(\s*config_sha256:)[ \t]*[^\s#]*", rf"\g<1> {digest}", text)
+    text = re.sub(r"(?m)^(\s*rounds_to_train:)[ \t]*[^\s#]*", rf"\g<1> {config.federation.rounds}", text)
+    pinned = yaml.safe_load(text)
+    tasks = [t.get("aggregation_type", {}).get("settings", {}) for t in pinned.get("tasks", {}).values()
+             if isinstance(t, dict) and isinstance(t.get("aggregation_type"), dict)]
+    if _plan_settings(pinned).get("config_sha256") != digest or any(t.get("config_sha256") != digest for t in tasks):
+        raise ConfigError(f"{plan_path}: add 'config_sha256: null' to task_runner.settings and to every "
+                          "aggregation_type.settings so the config can be pinned")
+    atomic_write_text(plan_path, text)
+    return digest
+
+
+def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/cols.yaml") -> None:
+    """Start the aggregator like ``fx aggregator start``, listening on ``bind`` only."""
+    from openfl.federated import Plan
+    from openfl.utilities.logging import setup_logger
+
+    setup_logger("info")
+    parsed = Plan.parse(plan_config_path=Path(plan).absolute(), cols_config_path=Path(cols).absolute())
+    if not parsed.authorized_cols:
+        raise ConfigError(f"{cols} lists no collaborators: certify them first (`fx collaborator certify`)")
+    server = parsed.get_server()
+    port = parsed.config["network"]["settings"]["agg_port"]
+    host = f"[{bind}]" if ":" in bind else bind
+    server.uri = f"{host}:{port}"  # OpenFL 1.9 hard-codes "[::]:port"
+    log.info("fedsynth: aggregator listening on %s only", server.uri)
+    server.serve()
+
+
+def read_pbuf(path: str | Path, plan: str = "plan/plan.yaml") -> tuple[dict[str, Any], int]:
+    """Tensors and round of an OpenFL model file, decoded with the plan's compression pipeline."""
+    from openfl.federated import Plan
+    from openfl.protocols import utils
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no aggregated model at {path}: has the federation run a round?")
+    parsed = Plan.parse(plan_config_path=Path(plan).absolute(), resolve=False)
+    tensors, round_number = utils.deconstruct_model_proto(utils.load_proto(str(path)), parsed.get_tensor_pipe())
+    return tensors, int(round_number)
+
+
+def read_final_model(db_path: str | Path = "local_state/tensor.db") -> tuple[dict[str, Any], int, float | None]:
+    """The last *aggregated* model, its round count and OpenFL's best score, from the aggregator's DB.
+
+    OpenFL's ``save/last.pbuf`` holds the model that *entered* the last round (the one it
+    validated); the result of the last aggregation is kept only as the DB's next-round tensors.
+    """
+    from openfl.databases.persistent_db import PersistentTensorDB
+
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise CheckpointError(f"no aggregator state at {db_path}: has the federation run a round?")
+    db = PersistentTensorDB(str(db_path))
+    try:
+        tensors = db.load_tensors(db.get_next_round_tensors_table_name())
+        committed, best = db.get_round_and_best_score()
+    finally:
+        db.close()
+    model = {k: v for k, v in tensors.items() if tuple(k.tags) == ("model",)}
+    if not model:
+        raise CheckpointError(f"{db_path} holds no aggregated model yet")
+    last_round = max(k.round_number for k in model)
+    weights = {k.tensor_name: v for k, v in model.items() if k.round_number == last_round}
+    return weights, int(last_round), (float(best) if committed >= 0 else None)
+
+
+def export_checkpoint(which: str, output: str | Path, plan: str = "plan/plan.yaml",
+                      extra: dict[str, Any] | None = None) -> Path:
+    """Write OpenFL's ``last`` (final aggregated) or ``best`` model as a core checkpoint at ``output``.
+
+    ``last`` = the result of the last aggregation (from ``local_state/tensor.db``); ``best`` =
+    ``save/best.pbuf``, the model with the highest aggregated score (= lowest validation loss).
+    The file holds the shared groups from OpenFL; ``local`` groups never reach the aggregator,
+    so they keep their seeded initial values (generation from a GAN needs only the generator).
+    """
+    from fedsynth.checkpoint import TrainingState, save_checkpoint
+    from fedsynth.engine import seed_everything
+    from fedsynth.federated.aggregation import from_transport, resolve_group_policy, shared_groups
+    from fedsynth.models import build_model
+
+    plan_cfg = yaml.safe_load(Path(plan).read_text())
+    settings = _plan_settings(plan_cfg)
+    config = load_pinned_config(settings.get("config_path", CONFIG_IN_WORKSPACE), settings.get("config_sha256"))
+    agg = plan_cfg["aggregator"]["settings"]
+    db_path = agg.get("persistent_db_path", "local_state/tensor.db")
+    if which == "last":
+        tensors, round_number, best_score = read_final_model(db_path)
+        source = f"{db_path} (next-round model)"
+        metrics: dict[str, float] = {}
+    elif which == "best":
+        source = agg.get("best_state_path", "save/best.pbuf")
+        tensors, round_number = read_pbuf(source, plan)
+        best_score = read_final_model(db_path)[2] if Path(db_path).is_file() else None
+        metrics = {"val_loss": -best_score} if best_score is not None else {}
+    else:
+        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+    seed_everything(config.seed)
+    model = build_model(config)
+    policy = resolve_group_policy(model, config.federation)
+    reference = model.get_weights(shared_groups(policy))
+    missing = sorted(set(reference) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{source} lacks '{missing[0]}' ({len(missing)} missing): was it written for this plan?")
+    model.set_weights(from_transport({k: tensors[k] for k in reference}, reference), strict=True)
+    local = [g for g, p in policy.items() if p != "shared"]
+    info = {"backend": "openfl", "which": which, "source": source, "local_groups_initial": local,
+            "openfl_best_score": best_score, **(extra or {})}
+    state = TrainingState(round=round_number, metrics=metrics,
+                          best_metric=-best_score if (which == "best" and best_score is not None) else None)
+    return save_checkpoint(output, model, state, rng=False, extra={"federation": info})
