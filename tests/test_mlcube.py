@@ -3,7 +3,8 @@ describes the cube; each task's entrypoint runs natively with exactly the argume
 runner would pass (computed by mlcube itself from mlcube.yaml), on the real MRI slices of the
 example workspace, inside a copy of the mounted folders only; the Dockerfile is checked statically.
 
-Needs ``pip install -r mlcube/requirements-ci.txt`` (pip < 24.1); skipped with that reason without it.
+The mlcube-driven tests need ``pip install -r mlcube/requirements-ci.txt`` (pip < 24.1) and skip
+with that reason without it; the entrypoint, example-workspace and Dockerfile tests always run.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ CUBE = ROOT / "mlcube"
 EXAMPLE = CUBE / "workspace"
 TASK_OUTPUTS = {"train": ["run"], "generate": ["images"], "evaluate": ["report", "report_png"]}
 
-mlcube_config = pytest.importorskip(
-    "mlcube.config", reason="mlcube not installed: pip install -r mlcube/requirements-ci.txt (needs pip < 24.1)")
-docker_run = pytest.importorskip(
-    "mlcube_docker.docker_run", reason="mlcube-docker not installed: pip install -r mlcube/requirements-ci.txt")
-from mlcube.shell import Shell  # noqa: E402
+NO_RUNTIME = "mlcube/mlcube-docker not installed: pip install -r mlcube/requirements-ci.txt (needs pip < 24.1)"
+
+
+@pytest.fixture(scope="module")
+def runtime() -> None:
+    """The MLCube runtime (mlcube with its docker runner); tests that need it skip without it."""
+    pytest.importorskip("mlcube.config", reason=NO_RUNTIME)
+    pytest.importorskip("mlcube_docker.docker_run", reason=NO_RUNTIME)
 
 
 def _mlcube_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -40,8 +44,11 @@ def _mlcube_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def _effective_config(workspace: Path):
     """The resolved cube configuration, as the docker runner sees it (mlcube's own code)."""
-    return mlcube_config.MLCubeConfig.create_mlcube_config(
-        str(CUBE / "mlcube.yaml"), workspace=str(workspace), runner_cls=docker_run.DockerRun, resolve=True)
+    from mlcube.config import MLCubeConfig
+    from mlcube_docker.docker_run import DockerRun
+
+    return MLCubeConfig.create_mlcube_config(str(CUBE / "mlcube.yaml"), workspace=str(workspace),
+                                             runner_cls=DockerRun, resolve=True)
 
 
 def _dockerfile_entrypoint() -> list[str]:
@@ -57,6 +64,8 @@ def run_in_container_view(task: str, workspace: Path, scratch: Path) -> subproce
     folder is copied to ``scratch/mlcube_ioN`` (only those are visible, as in the container),
     the image's ENTRYPOINT runs with those arguments, and the mounts are copied back.
     """
+    from mlcube.shell import Shell
+
     mounts, args, _ = Shell.generate_mounts_and_args(_effective_config(workspace), task)
     assert args[0] == task
     root = scratch / task
@@ -92,7 +101,7 @@ def _has_evaluate() -> bool:
 # --------------------------------------------------------------------------- mlcube parses the cube
 
 
-def test_mlcube_describes_the_cube(tmp_path: Path) -> None:
+def test_mlcube_describes_the_cube(runtime, tmp_path: Path) -> None:
     proc = _mlcube_cli(tmp_path, "describe", f"--mlcube={CUBE}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for line in ("name = train, inputs = ['config', 'data', 'parameters'], outputs = ['run']",
@@ -101,7 +110,7 @@ def test_mlcube_describes_the_cube(tmp_path: Path) -> None:
         assert line in proc.stdout
 
 
-def test_mlcube_show_config_docker_cpu_default_and_cuda_by_build_arg(tmp_path: Path) -> None:
+def test_mlcube_show_config_docker_cpu_default_and_cuda_by_build_arg(runtime, tmp_path: Path) -> None:
     proc = _mlcube_cli(tmp_path, "show_config", f"--mlcube={CUBE}", "--platform=docker", "--resolve")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runner = yaml.safe_load(proc.stdout)["runner"]
@@ -119,7 +128,7 @@ def test_mlcube_show_config_docker_cpu_default_and_cuda_by_build_arg(tmp_path: P
 
 
 @pytest.fixture(scope="module")
-def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, subprocess.CompletedProcess[str]]]:
+def trained_workspace(runtime, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, subprocess.CompletedProcess[str]]]:
     """A copy of the example workspace after the train and generate tasks."""
     tmp = tmp_path_factory.mktemp("cube")
     workspace = tmp / "workspace"
