@@ -1,7 +1,88 @@
-"""``fedsynth federate flower`` (placeholder until the driver lands)."""
+"""``fedsynth federate flower`` (one-machine trial) and ``fedsynth federate flower-app`` (deployment)."""
+
+from __future__ import annotations
+
 import argparse
+from pathlib import Path
+from typing import Any
+
+from fedsynth.errors import ConfigError
+
+
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or []:
+        site, sep, path = item.partition("=")
+        if not sep or not site or not path:
+            raise ConfigError(f"{flag} {item!r}: expected SITE_ID=path/to/file.csv")
+        if site in out:
+            raise ConfigError(f"{flag}: site '{site}' given twice")
+        out[site] = path
+    return out
+
+
+def _print_event(event: dict[str, Any], _federation: object) -> None:
+    kind = event["event"]
+    if kind == "start":
+        print(f"federation: {event['family']}, rounds {event['start_round']}..{event['rounds']}, "
+              f"groups {event['policy']}, transport {event['transport_dtype']}", flush=True)
+    elif kind == "round_start":
+        print(f"round {event['round']}: sent {', '.join(event['sent_groups'])} to {event['sites']} site(s) "
+              f"({event['sent_bytes_per_site'] / 1e6:.2f} MB each)", flush=True)
+    elif kind == "round_end":
+        m = event.get("metrics", {})
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k in ("train_loss", "val_loss"))
+        rejected = "; ".join(f"{s}: {r}" for s, r in event.get("rejected", [])) or "none"
+        print(f"round {event['round']} done in {event['seconds']:.1f} s: sites {event['accepted']}, rejected: {rejected}"
+              f"{', ' + shown if shown else ''}\n  checkpoint {event['checkpoint']}", flush=True)
 
 
 def add_flower_command(backends: argparse._SubParsersAction) -> None:
-    """Register ``federate flower``."""
-    backends.add_parser("flower", help="one-machine Flower federation")
+    """Register ``federate flower`` and ``federate flower-app``."""
+    from fedsynth.cli import command
+
+    p = backends.add_parser("flower", help="one-machine trial: real SuperLink + one SuperNode per site, TLS, flwr run")
+    p.add_argument("-c", "--config", required=True, help="experiment YAML (its federation block)")
+    p.add_argument("--site", action="append", required=True, metavar="ID=TRAIN_CSV", help="one per site (repeat)")
+    p.add_argument("--val-site", action="append", metavar="ID=VAL_CSV", help="optional validation CSV of a site")
+    p.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
+    p.add_argument("-o", "--output", required=True, help="run folder (certs, logs, global checkpoints); rerun to resume")
+    p.add_argument("--no-tls", action="store_true", help="plain gRPC (only for debugging)")
+    p.add_argument("--no-node-auth", action="store_true", help="do not require registered SuperNode keys")
+    p.add_argument("--no-evaluate", action="store_true", help="skip the per-round evaluation of the global model")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after this many seconds")
+    p.set_defaults(command="federate flower")
+
+    p = backends.add_parser("flower-app", help="write the Flower app an operator runs with 'flwr run'")
+    p.add_argument("-c", "--config", required=True, help="experiment YAML on the aggregator host")
+    p.add_argument("--run-dir", required=True, help="where the ServerApp writes global checkpoints")
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Control API (port 9093)")
+    p.add_argument("--ca", default=None, help="CA certificate that signed the SuperLink's certificate")
+    p.add_argument("--insecure", action="store_true", help="no TLS (testing only)")
+    p.add_argument("--rounds", type=int, default=0, help="override federation.rounds (0: from the YAML)")
+    p.add_argument("--no-evaluate", action="store_true")
+    p.add_argument("-o", "--output", required=True, help="app folder to write")
+    p.set_defaults(command="federate flower-app")
+
+    @command("federate flower")
+    def _trial(args: argparse.Namespace) -> None:
+        from fedsynth.federated.flower.trial import TrialRequest, run_trial
+
+        request = TrialRequest(args.config, _pairs(args.site, "--site"), Path(args.output).resolve(), args.rounds,
+                               _pairs(args.val_site, "--val-site"), tls=not args.no_tls,
+                               node_auth=not args.no_node_auth, evaluate=not args.no_evaluate, timeout_s=args.timeout)
+        done = run_trial(request, _print_event)
+        print(f"federation finished at round {done['round']}; global model: {done['checkpoint']}\n"
+              f"try: fedsynth generate --checkpoint {done['checkpoint']} -o {Path(args.output) / 'samples'}")
+
+    @command("federate flower-app")
+    def _app(args: argparse.Namespace) -> None:
+        from fedsynth.config import load_config
+        from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
+
+        if not args.insecure and not args.ca:
+            raise ConfigError("give --ca ca.crt (the CA of the SuperLink's certificate), or --insecure for a test")
+        load_config(args.config)  # fail now, not on the aggregator at run time
+        app = write_app(args.output, AppSpec(Path(args.config).resolve(), Path(args.run_dir).resolve(), args.superlink,
+                                             None if args.insecure else Path(args.ca), args.rounds, not args.no_evaluate))
+        print(f"wrote Flower app {app}\nrun it with: flwr run {app} {FEDERATION}")

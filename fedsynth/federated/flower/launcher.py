@@ -68,6 +68,17 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+def group_exists(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is still there."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class Processes:
     """Named child processes, each in its own process group; a context manager that stops them all."""
@@ -110,6 +121,9 @@ class Processes:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + 10.0  # children re-parented to init disappear a moment later
+        while time.monotonic() < deadline and group_exists(proc.pid):
+            time.sleep(0.1)
 
     def stop_all(self, grace: float = 10.0) -> None:
         for name in reversed(list(self.procs)):

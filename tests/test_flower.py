@@ -1,0 +1,79 @@
+"""Flower adapter pieces that need no running federation: records, app bundle, site config, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsynth.errors import ConfigError, WeightsError
+from fedsynth.federated.flower.bundle import APP_PACKAGE, AppSpec, write_app
+from fedsynth.federated.flower.client_app import SiteDataConfig, load_site_config, write_site_config
+from fedsynth.federated.flower.records import encode, metrics_record, record_groups, record_nbytes, record_to_weights
+
+
+def test_encode_keeps_keys_shapes_and_integer_dtypes() -> None:
+    weights = {"generator/w": np.random.rand(4, 3).astype(np.float32),
+               "generator/bn.num_batches_tracked": np.array(7, dtype=np.int64),
+               "discriminator/b": np.zeros(5, dtype=np.float32)}
+    rec16 = encode(weights, "float16")
+    back = record_to_weights(rec16)
+    assert back.keys() == weights.keys()
+    assert back["generator/bn.num_batches_tracked"].shape == () and back["generator/bn.num_batches_tracked"].dtype == np.int64
+    assert back["generator/w"].dtype == np.float16
+    np.testing.assert_allclose(back["generator/w"], weights["generator/w"], atol=1e-3)
+    assert record_groups(rec16) == ["discriminator", "generator"]
+    rec32 = encode(weights, "float32")
+    assert record_nbytes(rec16) < record_nbytes(rec32)
+
+
+def test_bfloat16_and_objects_are_refused() -> None:
+    from fedsynth.federated.flower.records import weights_to_record
+
+    with pytest.raises(WeightsError, match="dtype"):
+        weights_to_record({"g/x": np.array(["a"])})
+
+
+def test_metrics_are_plain_numbers() -> None:
+    rec = metrics_record({"loss": np.float32(0.5), "nan": float("nan"), "steps": np.int64(3)}, num_samples=8)
+    assert dict(rec) == {"loss": 0.5, "steps": 3, "num_samples": 8}
+    assert all(type(v) in (int, float) for v in rec.values())
+
+
+def test_site_config_resolves_relative_paths(tmp_path: Path) -> None:
+    path = write_site_config(tmp_path / "site.yaml", SiteDataConfig(site_id="site1", train_csv=Path("train.csv"),
+                                                                    state_dir=Path("state")))
+    cfg = load_site_config(path)
+    assert cfg.train_csv == tmp_path / "train.csv" and cfg.state_dir == tmp_path / "state" and cfg.val_csv is None
+    (tmp_path / "bad.yaml").write_text("site_id: s\ntrain_csv: a.csv\nstate_dir: s\ntrian: typo\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_site_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_site_config(tmp_path / "missing.yaml")
+
+
+def test_app_bundle_is_a_valid_flower_app(tmp_path: Path) -> None:
+    """Flower's own loader accepts the generated app (components found, run config typed)."""
+    from flwr.common.config import get_project_config, validate_config
+
+    app = write_app(tmp_path / "app", AppSpec(tmp_path / "cfg.yaml", tmp_path / "run", "127.0.0.1:9093",
+                                              tmp_path / "ca.crt", rounds=2))
+    config = get_project_config(app)
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=app)
+    assert ok, errors
+    assert config["tool"]["flwr"]["app"]["config"]["rounds"] == 2
+    assert config["tool"]["flwr"]["federations"]["fedsynth"]["root-certificates"] == str((tmp_path / "ca.crt").resolve())
+    assert (app / APP_PACKAGE / "server_app.py").is_file()
+    with pytest.raises(ValueError, match="absolute"):
+        write_app(tmp_path / "x", AppSpec(Path("cfg.yaml"), tmp_path, "127.0.0.1:9093", None))
+
+
+def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsynth.cli import main
+
+    assert main(["federate", "flower", "-c", "c.yaml", "--site", "nonsense", "-o", str(tmp_path)]) == 2
+    assert "ID=" in capsys.readouterr().err
+    assert main(["federate", "flower-app", "-c", "c.yaml", "--run-dir", str(tmp_path), "--superlink", "127.0.0.1:9093",
+                 "-o", str(tmp_path / "app")]) == 2
+    assert "--ca" in capsys.readouterr().err
