@@ -1,0 +1,106 @@
+"""Cheap OpenFL-adapter checks (no federation): wire format, per-group aggregation routing and
+rejection, config pinning, --site parsing, and that started processes are always stopped."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import tiny_config
+
+pytest.importorskip("openfl")
+
+from openfl.utilities import LocalTensor  # noqa: E402
+
+from fedsynth.config import save_config  # noqa: E402
+from fedsynth.errors import ConfigError, FedsynthError  # noqa: E402
+from fedsynth.federated.openfl.cli import parse_sites  # noqa: E402
+from fedsynth.federated.openfl.common import file_sha256, load_pinned_config  # noqa: E402
+from fedsynth.federated.openfl.processes import ProcessFailed, ProcessGroup  # noqa: E402
+
+
+def test_pipeline_round_trip_is_lossless_and_writable() -> None:
+    from fedsynth.federated.openfl.pipeline import Float32Pipeline
+
+    pipe = Float32Pipeline()
+    x = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    data, meta = pipe.forward(x)
+    y = pipe.backward(data, meta)
+    assert y.shape == x.shape and np.array_equal(x, y) and y.flags.writeable
+
+
+def test_config_pin_mismatch_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "fedsynth.yaml"
+    save_config(tiny_config("gan"), path)
+    assert load_pinned_config(path, file_sha256(path)).family == "gan"
+    with pytest.raises(ConfigError, match="does not match the federation's plan"):
+        load_pinned_config(path, "0" * 64)
+
+
+def test_parse_sites() -> None:
+    sites = parse_sites(["col1=a.csv", "col2=b.csv,bv.csv"])
+    assert sites["col1"] == (Path("a.csv"), None) and sites["col2"] == (Path("b.csv"), Path("bv.csv"))
+    for bad in (["col1"], ["=a.csv"], ["col1=a.csv", "col1=b.csv"]):
+        with pytest.raises(ConfigError):
+            parse_sites(bad)
+
+
+@pytest.fixture()
+def routed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The aggregation function of a GAN plan whose discriminator is local."""
+    from fedsynth.federated.openfl.aggregation import GroupRoutedFedAvg
+    from fedsynth.models import build_model
+
+    cfg = tiny_config("gan", federation__groups={"discriminator": "local"})
+    save_config(cfg, tmp_path / "fedsynth.yaml")
+    fn = GroupRoutedFedAvg.__new__(GroupRoutedFedAvg)  # OpenFL aggregation functions are singletons:
+    fn.__init__(str(tmp_path / "fedsynth.yaml"))  # re-run __init__ for this config
+    ref = {k: v.astype(np.float32) for k, v in build_model(cfg).get_weights(["generator"]).items()}
+    return fn, ref
+
+
+def _db(ref: dict[str, np.ndarray], sites: dict[str, dict[str, np.ndarray]], fl_round: int = 0):
+    rows = [{"tensor_name": k, "round": fl_round, "tags": ("model",), "nparray": v} for k, v in ref.items()]
+    for site, weights in sites.items():
+        rows += [{"tensor_name": k, "round": fl_round, "tags": ("trained", site), "nparray": v} for k, v in weights.items()]
+    return (row for _, row in pd.DataFrame(rows).iterrows())
+
+
+def test_aggregation_is_sample_weighted_and_rejects_a_nan_site(routed) -> None:
+    fn, ref = routed
+    a = {k: v + 1 for k, v in ref.items()}
+    b = {k: v + 3 for k, v in ref.items()}
+    bad = {k: np.full_like(v, np.nan) for k, v in ref.items()}
+    name = next(k for k, v in ref.items() if v.dtype == np.float32 and v.size > 1)
+    local = [LocalTensor("a", a[name], 0.25), LocalTensor("b", b[name], 0.5), LocalTensor("bad", bad[name], 0.25)]
+    out = fn(local, _db(ref, {"a": a, "b": b, "bad": bad}), name, 0, ("trained",))
+    np.testing.assert_allclose(out, ref[name] + (0.25 * 1 + 0.5 * 3) / 0.75, rtol=1e-5)
+
+
+def test_a_local_group_tensor_is_refused(routed) -> None:
+    fn, ref = routed
+    with pytest.raises(FedsynthError, match="group 'discriminator'.*local"):
+        fn([LocalTensor("a", np.zeros(3, np.float32), 1.0)], iter(()), "discriminator/x", 0, ("trained",))
+
+
+def test_failed_process_is_named_and_every_process_stopped(tmp_path: Path) -> None:
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    with pytest.raises(ProcessFailed, match="crasher exited with status 3"):
+        with ProcessGroup() as group:
+            long = group.start("sleeper", sleeper, tmp_path, tmp_path / "sleeper.log")
+            crash = group.start("crasher", [sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path, tmp_path / "c.log")
+            group.wait_all([long, crash], deadline=time.monotonic() + 60)
+    assert long.popen.poll() is not None  # stopped by the group on the way out
+
+
+def test_timeout_names_the_stragglers(tmp_path: Path) -> None:
+    with pytest.raises(ProcessFailed, match="still running after the deadline: sleeper"):
+        with ProcessGroup() as group:
+            proc = group.start("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"], tmp_path, tmp_path / "s.log")
+            group.wait_all([proc], deadline=time.monotonic() + 1)
+    assert proc.popen.poll() is not None
