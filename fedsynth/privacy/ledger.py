@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedsynth.errors import CheckpointError
 
@@ -29,11 +31,14 @@ class PrivacyLedger:
         self.history: list[tuple[float, float, int]] = []
         self._eps_cache: tuple[tuple[tuple[float, float, int], ...], float] | None = None
         self._budget: tuple[float, float, int, int] | None = None  # (sigma, q, base steps, allowed steps)
+        self._rdp_cache: dict[tuple[float, float], np.ndarray] = {}
 
     # ------------------------------------------------------------------ recording
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
         """Record one batch (merges with the previous entry like Opacus' accountants do)."""
+        if self._budget is not None and self._budget[:2] != (noise_multiplier, sample_rate):
+            self._budget = None  # the remaining budget was computed for another (σ, q)
         if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
             sigma, q, n = self.history[-1]
             self.history[-1] = (sigma, q, n + 1)
@@ -47,12 +52,27 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ epsilon
 
     def epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
-        """ε at ``self.delta`` for an arbitrary history (0 for no steps)."""
+        """ε at ``self.delta`` for an arbitrary history (0 for no steps).
+
+        RDP: the same arithmetic as Opacus' ``RDPAccountant`` (per-entry ``rdp(σ, q) * steps``,
+        summed), with each entry's one-step RDP curve cached, so ε is cheap to ask every step.
+        """
         if not history:
             return 0.0
+        if self.accountant == "rdp":
+            rdp = sum([self._rdp_one_step(s, q) * n for s, q, n in history])
+            eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=self.delta)
+            return float(eps)
         acc = create_accountant(mechanism=self.accountant)
         acc.history = list(history)
         return float(acc.get_epsilon(delta=self.delta))
+
+    def _rdp_one_step(self, sigma: float, q: float) -> np.ndarray:
+        key = (sigma, q)
+        if key not in self._rdp_cache:
+            self._rdp_cache[key] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                            orders=RDPAccountant.DEFAULT_ALPHAS)
+        return self._rdp_cache[key]
 
     @property
     def epsilon(self) -> float:
@@ -66,7 +86,7 @@ class PrivacyLedger:
         if self.target_epsilon is None:
             return None
         key = (noise_multiplier, sample_rate)
-        if self._budget is None or self._budget[:2] != key or self._budget[2] != self.steps:
+        if self._budget is None or self._budget[:2] != key:
             self._budget = (*key, self.steps, self._search(noise_multiplier, sample_rate))
         return self._budget[3] - (self.steps - self._budget[2])
 
