@@ -16,14 +16,3 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     add_openfl_parser(backends)
 
-
-from fedsynth.cli import command  # noqa: E402
-
-
-@command("federate")
-def _federate(args: argparse.Namespace) -> int | None:
-    """Dispatch to the backend's handler (each backend parser sets ``federate_handler``)."""
-    handler = getattr(args, "federate_handler", None)
-    if handler is None:
-        raise SystemExit(f"fedsynth federate {args.backend}: not available yet")
-    return handler(args)

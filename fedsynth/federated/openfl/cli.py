@@ -9,7 +9,9 @@ from fedsynth.errors import ConfigError
 
 
 def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``openfl`` under the ``federate`` sub-command; its handler is ``args.federate_handler``."""
+    """Add ``openfl`` under the ``federate`` sub-command (handler registered as ``federate openfl``)."""
+    from fedsynth.cli import command
+
     p = federate_subparsers.add_parser(
         "openfl", help="one-machine OpenFL federation: fx workspace, mTLS on 127.0.0.1, export",
         description="Builds an OpenFL workspace from plans/<family>, runs the fx PKI flow, one aggregator "
@@ -22,7 +24,8 @@ def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argpar
     p.add_argument("-o", "--output", required=True, help="run folder (workspace, logs, checkpoints)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds for the federation before every process is stopped (default: rounds x round_timeout_s + 300)")
-    p.set_defaults(federate_handler=run_openfl_command)
+    p.set_defaults(command="federate openfl")
+    command("federate openfl")(run_openfl_command)
     return p
 
 
