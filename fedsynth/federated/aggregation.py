@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedsynth.config import FederationConfig
+from fedsynth.config import ExperimentConfig, FederationConfig
 from fedsynth.errors import ConfigError, FedsynthError
 
 log = logging.getLogger("fedsynth.aggregation")
@@ -211,6 +211,19 @@ class FedAvg:
         out.update(sites_accepted=float(len(self.accepted)), sites_rejected=float(len(self.rejected)),
                    num_samples=float(self._total))
         return out
+
+
+def make_aggregator(reference: Mapping[str, np.ndarray], config: ExperimentConfig, server_round: int) -> FedAvg:
+    """The round's aggregator for both backends: FedAvg, with client-level DP when
+    ``privacy.client_noise_multiplier`` is set (see :mod:`fedsynth.federated.central_dp`).
+    ``server_round`` counts from 1 (rounds aggregated so far, this one included)."""
+    clip = config.federation.clip_update_norm
+    if config.privacy.client_noise_multiplier is not None:
+        from fedsynth.federated.central_dp import ClientDPFedAvg
+
+        return ClientDPFedAvg(reference, clip_update_norm=clip, noise_multiplier=config.privacy.client_noise_multiplier,
+                              delta=config.privacy.client_delta, server_round=server_round)
+    return FedAvg(reference, clip_update_norm=clip)
 
 
 def weighted_mean(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from fedsynth.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from fedsynth.config import ExperimentConfig
 from fedsynth.engine import seed_everything
-from fedsynth.federated.aggregation import FedAvg, SiteUpdate, resolve_group_policy, shared_groups
+from fedsynth.federated.aggregation import SiteUpdate, make_aggregator, resolve_group_policy, shared_groups
 from fedsynth.io import atomic_write_text
 from fedsynth.models import build_model
 
@@ -59,11 +59,13 @@ class GlobalModel:
 
     def aggregate(self, server_round: int, updates: Iterable[SiteUpdate]) -> dict[str, object]:
         """FedAvg this round's updates into the global model; returns a summary for the logs."""
-        fedavg = FedAvg(self.shared_weights(), clip_update_norm=self.config.federation.clip_update_norm)
+        fedavg = make_aggregator(self.shared_weights(), self.config, server_round)
         for update in updates:
             fedavg.add(update)
         self.model.set_weights(fedavg.result())
         self.state.round = server_round
+        if hasattr(fedavg, "privacy_state"):  # client-level DP: the global checkpoint carries its epsilon
+            self.state.privacy = fedavg.privacy_state()
         self.state.metrics = dict(fedavg.metrics())  # site metrics are already train_*/val_* prefixed
         summary: dict[str, object] = {
             "round": server_round, "accepted": fedavg.accepted, "rejected": fedavg.rejected,

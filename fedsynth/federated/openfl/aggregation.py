@@ -23,7 +23,7 @@ from openfl.interface.aggregation_functions import AggregationFunction
 
 from fedsynth.engine import seed_everything
 from fedsynth.errors import FedsynthError
-from fedsynth.federated.aggregation import SHARED, FedAvg, SiteUpdate, group_of, resolve_group_policy
+from fedsynth.federated.aggregation import SHARED, SiteUpdate, group_of, make_aggregator, resolve_group_policy
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
 from fedsynth.models import build_model
 
@@ -73,7 +73,7 @@ class GroupRoutedFedAvg(AggregationFunction):
                     if site in tags:
                         updates[site][row["tensor_name"]] = np.asarray(row["nparray"])
         reference = {k: v for k, v in reference.items() if self.policy.get(group_of(k)) == SHARED}
-        fedavg = FedAvg(reference, clip_update_norm=self.config.federation.clip_update_norm)
+        fedavg = make_aggregator(reference, self.config, fl_round + 1)  # OpenFL rounds count from 0
         for site, weight in sites.items():
             # OpenFL passes normalised sample weights (n_i / sum n); FedAvg only needs proportions
             fedavg.add(SiteUpdate(site, updates[site], num_samples=weight))  # type: ignore[arg-type]
