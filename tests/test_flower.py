@@ -77,3 +77,9 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["federate", "flower-app", "-c", "c.yaml", "--run-dir", str(tmp_path), "--superlink", "127.0.0.1:9093",
                  "-o", str(tmp_path / "app")]) == 2
     assert "--ca" in capsys.readouterr().err
+
+
+def test_collaborator_example_data_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "collaborator" / "flower" / "data.yaml"
+    cfg = load_site_config(example)
+    assert cfg.site_id == "site1" and cfg.train_csv.is_absolute() and cfg.val_csv is None
