@@ -85,6 +85,7 @@ class Processes:
 
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
+    stopped: set[str] = field(default_factory=set)  # names stopped on purpose (not a crash)
     _files: list[IO[bytes]] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -100,11 +101,16 @@ class Processes:
     def alive(self, name: str) -> bool:
         return name in self.procs and self.procs[name].poll() is None
 
+    def crashed(self, name: str) -> bool:
+        """Exited although nobody asked it to stop."""
+        return name in self.procs and name not in self.stopped and self.procs[name].poll() is not None
+
     def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
         """Signal the whole process group of ``name``; SIGKILL it if it is still there after ``grace`` s."""
         proc = self.procs.get(name)
         if proc is None:
             return
+        self.stopped.add(name)
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import ExperimentConfig, load_config
 from fedsynth.errors import ConfigError, FedsynthError
-from fedsynth.federated.aggregation import SiteUpdate
+from fedsynth.federated.aggregation import NoValidUpdates, SiteUpdate
 from fedsynth.federated.flower.records import encode, record_groups, record_nbytes, record_to_weights
 from fedsynth.federated.server import GlobalModel
 
@@ -51,6 +51,7 @@ class FlowerFederation:
         self.server_dir = run_dir / "server"
         self.server_dir.mkdir(parents=True, exist_ok=True)
         self._experiment = json.dumps(config.to_dict())
+        self._failures: list[str] = []
 
     # ------------------------------------------------------------------ logs
 
@@ -84,7 +85,11 @@ class FlowerFederation:
         record = encode(self.global_model.shared_weights(), self.fed.transport_dtype)
         self.event("round_start", round=server_round, sites=len(nodes), sent_bytes_per_site=record_nbytes(record),
                    sent_groups=record_groups(record))
-        summary = self.global_model.aggregate(server_round, self._train_updates(server_round, nodes, record))
+        self._failures = []
+        try:
+            summary = self.global_model.aggregate(server_round, self._train_updates(server_round, nodes, record))
+        except NoValidUpdates as err:
+            raise NoValidUpdates(f"round {server_round}: {err}" + "".join(f"; {f}" for f in self._failures)) from None
         if len(summary["accepted"]) < self.fed.min_sites:  # type: ignore[arg-type]
             log(WARNING, "[fedsynth] round %s: only %s valid update(s), fewer than min_sites=%s",
                 server_round, len(summary["accepted"]), self.fed.min_sites)  # type: ignore[arg-type]
@@ -134,6 +139,7 @@ class FlowerFederation:
                         pending.pop(message_id)
                 time.sleep(POLL_S)
         for node in pending.values():
+            self._failures.append(f"node {node} did not answer within {self.fed.round_timeout_s:.0f} s")
             log(WARNING, "[fedsynth] round %s: node %s did not answer within %.0f s; continuing without it",
                 server_round, node, self.fed.round_timeout_s)
 
@@ -141,6 +147,7 @@ class FlowerFederation:
         for node, reply in self._exchange(server_round, nodes, MessageType.TRAIN, arrays):
             if reply.has_error():
                 log(WARNING, "[fedsynth] round %s: node %s failed: %s", server_round, node, reply.error.reason)
+                self._failures.append(f"node {node} failed: {reply.error.reason}")
                 self._append("received.jsonl", {"round": server_round, "phase": "train", "node": node,
                                                  "error": reply.error.reason})
                 continue

@@ -67,6 +67,7 @@ class LocalFederation:
         self.certs = self.run_dir / "certs"
         self.app_dir = self.run_dir / "app"
         self.run_id: int | None = None
+        self.min_sites = 1
 
     # ------------------------------------------------------------------ setup
 
@@ -79,6 +80,7 @@ class LocalFederation:
         if self.request.overrides is not None:
             self.request.overrides(config)
         save_config(config, self.run_dir / "config.yaml")
+        self.min_sites = config.federation.min_sites
         if self.request.tls:
             if not (self.certs / pki.CA_CERT).is_file():
                 pki.create_ca(self.certs, "fedsynth trial CA")
@@ -163,6 +165,10 @@ class LocalFederation:
                 return True
             if not self.processes.alive("superlink"):
                 raise FederationError(f"the SuperLink exited:\n{self.processes.tail('superlink')}")
+            crashed = [s for s in self.request.sites if self.processes.crashed(s)]
+            if len(self.request.sites) - len(crashed) < self.min_sites:
+                raise FederationError(f"SuperNode of site '{crashed[0]}' exited; fewer than federation.min_sites="
+                                      f"{self.min_sites} sites left:\n{self.processes.tail(crashed[0])}")
             if self.run_id is not None and time.monotonic() - last_status_check > 20:
                 last_status_check = time.monotonic()
                 status = self.run_status()
