@@ -74,6 +74,9 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["federate", "flower", "-c", "c.yaml", "--site", "nonsense", "-o", str(tmp_path)]) == 2
     assert "ID=" in capsys.readouterr().err
+    assert main(["federate", "flower", "-c", "c.yaml", "--site", "site1=a.csv", "--val-site", "site9=b.csv",
+                 "-o", str(tmp_path)]) == 2
+    assert "site9" in capsys.readouterr().err
     assert main(["federate", "flower-app", "-c", "c.yaml", "--run-dir", str(tmp_path), "--superlink", "127.0.0.1:9093",
                  "-o", str(tmp_path / "app")]) == 2
     assert "--ca" in capsys.readouterr().err

@@ -61,6 +61,9 @@ class LocalFederation:
         for site_id in request.sites:
             if not site_id or "/" in site_id or site_id.startswith("."):
                 raise ConfigError(f"invalid site id '{site_id}': use a plain name such as site1")
+        unknown = sorted(set(request.val_sites) - set(request.sites))
+        if unknown:
+            raise ConfigError(f"--val-site {unknown[0]}: no --site with that id (sites: {sorted(request.sites)})")
         self.processes = Processes()
         self.ports = SuperLinkPorts.pick()
         self.env = flower_env(self.run_dir / "flwr-home")
