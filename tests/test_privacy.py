@@ -198,3 +198,11 @@ def test_resume_with_other_accountant_is_refused() -> None:
     ledger = PrivacyLedger("prv", 1e-5)
     with pytest.raises(CheckpointError, match="'rdp' accountant"):
         ledger.load_state_dict({"accountant": "rdp", "history": [[1.0, 0.1, 3]]})
+
+
+def test_dp_under_bf16_autocast(mri2d) -> None:
+    cfg = tiny_config("gan", privacy=DP, training__precision="bf16")
+    engine, train = _engine(cfg, mri2d["mni152"])
+    state = engine.fit(train, epochs=1, max_steps=2)
+    assert state.step == 2 and engine.privacy.ledger.steps == 2
+    assert all(p.dtype == torch.float32 for p in engine.model.parameters())

@@ -102,6 +102,12 @@ class PairedDPOptimizer(DPOptimizer):
                     p.grad_sample = gs.reshape(k, n, *gs.shape[1:]).sum(0) / k
         super().clip_and_accumulate()
 
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
+        """Clip, noise and scale in float32 even inside the engine's bf16 autocast."""
+        device = self.params[0].device.type if self.params else "cpu"
+        with torch.autocast(device, enabled=False):
+            return super().pre_step(closure)
+
 
 class OpacusPrivacy:
     """The engine's privacy plugin: Opacus on the private groups, one ledger for the site's data."""
