@@ -206,3 +206,22 @@ def test_dp_under_bf16_autocast(mri2d) -> None:
     state = engine.fit(train, epochs=1, max_steps=2)
     assert state.step == 2 and engine.privacy.ledger.steps == 2
     assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+
+
+def test_conditional_dp_gan_generator_step_ignores_the_real_batch(mri2d) -> None:
+    """The generator step uses a fixed-size fake batch with random labels, and still runs on an
+    empty Poisson batch, so it is a function of the private discriminator only."""
+    cfg = tiny_config("gan", num_classes=2, privacy=DP)
+    engine, train = _engine(cfg, mri2d["all"])
+    engine.loader(train, train=True)
+    model, opts = engine.model, engine.optimizers
+    assert model.private_fake_batch == cfg.training.batch_size
+    g_before, d_before = model.get_weights(["generator"]), model.get_weights(["discriminator"])
+    out = model.training_step(Batch(torch.zeros(0, 1, 32, 32), torch.zeros(0, dtype=torch.long)), opts)
+    assert set(out) == {"g_loss"} and engine.privacy.ledger.steps == 1
+    g_after, d_after = model.get_weights(["generator"]), model.get_weights(["discriminator"])
+    assert any(not np.array_equal(g_before[k], g_after[k]) for k in g_before)
+    assert any(not np.array_equal(d_before[k], d_after[k]) for k in d_before)  # noise-only D step
+    batch = next(iter(make_loader(train, 3, shuffle=False, seed=0)))
+    out = model.training_step(batch, opts)
+    assert math.isfinite(out["d_loss"]) and math.isfinite(out["g_loss"]) and engine.privacy.ledger.steps == 2

@@ -111,6 +111,7 @@ class GanModel(SynthesisModel):
         cfg = config.model
         assert isinstance(cfg, GanConfig)
         self.cfg = cfg
+        self.private_fake_batch: int | None = None  # set by fedsynth.privacy (see generator_step)
         self.nets["generator"] = ConditionalGenerator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
         self.nets["discriminator"] = ConditionalDiscriminator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
 
@@ -137,10 +138,11 @@ class GanModel(SynthesisModel):
         real = to_model_range(batch.images)
         n = real.shape[0]
         labels = batch.labels if self.num_classes else None
-        generator, discriminator = self.net("generator"), self.net("discriminator")
+        discriminator = self.net("discriminator")
 
         # Discriminator: real and fake through D in ONE forward/backward (fake batch sized like
-        # the real one), so per-sample DP accounting sees each real image exactly once.
+        # the real one), so per-sample DP accounting sees each real image exactly once (under DP
+        # rows i and n+i are folded into example i's gradient before clipping).
         with torch.no_grad():
             fake = self.plain_net("generator")(self._noise(n), labels)
         both_labels = torch.cat([labels, labels]) if labels is not None else None
@@ -150,17 +152,29 @@ class GanModel(SynthesisModel):
         d_loss.backward()
         optimizers["discriminator"].step()
 
-        # Generator: gradients flow through D (unwrapped: no DDP sync, no DP per-sample hooks)
-        # but D's parameters get no gradient and only G's optimizer steps.
-        fake = generator(self._noise(n), labels)
+        d, g = float(d_loss.detach()), self.generator_step(optimizers, n, labels)
+        return {"loss": d + g, "d_loss": d, "g_loss": g}
+
+    def generator_step(self, optimizers: Mapping[str, torch.optim.Optimizer], n: int,
+                       labels: torch.Tensor | None) -> float:
+        """One generator step on ``n`` fakes; returns the generator loss.
+
+        Gradients flow through D (unwrapped: no DDP sync, no DP per-sample hooks) but D's
+        parameters get no gradient and only G's optimizer steps. Under DP the privacy plugin sets
+        ``private_fake_batch``: the step then uses that many fakes with random labels, so it
+        depends only on the (private) discriminator, never on the real batch's size or labels.
+        """
+        if self.private_fake_batch is not None:
+            n = self.private_fake_batch
+            labels = torch.randint(0, self.num_classes, (n,), device=self.device) if self.num_classes else None
+        fake = self.net("generator")(self._noise(n), labels)
         with self.discriminator_frozen():
             g_loss = self._g_loss(self.plain_net("discriminator")(fake, labels))
             optimizers["generator"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["generator"].step()
         optimizers["discriminator"].zero_grad(set_to_none=True)
-        d, g = float(d_loss.detach()), float(g_loss.detach())
-        return {"loss": d + g, "d_loss": d, "g_loss": g}
+        return float(g_loss.detach())
 
     def discriminator_frozen(self):  # noqa: ANN201 - context manager
         """Context in which D computes no parameter gradients (and no per-sample gradients under DP)."""

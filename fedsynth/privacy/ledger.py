@@ -16,7 +16,7 @@ import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from fedsynth.errors import CheckpointError
+from fedsynth.errors import CheckpointError, ConfigError
 
 _MAX_STEPS = 10**8
 
@@ -105,6 +105,33 @@ class PrivacyLedger:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
+
+    def calibrate(self, sample_rate: float, steps: int, tolerance: float = 0.01) -> float:
+        """The smallest noise multiplier (within ``tolerance`` in ε) for which ``steps`` more batches
+        at ``sample_rate`` end at ε ≤ ``target_epsilon``, counting what the history already spent."""
+        if self.target_epsilon is None:
+            raise ConfigError("privacy: calibrating the noise needs target_epsilon")
+        target = self.target_epsilon
+
+        def eps(sigma: float) -> float:
+            return self.epsilon_of(self.history + [(sigma, sample_rate, steps)])
+
+        lo, hi = 0.0, 0.5
+        while (e_hi := eps(hi)) > target:
+            lo, hi = hi, hi * 2
+            if hi > 1e6:
+                raise ConfigError(f"privacy.target_epsilon={target} cannot be reached in {steps} steps "
+                                  f"(already spent: epsilon={self.epsilon:.4g}); raise it or train less")
+        while target - e_hi > tolerance and hi - lo > 1e-4:
+            mid = (lo + hi) / 2
+            e_mid = eps(mid)
+            if e_mid <= target:
+                hi, e_hi = mid, e_mid
+            else:
+                lo = mid
+        for key in [k for k in self._rdp_cache if k[1] == sample_rate and k[0] != hi]:
+            del self._rdp_cache[key]  # keep the cache to the curves in use
+        return hi
 
     # ------------------------------------------------------------------ persistence
 

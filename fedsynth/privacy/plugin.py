@@ -35,7 +35,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -184,9 +183,7 @@ class OpacusPrivacy:
         self.sample_rate = min(1.0, batch / n_data)
         if self.noise_multiplier is None:
             epochs = self.cfg.epochs or self.config.training.epochs
-            self.noise_multiplier = float(get_noise_multiplier(
-                target_epsilon=self.cfg.target_epsilon, target_delta=self.cfg.delta, sample_rate=self.sample_rate,
-                epochs=epochs, accountant=self.cfg.accountant))
+            self.noise_multiplier = self.ledger.calibrate(self.sample_rate, epochs * int(1 / self.sample_rate))
             self._say(f"noise_multiplier {self.noise_multiplier:.3f} calibrated for epsilon {self.cfg.target_epsilon} "
                       f"at delta {self.cfg.delta} over {epochs} epoch(s) with sample rate {self.sample_rate:.4g}")
         self._wrap_networks(model)
@@ -207,6 +204,8 @@ class OpacusPrivacy:
             out[group] = dp
         self._install_step(model)
         self._check_keys(model)
+        if hasattr(model, "private_fake_batch") and "generator" not in self.groups:
+            model.private_fake_batch = expected  # GAN: generator step independent of the real batch
         sampler = UniformWithReplacementSampler(num_samples=n_data, sample_rate=self.sample_rate)
         private_loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(self.config),
                                     num_workers=loader.num_workers)
@@ -267,7 +266,7 @@ class OpacusPrivacy:
             for opt in self._dp_optimizers.values():
                 opt.examples = len(batch)
             try:
-                return self._noise_only_step() if len(batch) == 0 else plain_step(batch, optimizers)
+                return self._noise_only_step(model, optimizers) if len(batch) == 0 else plain_step(batch, optimizers)
             finally:
                 if self._released:
                     assert self.noise_multiplier is not None and self.sample_rate is not None
@@ -277,14 +276,18 @@ class OpacusPrivacy:
         model._private_step_installed = True  # type: ignore[attr-defined]
         self._model = model
 
-    def _noise_only_step(self) -> dict[str, float]:
-        """An empty Poisson batch: every private group takes a zero-gradient, noised step (accounted)."""
+    def _noise_only_step(self, model: SynthesisModel, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+        """An empty Poisson batch: every private group takes a zero-gradient, noised step (accounted);
+        a GAN's generator still takes its (data-independent) step, so skipping reveals nothing."""
         for opt in self._dp_optimizers.values():
             opt.zero_grad(set_to_none=True)
             for p in opt.params:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        step = getattr(model, "generator_step", None)
+        if callable(step) and "generator" in optimizers and "generator" not in self.groups:
+            return {"g_loss": step(optimizers, 0, None)}
         return {}
 
     def _check_keys(self, model: SynthesisModel) -> None:
