@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,6 +50,9 @@ from fedsynth.models.base import GROUP_SEP, Batch, SynthesisModel
 from fedsynth.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedsynth.privacy")
+
+# Opacus' per-sample hooks fire on a network's first layer, whose input needs no gradient: benign.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
 def private_groups(model: SynthesisModel, config: ExperimentConfig) -> list[str]:
