@@ -33,8 +33,10 @@ def _print_event(event: dict[str, Any], _federation: object) -> None:
         m = event.get("metrics", {})
         shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k in ("train_loss", "val_loss"))
         rejected = "; ".join(f"{s}: {r}" for s, r in event.get("rejected", [])) or "none"
-        print(f"round {event['round']} done in {event['seconds']:.1f} s: sites {event['accepted']}, rejected: {rejected}"
-              f"{', ' + shown if shown else ''}\n  checkpoint {event['checkpoint']}", flush=True)
+        sites = ", ".join(f"{site} (n={int(m.get('num_samples', 0))}, train_loss={m.get('train_loss', float('nan')):.4g})"
+                          for site, m in event.get("site_metrics", {}).items())
+        print(f"round {event['round']} done in {event['seconds']:.1f} s: {shown or 'no metrics'}; rejected: {rejected}\n"
+              f"  sites: {sites}\n  checkpoint {event['checkpoint']}", flush=True)
 
 
 def add_flower_command(backends: argparse._SubParsersAction) -> None:
