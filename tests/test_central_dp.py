@@ -98,3 +98,30 @@ def test_global_model_checkpoint_carries_client_epsilon(tmp_path) -> None:
     info = checkpoint_info(tmp_path / "global" / "last.ckpt")
     assert info["privacy_epsilon"] == pytest.approx(client_level_epsilon(1.0, 2, 1e-5))
     assert info["privacy_delta"] == 1e-5
+
+
+def test_openfl_aggregation_applies_client_level_dp(tmp_path) -> None:
+    """OpenFL's per-tensor aggregation function goes through the same client-level DP."""
+    pytest.importorskip("openfl")
+    import pandas as pd
+    from openfl.utilities import LocalTensor
+
+    from fedsynth.config import save_config
+    from fedsynth.federated.openfl.aggregation import GroupRoutedFedAvg
+    from fedsynth.models import build_model
+
+    cfg = tiny_config("gan", federation={"groups": {"discriminator": "local"}, "clip_update_norm": 1e3},
+                      privacy={"client_noise_multiplier": 1e-9})
+    save_config(cfg, tmp_path / "fedsynth.yaml")
+    fn = GroupRoutedFedAvg.__new__(GroupRoutedFedAvg)  # OpenFL aggregation functions are singletons
+    fn.__init__(str(tmp_path / "fedsynth.yaml"))
+    ref = {k: v.astype(np.float32) for k, v in build_model(cfg).get_weights(["generator"]).items()}
+    a = {k: v + 1 for k, v in ref.items()}
+    b = {k: v + 3 for k, v in ref.items()}
+    rows = [{"tensor_name": k, "round": 0, "tags": ("model",), "nparray": v} for k, v in ref.items()]
+    for site, weights in (("a", a), ("b", b)):
+        rows += [{"tensor_name": k, "round": 0, "tags": ("trained", site), "nparray": v} for k, v in weights.items()]
+    name = next(k for k, v in ref.items() if v.dtype == np.float32 and v.size > 1)
+    local = [LocalTensor("a", a[name], 0.9), LocalTensor("b", b[name], 0.1)]
+    out = fn(local, (row for _, row in pd.DataFrame(rows).iterrows()), name, 0, ("trained",))
+    np.testing.assert_allclose(out, ref[name] + 2.0, atol=1e-3)  # equal weights, not 0.9 / 0.1
