@@ -68,6 +68,22 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+def _own_group_dies_with_parent() -> None:
+    """In the child before exec: own process group, and SIGTERM when fedsynth dies (Linux).
+
+    If the driver itself is SIGKILLed (no ``finally`` runs), the SuperLink/SuperNode still get
+    SIGTERM and stop; Flower's own helper processes exit with their parent.
+    """
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def group_exists(pgid: int) -> bool:
     """Whether any process of process group ``pgid`` is still there."""
     try:
@@ -94,7 +110,7 @@ class Processes:
         fh = open(log_path, "ab")
         self._files.append(fh)
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(env), cwd=cwd, start_new_session=True)
+                                env=dict(env), cwd=cwd, preexec_fn=_own_group_dies_with_parent)
         self.procs[name], self.logs[name] = proc, log_path
         return proc
 
