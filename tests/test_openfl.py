@@ -23,6 +23,7 @@ from conftest import tiny_config
 
 pytest.importorskip("openfl")
 
+from fedsynth.federated.openfl.processes import ProcessFailed  # noqa: E402
 from fedsynth.federated.openfl.trial import export_run, free_port, run_federation  # noqa: E402
 from fedsynth.federated.openfl.workspace import (  # noqa: E402
     LOCAL_AGGREGATOR_NAME, Workspace, certify_collaborator, create_workspace, fx, set_up_pki_and_plan,
@@ -97,7 +98,7 @@ def test_gan_federation_end_to_end(gan_federation: dict[str, object], tmp_path: 
     for name in ("col1", "col2"):
         assert f"Round: {ROUNDS - 1} Received Tasks" in (ws.logs / f"collaborator_{name}.log").read_text()
     # `fx plan initialize` produced the initial model from our task runner (shared groups only)
-    assert "Saving model state to save/init.pbuf" in (ws.logs / "fx_plan_initialize_localhost.log").read_text()
+    assert "Saving model state to save/init.pbuf" in (ws.logs / "fx_plan_initialize.log").read_text()
     names = _pbuf_names(ws.path / "save" / "init.pbuf")
     assert names and all(n.startswith("generator/") for n in names)
     checkpoints: dict[str, Path] = gan_federation["checkpoints"]  # type: ignore[assignment]
@@ -159,14 +160,46 @@ def test_certificate_from_another_ca_is_refused(gan_federation: dict[str, object
 def test_other_families_federate_with_the_same_pki(family: str, gan_federation: dict[str, object],
                                                    mri2d: dict[str, Path], tmp_path: Path) -> None:
     """Fresh workspace per family from plans/, the module's certificates, fx plan initialize, 2 rounds."""
-    ws = create_workspace(tmp_path / "ws", _config(family), _sites(mri2d), agg_port=free_port())
-    shutil.rmtree(ws.path / "cert")
-    shutil.copytree(gan_federation["pki_root"], ws.path / "cert")  # type: ignore[arg-type]
-    ws.path.joinpath("plan", "cols.yaml").write_text(yaml.safe_dump({"collaborators": list(ws.collaborators)}))
-    ws.fx("plan", "initialize", "-a", LOCAL_AGGREGATOR_NAME)
+    ws = _workspace_with_module_pki(tmp_path, family, _sites(mri2d), gan_federation)
     run_federation(ws, timeout=FEDERATION_TIMEOUT)
     checkpoints = export_run(ws, tmp_path / "run")
     from fedsynth.checkpoint import checkpoint_info
 
     assert checkpoint_info(checkpoints["last"])["round"] == ROUNDS
     assert len(_generate(checkpoints["last"], tmp_path / "gen")) == 4
+
+
+def _workspace_with_module_pki(tmp_path: Path, family: str, sites: dict[str, tuple[Path, Path | None]],
+                               gan_federation: dict[str, object]) -> Workspace:
+    ws = create_workspace(tmp_path / "ws", _config(family), sites, agg_port=free_port())
+    shutil.rmtree(ws.path / "cert")
+    shutil.copytree(gan_federation["pki_root"], ws.path / "cert")  # type: ignore[arg-type]
+    ws.path.joinpath("plan", "cols.yaml").write_text(yaml.safe_dump({"collaborators": list(ws.collaborators)}))
+    ws.fx("plan", "initialize", "-a", LOCAL_AGGREGATOR_NAME)
+    return ws
+
+
+def test_a_failing_collaborator_is_named_and_every_process_stopped(gan_federation: dict[str, object],
+                                                                   mri2d: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.csv"
+    broken.write_text("SubjectID,Channel_0\nghost," + str(tmp_path / "missing.nii.gz") + "\n")
+    ws = _workspace_with_module_pki(tmp_path, "gan", {"col1": (mri2d["mni152"], None), "col2": (broken, None)},
+                                    gan_federation)
+    started = time.monotonic()
+    with pytest.raises(ProcessFailed, match="collaborator col2 exited with status") as err:
+        run_federation(ws, timeout=FEDERATION_TIMEOUT)
+    assert "missing.nii.gz" in str(err.value)  # the log tail shows why
+    assert time.monotonic() - started < FEDERATION_TIMEOUT
+    assert not _processes_in(ws.path), "processes of the failed federation are still running"
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """Live processes whose working directory is ``folder`` (every federation process runs there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(proc / "cwd").resolve() == folder.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

@@ -38,6 +38,13 @@ def run_checked(cmd: Sequence[str], cwd: Path, log: Path, timeout: float, env: d
             raise ProcessFailed(f"`{' '.join(cmd)}` (in {cwd}) exited with status {rc}; log {log}:\n{log_tail(log)}")
 
 
+def run_parallel(cmds: dict[str, Sequence[str]], cwd: Path, logs: Path, timeout: float) -> None:
+    """Run independent commands at once (each logged to ``logs/NAME.log``); raise naming the first failure."""
+    with ProcessGroup() as group:
+        procs = [group.start(name, cmd, cwd, logs / f"{name}.log") for name, cmd in cmds.items()]
+        group.wait_all(procs, deadline=time.monotonic() + timeout)
+
+
 @dataclass
 class Managed:
     name: str

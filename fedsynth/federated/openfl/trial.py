@@ -6,12 +6,15 @@ also on failure or timeout (the error names the process that failed and shows it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +55,7 @@ def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, .
     names = collaborators or ws.collaborators
     env = {"OMP_NUM_THREADS": _threads_per_process(len(names)), "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
-    with ProcessGroup() as group:
+    with _sigterm_raises(), ProcessGroup() as group:
         agg = group.start("aggregator", [sys.executable, "-m", "fedsynth.federated.openfl", "aggregator", "--bind", BIND],
                           ws.path, ws.logs / "aggregator.log", env)
         cols = [group.start(f"collaborator {n}", [_fx(), "collaborator", "start", "-n", n], ws.path,
@@ -61,6 +64,23 @@ def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, .
             group.start(name, cmd, cwd, ws.logs / f"{name}.log", env)
         group.wait_all([agg, *cols], deadline=start + timeout)
     return {"federation_s": time.monotonic() - start}
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while processes run, so they are stopped on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fx() -> str:

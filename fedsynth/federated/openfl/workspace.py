@@ -18,7 +18,7 @@ import yaml
 from fedsynth.config import ExperimentConfig, save_config
 from fedsynth.errors import ConfigError, FedsynthError
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE
-from fedsynth.federated.openfl.processes import run_checked
+from fedsynth.federated.openfl.processes import run_checked, run_parallel
 from fedsynth.federated.openfl.tools import pin_config
 from fedsynth.io import atomic_write_text
 
@@ -101,14 +101,23 @@ def pin_config_in(workspace: Path) -> str:
         os.chdir(cwd)
 
 
-def set_up_pki_and_plan(ws: Workspace, agg_addr: str = LOCAL_AGGREGATOR_NAME) -> None:
-    """The standard flow, as an operator types it (all in one workspace for a one-machine run)."""
-    ws.fx("plan", "initialize", "-a", agg_addr)
-    ws.fx("workspace", "certify")
-    ws.fx("aggregator", "generate-cert-request", "--fqdn", agg_addr)
-    ws.fx("aggregator", "certify", "--fqdn", agg_addr, "--silent")
+def set_up_pki_and_plan(ws: Workspace, agg_addr: str = LOCAL_AGGREGATOR_NAME, timeout: float = 300) -> None:
+    """The standard flow, as an operator types it (all in one workspace for a one-machine run).
+
+    Commands that touch different files run at once: ``plan initialize``, ``workspace certify``
+    and every certificate request; then the signing, one ``certify`` at a time (each appends to
+    ``plan/cols.yaml``).
+    """
+    run_parallel({
+        "fx_plan_initialize": [fx(), "plan", "initialize", "-a", agg_addr],
+        "fx_workspace_certify": [fx(), "workspace", "certify"],
+        "fx_aggregator_csr": [fx(), "aggregator", "generate-cert-request", "--fqdn", agg_addr],
+        **{f"fx_csr_{n}": [fx(), "collaborator", "generate-cert-request", "-n", n, "--silent", "--skip-package"]
+           for n in ws.collaborators},
+    }, ws.path, ws.logs, timeout)
+    ws.fx("aggregator", "certify", "--fqdn", agg_addr, "--silent", log_name="fx_aggregator_certify")
     for name in ws.collaborators:
-        certify_collaborator(ws, name)
+        ws.fx("collaborator", "certify", "-n", name, "--silent", log_name=f"fx_certify_{name}")
 
 
 def certify_collaborator(ws: Workspace, name: str) -> None:
