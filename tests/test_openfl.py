@@ -42,7 +42,8 @@ def _config(family: str):
 
 
 def _sites(mri2d: dict[str, Path]) -> dict[str, tuple[Path, Path | None]]:
-    return {"col1": (mri2d["mni152"], None), "col2": (mri2d["colin27"], None)}
+    # two different real brains; without Debian's mricron-data (Colin27) both sites read MNI152
+    return {"col1": (mri2d["mni152"], None), "col2": (mri2d.get("colin27", mri2d["mni152"]), None)}
 
 
 def _generate(checkpoint: Path, out: Path) -> list[Path]:
