@@ -76,6 +76,7 @@ def test_streaming_equals_batch_mean() -> None:
 def test_transport_fp16_restores_dtypes() -> None:
     sent = to_transport({"g/w": np.ones((2, 2), np.float32), "g/n": np.array(3, np.int64)}, "float16")
     assert sent["g/w"].dtype == np.float16 and sent["g/n"].dtype == np.int64
+    assert sent["g/n"].shape == ()  # 0-d buffers (num_batches_tracked) keep their shape
     back = from_transport({"g/w": sent["g/w"], "g/n": np.array(3.0)}, REF)
     assert back["g/w"].dtype == np.float32 and back["g/n"].dtype == np.int64
 

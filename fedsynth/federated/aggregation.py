@@ -73,7 +73,8 @@ def select_groups(weights: Mapping[str, np.ndarray], groups: Iterable[str]) -> d
 def to_transport(weights: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, np.ndarray]:
     """Cast floating arrays to the transport dtype; integer buffers travel unchanged."""
     target = np.dtype(dtype)
-    return {k: (np.ascontiguousarray(v, dtype=target) if np.issubdtype(v.dtype, np.floating) else np.ascontiguousarray(v))
+    # np.require keeps 0-d buffers 0-d (np.ascontiguousarray would make them shape (1,))
+    return {k: np.require(v, dtype=target if np.issubdtype(v.dtype, np.floating) else v.dtype, requirements="C")
             for k, v in weights.items()}
 
 

@@ -18,9 +18,8 @@ from fedsynth.federated.aggregation import group_of, to_transport
 
 
 def encode(weights: Mapping[str, np.ndarray], dtype: str) -> ArrayRecord:
-    """Cast to the transport dtype and pack; 0-d buffers keep their shape ``()``."""
-    cast = to_transport(weights, dtype)
-    return weights_to_record({k: np.reshape(v, np.shape(weights[k])) for k, v in cast.items()})
+    """Cast to the transport dtype and pack."""
+    return weights_to_record(to_transport(weights, dtype))
 
 
 def weights_to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
