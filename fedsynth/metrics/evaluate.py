@@ -1,0 +1,175 @@
+"""``evaluate``: every metric on a real and a synthetic image set, as one JSON-able report."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsynth.config import ExperimentConfig
+from fedsynth.errors import FedsynthError
+from fedsynth.metrics import features as feat
+from fedsynth.metrics import radiomics as rad
+from fedsynth.metrics.images import ImageSet, check_pair, infer_config, load_real, load_synthetic
+from fedsynth.metrics.similarity import memorization, pairwise_ms_ssim, reconstruction_quality
+
+#: which way is better, for readers of the report
+DIRECTIONS = {
+    "frd": "lower", "encoder_fid": "lower", "kid": "lower", "precision": "higher", "recall": "higher",
+    "density": "higher (about 1 when matched)", "coverage": "higher", "mean_ks_statistic": "lower",
+    "mean_wasserstein": "lower", "ms_ssim_synthetic": "close to ms_ssim_real (much higher = mode collapse)",
+}
+
+
+@dataclass
+class EvaluationOptions:
+    """What to compute and with which settings."""
+
+    bin_count: int = 32
+    encoder: str = "random-conv"  # or "autoencoder" (needs checkpoint)
+    checkpoint: str | None = None  # autoencoder checkpoint: reconstructions (+ encoder)
+    train_csv: str | None = None  # training images for memorization (default: the real set)
+    copy_threshold: float = 0.5
+    max_pairs: int = 300
+    use_pyradiomics: bool | None = None  # None = if installed
+    seed: int = 0
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _load_autoencoder(path: str) -> torch.nn.Module:
+    from fedsynth.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(path, device="cpu")
+    if not hasattr(model, "reconstruct"):
+        raise FedsynthError(f"--checkpoint {path}: a {model.config.family} checkpoint; reconstruction metrics and the "
+                            "autoencoder encoder need an autoencoder checkpoint")
+    model.eval()
+    return model
+
+
+def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOptions | None = None,
+                  train: ImageSet | None = None) -> dict[str, Any]:
+    """Compute the report for already loaded image sets (see :func:`evaluate` for files)."""
+    opt = options or EvaluationOptions()
+    check_pair(real, synthetic)
+    started = time.perf_counter()
+    spatial_dims = real.images.ndim - 2
+    notes: list[str] = []
+    report: dict[str, Any] = {
+        "real": {"source": real.source, "count": len(real), "shape": list(real.images.shape[1:])},
+        "synthetic": {"source": synthetic.source, "count": len(synthetic), "shape": list(synthetic.images.shape[1:])},
+        "directions": DIRECTIONS,
+    }
+    if min(len(real), len(synthetic)) < 20:
+        notes.append(f"few images ({len(real)} real, {len(synthetic)} synthetic): distribution metrics are noisy; "
+                     "compare runs evaluated with the same counts")
+
+    # radiomics
+    use_pr = opt.use_pyradiomics if opt.use_pyradiomics is not None else not rad.backend().startswith("numpy")
+    names, real_f, real_failed = rad.extract(real.images, opt.bin_count, use_pr)
+    syn_names, syn_f, syn_failed = rad.extract(synthetic.images, opt.bin_count, use_pr)
+    if syn_names != names:  # failed extractions can drop names: align on the real set's
+        index = {n: i for i, n in enumerate(syn_names)}
+        syn_f = np.stack([syn_f[:, index[n]] if n in index else np.full(len(syn_f), np.nan) for n in names], 1)
+    frd_value, n_used = rad.frd(real_f, syn_f)
+    comparison = rad.per_feature(names, real_f, syn_f)
+    report["radiomics"] = {
+        "backend": rad.backend() if use_pr else "numpy (IBSI first-order)",
+        "bin_count": opt.bin_count,
+        "frd": frd_value,
+        "frd_features": n_used,
+        "frd_definition": "Fréchet distance of radiomic features z-scored with the real set's mean/std (FRDv1 "
+                          "normalisation; original image, whole-image mask)",
+        "failed_extractions": {"real": real_failed, "synthetic": syn_failed},
+        "first_order": comparison,
+        "mean_ks_statistic": float(np.mean([v["ks_statistic"] for v in comparison.values()])),
+        "mean_wasserstein": float(np.mean([v["wasserstein"] for v in comparison.values()])),
+    }
+    if not use_pr:
+        notes.append("pyradiomics-bhklab not installed: FRD uses first-order features only (pip install fedsynth[eval])")
+
+    # encoder features
+    if opt.encoder == "autoencoder":
+        if not opt.checkpoint:
+            raise FedsynthError("--encoder autoencoder needs --checkpoint (an autoencoder checkpoint trained on real data)")
+        encoder: torch.nn.Module = feat.AutoencoderEncoder(_load_autoencoder(opt.checkpoint), opt.checkpoint)
+    elif opt.encoder == "random-conv":
+        encoder = feat.RandomConvEncoder(spatial_dims, real.images.shape[1])
+    else:
+        raise FedsynthError(f"unknown encoder '{opt.encoder}': expected 'random-conv' or 'autoencoder'")
+    real_e, syn_e = feat.standardize(feat.embed(encoder, real.images), feat.embed(encoder, synthetic.images))
+    kid_mean, kid_std = feat.kid(real_e, syn_e, seed=opt.seed)
+    report["encoder"] = {"name": encoder.name, "description": encoder.description, "feature_dim": int(real_e.shape[1]),
+                         "standardized": "features z-scored with the real set's mean/std before FID/KID/PRDC"}
+    report["encoder_fid"] = feat.frechet_distance(real_e, syn_e)
+    report["kid"] = {"mean": kid_mean, "std": kid_std}
+    report.update(feat.prdc(real_e, syn_e))
+
+    # diversity
+    report["diversity"] = {"ms_ssim_synthetic": pairwise_ms_ssim(synthetic.images, opt.max_pairs, opt.seed),
+                           "ms_ssim_real": pairwise_ms_ssim(real.images, opt.max_pairs, opt.seed)}
+
+    # memorization
+    reference = train or real
+    report["memorization"] = {"training_source": reference.source,
+                              **memorization(reference.images, synthetic.images, reference.ids, opt.copy_threshold)}
+
+    # autoencoder reconstructions
+    if opt.checkpoint:
+        model = _load_autoencoder(opt.checkpoint)
+        report["reconstruction"] = {"checkpoint": opt.checkpoint, **reconstruction_quality(model, real.images)}
+
+    report["notes"] = notes
+    report["seconds"] = time.perf_counter() - started
+    return _clean(report)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/Inf to None."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return _finite(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def evaluate(real_csv: str, synthetic: str, options: EvaluationOptions | None = None, *,
+             config_path: str | None = None) -> tuple[dict[str, Any], ImageSet, ImageSet]:
+    """Load both sets through the data pipeline and compute the report; returns ``(report, real, synthetic)``."""
+    opt = options or EvaluationOptions()
+    if config_path is None and opt.checkpoint:
+        from fedsynth.checkpoint import load_checkpoint
+        from fedsynth.config import config_from_dict
+
+        config: ExperimentConfig = config_from_dict(load_checkpoint(opt.checkpoint)["config"], opt.checkpoint)
+    else:
+        config = infer_config(real_csv, config_path)
+    real = load_real(real_csv, config)
+    syn = load_synthetic(synthetic, config)
+    train = load_real(opt.train_csv, config) if opt.train_csv else None
+    report = evaluate_sets(real, syn, opt, train)
+    report["preprocessing"] = {"spatial_dims": config.spatial_dims, "image_size": list(config.image_size),
+                               "channels": config.channels, "normalization": config.data.normalization,
+                               "resize_mode": config.data.resize_mode,
+                               "config": config_path or (opt.checkpoint and f"{opt.checkpoint} (checkpoint)") or "inferred from the first real image"}
+    return report, real, syn
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    """Write the report as indented JSON, atomically."""
+    from fedsynth.io import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(report, indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,151 @@
+"""Encoder features and the distribution metrics computed on them: encoder-FID, KID, PRDC.
+
+No ImageNet Inception here (it needs a hub download and sees natural photos). Two encoders
+that work offline, named in every report:
+
+- ``random-conv``: a fixed, untrained 4-level strided conv net (LeakyReLU), weights drawn from
+  a seeded generator, features = per-level channel mean and std (texture statistics of random
+  filters at 4 scales). Random conv features are a known, weak-but-honest stand-in for a learned
+  encoder: they respond to texture, contrast, sharpness and intensity layout, not to semantics.
+- ``autoencoder``: the encoder of a fedsynth autoencoder checkpoint trained on real data
+  (``AutoencoderModel.encode_latent``), latent pooled to 4 cells per axis.
+
+Features are z-scored with the real set's per-feature mean and std before every metric
+(:func:`standardize`), so each feature counts equally (otherwise a few high-variance features
+decide everything, and e.g. blur goes unnoticed). Scores from different encoders are not comparable with each other, nor with published FIDs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+
+RANDOM_CONV_SEED = 0
+RANDOM_CONV_CHANNELS = (16, 32, 64, 64)
+
+
+class RandomConvEncoder(torch.nn.Module):
+    """Untrained strided conv features (2D or 3D), reproducible from ``seed``."""
+
+    name = "random-conv"
+
+    def __init__(self, spatial_dims: int, in_channels: int, seed: int = RANDOM_CONV_SEED,
+                 channels: tuple[int, ...] = RANDOM_CONV_CHANNELS) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+        gen = torch.Generator().manual_seed(seed)
+        self.spatial_dims = spatial_dims
+        self.layers = torch.nn.ModuleList()
+        c_in = in_channels
+        for c_out in channels:
+            layer = conv(c_in, c_out, kernel_size=3, stride=2, padding=1)
+            fan_in = c_in * 3**spatial_dims
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * np.sqrt(2.0 / fan_in))
+                layer.bias.zero_()
+            self.layers.append(layer)
+            c_in = c_out
+        self.description = (f"fixed random-init conv encoder (untrained), seed {seed}, channels {list(channels)}, stride-2 "
+                            "3^d convs, LeakyReLU(0.2); features = per-level channel mean and std")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images * 2 - 1
+        feats = []
+        for layer in self.layers:
+            x = F.leaky_relu(layer(x), 0.2)
+            flat = x.flatten(2)
+            feats += [flat.mean(-1), flat.std(-1, correction=0)]
+        return torch.cat(feats, dim=1)
+
+
+class AutoencoderEncoder(torch.nn.Module):
+    """Latents of a trained fedsynth autoencoder, pooled to 4 cells per axis."""
+
+    name = "autoencoder"
+
+    def __init__(self, model: torch.nn.Module, source: str) -> None:
+        super().__init__()
+        self.model = model
+        self.description = f"encoder of the fedsynth autoencoder checkpoint {source} (latent pooled to 4^d cells)"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.model.encode_latent(images.to(self.model.device)).float().cpu()
+        pool = F.adaptive_avg_pool2d if z.ndim == 4 else F.adaptive_avg_pool3d
+        return pool(z, 4).flatten(1)
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Encoder features of ``(N, C, *spatial)`` images as an ``(N, D)`` float64 array."""
+    encoder.eval()
+    out = [encoder(torch.from_numpy(images[i:i + batch_size]).float()).double().numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out)
+
+
+def standardize(real: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score both feature sets with the real set's per-feature mean/std (constant features dropped)."""
+    mean, std = real.mean(0), real.std(0)
+    keep = std > 1e-12
+    return (real[:, keep] - mean[keep]) / std[keep], (other[:, keep] - mean[keep]) / std[keep]
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two ``(N, D)`` feature sets (FID formula)."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("Fréchet distance: features contain NaN or Inf")
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1 = np.atleast_2d(np.cov(a, rowvar=False))
+    s2 = np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(s1)) * eps
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = np.real(covmean)
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean), 0.0))
+
+
+def kid(real: np.ndarray, synthetic: np.ndarray, subsets: int = 20, subset_size: int = 100,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance formula (unbiased MMD², cubic polynomial kernel): ``(mean, std)`` over subsets."""
+    rng = np.random.default_rng(seed)
+    m = min(subset_size, len(real), len(synthetic))
+    d = real.shape[1]
+    values = []
+    for _ in range(subsets if m < max(len(real), len(synthetic)) else 1):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = synthetic[rng.choice(len(synthetic), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+        values.append(mmd)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def prdc(real: np.ndarray, synthetic: np.ndarray, k: int = 5) -> dict[str, float]:
+    """Precision, recall, density and coverage (Naeem et al. 2020) with k nearest neighbours."""
+    k = max(1, min(k, len(real) - 1, len(synthetic) - 1))
+    rr = _pairwise(real, real)
+    ss = _pairwise(synthetic, synthetic)
+    rs = _pairwise(real, synthetic)
+    r_radius = np.sort(rr, axis=1)[:, k]  # column 0 is the point itself
+    s_radius = np.sort(ss, axis=1)[:, k]
+    inside_real = rs < r_radius[:, None]  # (real i, synthetic j): j inside i's ball
+    return {
+        "precision": float(inside_real.any(axis=0).mean()),
+        "recall": float((rs < s_radius[None, :]).any(axis=1).mean()),
+        "density": float(inside_real.sum(axis=0).mean() / k),
+        "coverage": float((rs.min(axis=1) < r_radius).mean()),
+        "k": float(k),
+    }

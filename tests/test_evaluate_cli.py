@@ -1,0 +1,135 @@
+"""``fedsynth evaluate``: report + PNG from a generation folder or CSV, 2D and 3D, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedsynth.cli import main
+from fedsynth.data.manifest import read_manifest
+from fedsynth.generation import write_images
+from fedsynth.metrics import infer_config, load_real
+
+
+def _as_generated(csv: Path, out: Path, image_format: str) -> Path:
+    """Real images of ``csv`` written as ``fedsynth generate`` writes samples (with manifest.csv)."""
+    real = load_real(csv, infer_config(csv))
+    write_images(torch.from_numpy(real.images), out, image_format=image_format)
+    return out
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(["evaluate", *map(str, argv)])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_evaluate_2d_generation_folder_writes_report_and_png(mri2d: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    synthetic = _as_generated(mri2d["colin27"], tmp_path / "generated", "png")
+    report_path, png = tmp_path / "out" / "report.json", tmp_path / "out" / "report.png"
+    rc, out, err = _run(capsys, "--real", mri2d["mni152"], "--synthetic", synthetic, "-o", report_path, "--png", png)
+    assert rc == 0, err
+    assert "encoder-FID" in out and "FRD" in out
+    report = json.loads(report_path.read_text())
+    assert report["real"]["count"] == 24 and report["synthetic"]["count"] == 24
+    assert report["encoder"]["name"] == "random-conv" and "random-init" in report["encoder"]["description"]
+    assert report["radiomics"]["bin_count"] == 32 and report["radiomics"]["frd"] > 0
+    assert set(report["radiomics"]["first_order"]["Mean"]) >= {"wasserstein", "ks_statistic", "ks_pvalue"}
+    for key in ("encoder_fid", "precision", "recall", "density", "coverage"):
+        assert isinstance(report[key], float)
+    assert report["preprocessing"]["image_size"] == [32, 32]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert not list((tmp_path / "out").glob(".*tmp"))  # atomic writes leave nothing behind
+
+
+def test_evaluate_3d_csv_and_folder_without_manifest(mri3d: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    synthetic = _as_generated(mri3d["colin27"], tmp_path / "gen3d", "nii.gz")
+    rc, _, err = _run(capsys, "--real", mri3d["mni152"], "--synthetic", synthetic / "manifest.csv", "-o", tmp_path / "a.json",
+                      "--png", tmp_path / "a.png")
+    assert rc == 0, err
+    (synthetic / "manifest.csv").unlink()  # a bare folder of images works too (grid.png is skipped)
+    rc, _, err = _run(capsys, "--real", mri3d["mni152"], "--synthetic", synthetic, "-o", tmp_path / "b.json")
+    assert rc == 0, err
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    assert a["synthetic"]["count"] == b["synthetic"]["count"] == 8
+    assert a["real"]["shape"] == [1, 16, 16, 16]
+    assert a["encoder_fid"] == pytest.approx(b["encoder_fid"])
+
+
+def test_evaluate_with_autoencoder_checkpoint(mri2d: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import tiny_config
+
+    from fedsynth.data import load_datasets
+    from fedsynth.local import build_engine
+
+    config = tiny_config("autoencoder")
+    train, _ = load_datasets(config, str(mri2d["mni152"]))
+    engine = build_engine(config, None)
+    engine.fit(train, max_steps=3)
+    ckpt = engine.save(tmp_path / "ae.ckpt")
+    synthetic = _as_generated(mri2d["colin27"], tmp_path / "gen", "png")
+    rc, _, err = _run(capsys, "--real", mri2d["mni152"], "--synthetic", synthetic, "-o", tmp_path / "r.json",
+                      "--checkpoint", ckpt, "--encoder", "autoencoder", "--train", mri2d["mni152"])
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["encoder"]["name"] == "autoencoder" and str(ckpt) in report["encoder"]["description"]
+    assert 0 < report["reconstruction"]["psnr"] < 100 and -1 <= report["reconstruction"]["ssim"] <= 1
+    assert report["preprocessing"]["config"].endswith("(checkpoint)")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "text_file", "one_image", "wrong_dims", "encoder_no_ckpt",
+                                  "bad_bins", "bad_real_csv"])
+def test_evaluate_bad_inputs_fail_cleanly(case: str, mri2d: dict[str, Path], mri3d: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    real, synthetic, extra = mri2d["mni152"], mri2d["colin27"], []
+    expected = ""
+    if case == "missing":
+        synthetic, expected = tmp_path / "nope", "no such folder or CSV"
+    elif case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        synthetic, expected = tmp_path / "empty", "holds no images"
+    elif case == "text_file":
+        synthetic = tmp_path / "x.txt"
+        synthetic.write_text("hello")
+        expected = "expected a folder of images or a CSV"
+    elif case == "one_image":
+        rows = read_manifest(mri2d["colin27"])[:1]
+        synthetic = tmp_path / "one.csv"
+        synthetic.write_text(f"SubjectID,Channel_0\n{rows[0].subject_id},{rows[0].channels[0]}\n")
+        expected = "at least 2 are needed"
+    elif case == "wrong_dims":
+        synthetic, expected = mri3d["colin27"], "spatial_dims"
+    elif case == "encoder_no_ckpt":
+        extra, expected = ["--encoder", "autoencoder"], "needs --checkpoint"
+    elif case == "bad_bins":
+        extra, expected = ["--bin-count", "1"], "--bin-count"
+    elif case == "bad_real_csv":
+        real = tmp_path / "bad.csv"
+        real.write_text("Subject,File\na,b\n")
+        expected = "missing column 'SubjectID'"
+    out = tmp_path / "report.json"
+    rc, _, err = _run(capsys, "--real", real, "--synthetic", synthetic, "-o", out, *extra)
+    assert rc == 2
+    assert expected in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_png_shows_both_sets(mri2d: dict[str, Path], tmp_path: Path) -> None:
+    from fedsynth.metrics import evaluate_sets
+    from fedsynth.metrics.plots import write_png
+
+    config = infer_config(mri2d["mni152"])
+    real, other = load_real(mri2d["mni152"], config), load_real(mri2d["colin27"], config)
+    report = evaluate_sets(real, other)
+    write_png(report, real, other, tmp_path / "r.png")
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(tmp_path / "r.png")
+    assert pixels.shape[0] >= 800 and pixels.shape[1] >= 1100 and np.ptp(pixels) > 0.5
