@@ -134,3 +134,22 @@ def test_aggregation_clips_each_site_update(tmp_path: Path) -> None:
     name = next(iter(ref))
     out = fn([LocalTensor("a", big[name], 1.0)], _db(ref, {"a": big}), name, 0, ("trained",))
     assert np.abs(out - ref[name]).max() <= 1.0 + 1e-4  # the whole update has L2 norm <= 1
+
+
+@pytest.mark.parametrize("family", ["gan", "autoencoder", "diffusion"])
+def test_plan_templates_are_complete_and_pinned(family: str) -> None:
+    import yaml
+
+    from fedsynth.federated.openfl.workspace import template_dir
+
+    ws = template_dir(family)
+    plan = yaml.safe_load((ws / "plan" / "plan.yaml").read_text())
+    settings = plan["task_runner"]["settings"]
+    config = load_pinned_config(ws / settings["config_path"], settings["config_sha256"])  # raises on drift
+    assert config.family == family
+    assert plan["aggregator"]["settings"]["rounds_to_train"] == config.federation.rounds
+    assert plan["compression_pipeline"]["template"].startswith("fedsynth.")
+    for task in ("aggregated_model_validation", "train", "locally_tuned_model_validation"):
+        assert plan["tasks"][task]["aggregation_type"]["settings"]["config_sha256"] == settings["config_sha256"]
+    for name in (".workspace", "requirements.txt", "src", "plan/cols.yaml", "plan/data.yaml"):
+        assert (ws / name).exists(), f"plans/{family}/{name} is missing (fx workspace export needs it)"
