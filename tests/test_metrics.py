@@ -181,3 +181,13 @@ def test_random_conv_encoder_is_fixed_and_works_in_3d() -> None:
     a = feat.embed(feat.RandomConvEncoder(3, 1), x)
     b = feat.embed(feat.RandomConvEncoder(3, 1), x)
     assert a.shape == (3, 2 * sum(feat.RANDOM_CONV_CHANNELS)) and np.array_equal(a, b) and np.isfinite(a).all()
+
+
+def test_numpy_first_order_fallback_still_separates(mri2d: dict[str, Path], tmp_path: Path) -> None:
+    """Without pyradiomics, the FRD on numpy first-order features keeps its sanity."""
+    sets = _sets(mri2d, tmp_path, 2)
+    _, train, _ = rad.extract(sets["train"].images, 32, use_pyradiomics=False)
+    scores = {name: rad.frd(train, rad.extract(sets[name].images, 32, use_pyradiomics=False)[1])[0]
+              for name in ("heldout", "noise", "blurred", "macaque", "atlas")}
+    for bad in ("noise", "blurred", "macaque", "atlas"):
+        assert scores[bad] > 1.5 * scores["heldout"], scores
