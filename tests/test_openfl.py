@@ -157,7 +157,26 @@ def test_certificate_from_another_ca_is_refused(gan_federation: dict[str, object
         assert agg_log.count(f"Collaborator col1 is sending task results for train, round {r}") == 1
 
 
-@pytest.mark.parametrize("family", ["autoencoder", "diffusion"])
+def test_trial_command_end_to_end(mri2d: dict[str, Path], tmp_path: Path) -> None:
+    """`fedsynth federate openfl` as a user types it (its own workspace and PKI), autoencoder."""
+    from fedsynth.config import save_config
+
+    save_config(_config("autoencoder"), tmp_path / "ae.yaml")
+    sites = _sites(mri2d)
+    run = tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("fedsynth")), "federate", "openfl", "-c", str(tmp_path / "ae.yaml"),
+           "--site", f"col1={sites['col1'][0]}", "--site", f"col2={sites['col2'][0]}", "--rounds", str(ROUNDS),
+           "-o", str(run), "--timeout", str(FEDERATION_TIMEOUT)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=FEDERATION_TIMEOUT + 240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    from fedsynth.checkpoint import checkpoint_info
+
+    assert checkpoint_info(run / "last.ckpt")["round"] == ROUNDS and (run / "best.ckpt").is_file()
+    assert (run / "openfl_summary.json").is_file() and not _processes_in(run / "workspace")
+    assert len(_generate(run / "best.ckpt", tmp_path / "gen")) == 4
+
+
+@pytest.mark.parametrize("family", ["diffusion"])
 def test_other_families_federate_with_the_same_pki(family: str, gan_federation: dict[str, object],
                                                    mri2d: dict[str, Path], tmp_path: Path) -> None:
     """Fresh workspace per family from plans/, the module's certificates, fx plan initialize, 2 rounds."""

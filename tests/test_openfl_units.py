@@ -153,3 +153,14 @@ def test_plan_templates_are_complete_and_pinned(family: str) -> None:
         assert plan["tasks"][task]["aggregation_type"]["settings"]["config_sha256"] == settings["config_sha256"]
     for name in (".workspace", "requirements.txt", "src", "plan/cols.yaml", "plan/data.yaml"):
         assert (ws / name).exists(), f"plans/{family}/{name} is missing (fx workspace export needs it)"
+
+
+def test_trial_command_rejects_bad_input_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsynth.cli import main
+
+    save_config(tiny_config("gan"), tmp_path / "gan.yaml")
+    rc = main(["federate", "openfl", "-c", str(tmp_path / "gan.yaml"), "--site", f"col1={tmp_path / 'missing.csv'}",
+               "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "CSV not found" in err and "missing.csv" in err
+    assert not (tmp_path / "run").exists()
