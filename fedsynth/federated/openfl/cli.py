@@ -48,8 +48,12 @@ def run_openfl_command(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     result = run_trial(config, parse_sites(args.site), Path(args.output), rounds=args.rounds, timeout=args.timeout)
+    for row in result.rounds_metrics:
+        shown = {k.split("/")[-2] + "/" + k.split("/")[-1]: v for k, v in row.items()
+                 if k.startswith("aggregator/") and k.rsplit("/", 1)[-1] in ("score", "train_loss")}
+        print(f"round {row.get('round_number')}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     for which, path in result.checkpoints.items():
         print(f"{which}: {path}")
-    print(f"workspace: {result.workspace}")
+    print(f"workspace: {result.workspace} (per-round metrics: logs/aggregator_metrics.txt, logs/<site>_metrics.txt)")
     print("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     return 0

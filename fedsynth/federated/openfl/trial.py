@@ -43,6 +43,7 @@ class TrialResult:
     workspace: Path
     checkpoints: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    rounds_metrics: list[dict[str, float]] = field(default_factory=list)  # OpenFL's aggregated metrics per round
 
 
 def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, ...] | None = None,
@@ -125,9 +126,13 @@ def run_trial(config: ExperimentConfig, sites: Mapping[str, tuple[Path, Path | N
     budget = timeout if timeout is not None else config.federation.round_timeout_s * config.federation.rounds + 300
     result.timings.update(run_federation(ws, timeout=budget))
     result.checkpoints = export_run(ws, run_dir)
+    metrics_log = ws.logs / "aggregator_metrics.txt"
+    if metrics_log.is_file():
+        result.rounds_metrics = [json.loads(x) for x in metrics_log.read_text().splitlines() if x.strip()]
     from fedsynth.io import atomic_write_text
 
     atomic_write_text(run_dir / "openfl_summary.json", json.dumps({
         "workspace": str(ws.path), "collaborators": list(ws.collaborators), "rounds": config.federation.rounds,
-        "checkpoints": {k: str(v) for k, v in result.checkpoints.items()}, "timings": result.timings}, indent=2))
+        "checkpoints": {k: str(v) for k, v in result.checkpoints.items()}, "timings": result.timings,
+        "rounds_metrics": result.rounds_metrics}, indent=2))
     return result
