@@ -70,8 +70,12 @@ class ProcessGroup:
     def start(self, name: str, cmd: Sequence[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> Managed:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
-            popen = subprocess.Popen(list(cmd), cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+            try:
+                popen = subprocess.Popen(list(cmd), cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **(env or {})}, start_new_session=True)
+            except FileNotFoundError:
+                raise ProcessFailed(f"cannot start {name}: command not found: {cmd[0]} "
+                                    "(install OpenFL with `pip install 'fedsynth[federated]'`)") from None
         managed = Managed(name, popen, log)
         self.procs.append(managed)
         return managed
