@@ -63,7 +63,7 @@ def _batches(train, batch: int, count: int):
 
 def _step_time(engine, batch) -> float:
     start = time.perf_counter()
-    engine.model.training_step(batch, engine.optimizers)
+    engine.train_step(batch)
     return time.perf_counter() - start
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +26,7 @@ from fedsynth.data.dataset import ImageDataset, make_loader
 from fedsynth.data.images import save_image
 from fedsynth.errors import CheckpointError, WeightsError
 from fedsynth.generation import image_grid, sample
-from fedsynth.models.base import SynthesisModel
+from fedsynth.models.base import Batch, SynthesisModel
 
 LAST = "last.ckpt"
 BEST = "best.ckpt"
@@ -55,6 +55,9 @@ class PrivacyPlugin(Protocol):
 
     def report(self) -> dict[str, float]:
         """Metrics to log (e.g. ``{"epsilon": 1.2}``)."""
+
+    def wrap_training_step(self, model: SynthesisModel) -> Callable[[Batch, Mapping[str, torch.optim.Optimizer]], dict[str, float]]:
+        """The training step to call once the model is private (bookkeeping around ``model.training_step``)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -89,6 +92,7 @@ class Engine:
         self.state = TrainingState()
         self.optimizers = model.configure_optimizers(config.training)
         self._private_loader: DataLoader | None = None
+        self._training_step = model.training_step
         self._tb: Any = None
         if dist.world_size > 1:
             self._wrap_ddp()
@@ -115,6 +119,7 @@ class Engine:
         if self.privacy is not None:
             if self._private_loader is None or self._private_loader.dataset is not dataset:
                 self.optimizers, self._private_loader = self.privacy.make_private(self.model, self.optimizers, loader)
+                self._training_step = self.privacy.wrap_training_step(self.model)
             loader = self._private_loader
         return loader
 
@@ -163,9 +168,7 @@ class Engine:
                 break
             if self.privacy is not None and (stop := self.privacy.can_step()) is not None:
                 break
-            batch = batch.to(self.device)
-            with autocast:
-                out = self.model.training_step(batch, self.optimizers)
+            out = self.train_step(batch, autocast)
             self.state.step += 1
             steps += 1
             images += len(batch)
@@ -181,6 +184,14 @@ class Engine:
         metrics["images_per_s"] = images * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
         metrics["steps"] = float(steps)
         return metrics, stop
+
+    def train_step(self, batch: Batch, autocast: Any = None) -> dict[str, float]:
+        """One optimisation step exactly as the loop takes it (private when DP is on)."""
+        batch = batch.to(self.device)
+        if autocast is None:
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.training.precision == "bf16")
+        with autocast:
+            return self._training_step(batch, self.optimizers)
 
     def _progress(self, loader: DataLoader, epoch: int) -> Any:
         if not (self.dist.is_main and self.config.training.progress):

@@ -68,7 +68,7 @@ def test_clipped_per_example_gradients_within_bound(mri2d) -> None:
         opt.noise_multiplier = 0.0
     images = next(iter(make_loader(train, 4, shuffle=False, seed=0))).images
     for i in range(len(images)):
-        engine.model.training_step(Batch(images[i:i + 1]), opts)
+        engine.train_step(Batch(images[i:i + 1]))
         per_group = {g: math.sqrt(sum(float((p.grad * opt.expected_batch_size).pow(2).sum()) for p in opt.params))
                      for g, opt in opts.items()}
         joint = math.sqrt(sum(v**2 for v in per_group.values()))
@@ -103,12 +103,12 @@ def test_empty_poisson_batch_is_a_noise_only_accounted_step(mri2d) -> None:
     model, opts = engine.model, engine.optimizers
     before = model.get_weights(["unet"])
     empty = Batch(torch.zeros(0, 1, 32, 32))
-    assert model.training_step(empty, opts) == {}
+    assert engine.train_step(empty) == {}
     assert engine.privacy.ledger.steps == 1
     after = model.get_weights(["unet"])
     assert any(not np.array_equal(before[k], after[k]) for k in before), "an empty batch must still add noise"
     images = next(iter(make_loader(train, 3, shuffle=False, seed=0))).images
-    out = model.training_step(Batch(images), opts)  # the step after an empty one works
+    out = engine.train_step(Batch(images))  # the step after an empty one works
     assert math.isfinite(out["loss"]) and engine.privacy.ledger.steps == 2
     collate = engine._private_loader.collate_fn
     assert len(collate([])) == 0
@@ -217,11 +217,11 @@ def test_conditional_dp_gan_generator_step_ignores_the_real_batch(mri2d) -> None
     model, opts = engine.model, engine.optimizers
     assert model.private_fake_batch == cfg.training.batch_size
     g_before, d_before = model.get_weights(["generator"]), model.get_weights(["discriminator"])
-    out = model.training_step(Batch(torch.zeros(0, 1, 32, 32), torch.zeros(0, dtype=torch.long)), opts)
+    out = engine.train_step(Batch(torch.zeros(0, 1, 32, 32), torch.zeros(0, dtype=torch.long)))
     assert set(out) == {"g_loss"} and engine.privacy.ledger.steps == 1
     g_after, d_after = model.get_weights(["generator"]), model.get_weights(["discriminator"])
     assert any(not np.array_equal(g_before[k], g_after[k]) for k in g_before)
     assert any(not np.array_equal(d_before[k], d_after[k]) for k in d_before)  # noise-only D step
     batch = next(iter(make_loader(train, 3, shuffle=False, seed=0)))
-    out = model.training_step(batch, opts)
+    out = engine.train_step(batch)
     assert math.isfinite(out["d_loss"]) and math.isfinite(out["g_loss"]) and engine.privacy.ledger.steps == 2

@@ -206,7 +206,7 @@ class OpacusPrivacy:
             dp.attach_step_hook(self._release_hook(group))
             self._dp_optimizers[group] = dp
             out[group] = dp
-        self._install_step(model)
+        self._model = model
         self._check_keys(model)
         if hasattr(model, "private_fake_batch") and "generator" not in self.groups:
             model.private_fake_batch = expected  # GAN: generator step independent of the real batch
@@ -259,10 +259,9 @@ class OpacusPrivacy:
 
         return hook
 
-    def _install_step(self, model: SynthesisModel) -> None:
-        """Route the engine's ``model.training_step`` through the per-batch bookkeeping (once)."""
-        if getattr(model, "_private_step_installed", False):
-            return
+    def wrap_training_step(self, model: SynthesisModel) -> Callable[[Batch, Mapping[str, torch.optim.Optimizer]], dict[str, float]]:
+        """The step the engine calls under DP: ``model.training_step`` plus the per-batch bookkeeping
+        (one accounted mechanism per batch, noise-only steps on empty Poisson batches)."""
         plain_step = model.training_step
 
         def private_step(batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
@@ -276,9 +275,7 @@ class OpacusPrivacy:
                     assert self.noise_multiplier is not None and self.sample_rate is not None
                     self.ledger.step(self.noise_multiplier, self.sample_rate)
 
-        model.training_step = private_step  # type: ignore[method-assign]
-        model._private_step_installed = True  # type: ignore[attr-defined]
-        self._model = model
+        return private_step
 
     def _noise_only_step(self, model: SynthesisModel, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
         """An empty Poisson batch: every private group takes a zero-gradient, noised step (accounted);
