@@ -189,7 +189,8 @@ def _flower(config, data: dict[str, Path], rounds: int, work: Path) -> tuple[Any
     config.federation.local_epochs = 1
     config.federation.min_sites = 2
     save_config(config, work / "federated.yaml")
-    cmd = [sys.executable, "-m", "fedsynth.cli", "federate", "flower", "-c", str(work / "federated.yaml"),
+    # not ``python -m fedsynth.cli``: as __main__ it is a second module whose command table the extensions never fill
+    cmd = [sys.executable, "-c", "import sys; from fedsynth.cli import main; sys.exit(main())", "federate", "flower", "-c", str(work / "federated.yaml"),
            "--site", f"site1={data['mni152']}", "--site", f"site2={data['colin27']}", "-o", str(work / "flower"),
            "--no-evaluate", "--timeout", "1500"]
     t0 = time.perf_counter()
