@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 
 from fedsynth.config import AutoencoderConfig, ExperimentConfig
-from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
-from fedsynth.models.gan import _NoParamGrad
+from fedsynth.models.base import Batch, FrozenParameters, GroupSpec, SynthesisModel, to_data_range, to_model_range
 
 
 class AutoencoderModel(SynthesisModel):
@@ -114,7 +113,7 @@ class AutoencoderModel(SynthesisModel):
         use_adv = "discriminator" in self.nets
         # D only scores the reconstruction here: its parameters get no gradient and, under DP,
         # its per-sample hooks are off (forward and backward), as in the GAN's generator step.
-        frozen = _NoParamGrad(self.net("discriminator")) if use_adv else contextlib.nullcontext()
+        frozen = FrozenParameters(self.net("discriminator")) if use_adv else contextlib.nullcontext()
         with frozen:
             if use_adv:
                 logits = self.plain_net("discriminator")(recon)[-1]

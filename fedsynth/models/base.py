@@ -228,6 +228,29 @@ class SynthesisModel(nn.Module):
         return labels
 
 
+class FrozenParameters:
+    """Temporarily switch off ``requires_grad`` on a module's parameters (inputs still get gradients)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.saved: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [(p, p.requires_grad) for p in self.module.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(False)
+        hooks = getattr(self.module, "disable_hooks", None)  # Opacus GradSampleModule
+        if callable(hooks):
+            hooks()
+
+    def __exit__(self, *exc: object) -> None:
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+        hooks = getattr(self.module, "enable_hooks", None)
+        if callable(hooks):
+            hooks()
+
+
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """Map data-range images ([0, 1]) to the networks' range ([-1, 1])."""
     return images * 2.0 - 1.0

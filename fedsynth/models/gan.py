@@ -19,7 +19,7 @@ from monai.networks.nets import Discriminator, Generator
 from torch import nn
 
 from fedsynth.config import ExperimentConfig, GanConfig
-from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.models.base import Batch, FrozenParameters, GroupSpec, SynthesisModel, to_data_range, to_model_range
 
 
 def _levels(image_size: tuple[int, ...]) -> int:
@@ -176,9 +176,9 @@ class GanModel(SynthesisModel):
         optimizers["discriminator"].zero_grad(set_to_none=True)
         return float(g_loss.detach())
 
-    def discriminator_frozen(self):  # noqa: ANN201 - context manager
+    def discriminator_frozen(self) -> FrozenParameters:
         """Context in which D computes no parameter gradients (and no per-sample gradients under DP)."""
-        return _NoParamGrad(self.net("discriminator"))
+        return FrozenParameters(self.net("discriminator"))
 
     @torch.no_grad()
     def validation_step(self, batch: Batch) -> dict[str, float]:
@@ -197,26 +197,3 @@ class GanModel(SynthesisModel):
         labels = self.check_labels(labels, num_images)
         z = torch.randn(num_images, self.cfg.latent_dim, generator=generator, device=generator.device).to(self.device)
         return to_data_range(self.plain_net("generator")(z, labels))
-
-
-class _NoParamGrad:
-    """Temporarily switch off ``requires_grad`` on a module's parameters (inputs still get gradients)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.saved: list[tuple[nn.Parameter, bool]] = []
-
-    def __enter__(self) -> None:
-        self.saved = [(p, p.requires_grad) for p in self.module.parameters()]
-        for p, _ in self.saved:
-            p.requires_grad_(False)
-        hooks = getattr(self.module, "disable_hooks", None)  # Opacus GradSampleModule
-        if callable(hooks):
-            hooks()
-
-    def __exit__(self, *exc: object) -> None:
-        for p, flag in self.saved:
-            p.requires_grad_(flag)
-        hooks = getattr(self.module, "enable_hooks", None)
-        if callable(hooks):
-            hooks()
