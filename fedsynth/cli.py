@@ -172,4 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fedsynth.cli` runs this file as __main__; use the imported module so that
+    # extensions register their commands in the same table.
+    from fedsynth.cli import main as _main
+
+    sys.exit(_main())
