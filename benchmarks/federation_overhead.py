@@ -96,9 +96,9 @@ def main() -> int:
         done = LocalFederation(TrialRequest(work / "cfg.yaml", sites, work / "flower", evaluate=False,
                                             timeout_s=3600)).run()
         flower_s = time.perf_counter() - t0
-        events = [json.loads(x) for x in (work / "flower" / "server" / "progress.jsonl").read_text().splitlines()]
+        events = [json.loads(x) for x in (work / "flower" / "server" / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
         rounds_s = sum(e["seconds"] for e in events if e["event"] == "round_end")
-        received = [json.loads(x) for x in (work / "flower" / "server" / "received.jsonl").read_text().splitlines()]
+        received = [json.loads(x) for x in (work / "flower" / "server" / "received.jsonl").read_text(encoding="utf-8").splitlines()]
 
         seq_s = _sequential(_config(args.quick), sites, work / "sequential")
         sizes = _bytes_per_site(_config(args.quick))

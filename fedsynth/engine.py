@@ -241,7 +241,7 @@ class Engine:
         path = self.run_dir / "metrics.csv"
         rows: list[dict[str, Any]] = []
         if path.exists():
-            with path.open(newline="") as fh:
+            with path.open(newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
         rows = [r for r in rows if int(r["epoch"]) < row["epoch"]] + [row]  # resume overwrites the tail
         fields: list[str] = []
@@ -249,7 +249,7 @@ class Engine:
             fields += [k for k in r if k not in fields]
         from fedsynth.io import atomic_path
 
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)

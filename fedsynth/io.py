@@ -37,4 +37,4 @@ def atomic_write(target: Path, writer: Callable[[Path], None]) -> None:
 def atomic_write_text(target: Path, text: str) -> None:
     """Write ``text`` to ``target`` atomically."""
     with atomic_path(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")

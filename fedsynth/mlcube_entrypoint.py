@@ -63,7 +63,7 @@ def task_options(task: str, parameters_file: str | Path) -> list[str]:
         raise FedsynthError(f"parameters file not found: {path} (MLCube parameter 'parameters'; "
                             "an empty file or '{}' means no extra options)")
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise FedsynthError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(doc, dict):

@@ -17,7 +17,7 @@ def test_benchmark_suite_quick(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "-o", str(out)],
                           capture_output=True, text=True, timeout=580, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert "Command: `python benchmarks/run.py --quick" in text and "Machine:" in text
     for section in ("Engine step vs hand-written PyTorch loop", "sampling", "Federated vs centralized vs single-site",
                     "DP overhead"):

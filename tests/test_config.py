@@ -14,7 +14,7 @@ from fedsynth.errors import ConfigError
 
 def _write(tmp_path: Path, data: object, name: str = "cfg.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
     return path
 
 
@@ -55,7 +55,7 @@ def test_init_config_round_trips(tmp_path: Path, family: str, spatial_dims: int)
     out = tmp_path / "cfg.yaml"
     assert main(["init-config", "--family", family, "--spatial-dims", str(spatial_dims), "--image-size", "32",
                  "--num-classes", "0" if family == "autoencoder" else "2", "-o", str(out)]) == 0
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert "#" in text  # commented
     cfg = load_config(out)
     assert cfg.family == family and cfg.spatial_dims == spatial_dims and cfg.image_size == [32] * spatial_dims
@@ -69,7 +69,7 @@ def test_render_yaml_is_exact(tmp_path: Path) -> None:
 def test_cli_reports_config_error_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _write(tmp_path, {"training": {"epocs": 3}})
     csv = tmp_path / "d.csv"
-    csv.write_text("SubjectID,Channel_0\n")
+    csv.write_text("SubjectID,Channel_0\n", encoding="utf-8")
     assert main(["train", "-c", str(cfg), "--data", str(csv), "-o", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "training.epocs" in err and "Traceback" not in err

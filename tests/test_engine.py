@@ -24,7 +24,7 @@ from fedsynth.local import TrainRequest, build_engine, run_training
 
 def _write_config(tmp_path: Path, cfg) -> Path:
     path = tmp_path / "cfg.yaml"
-    path.write_text(render_yaml(cfg))
+    path.write_text(render_yaml(cfg), encoding="utf-8")
     return path
 
 
@@ -93,7 +93,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, mri2d:
     a, b = full.model.get_weights(), resumed.model.get_weights()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert len((tmp_path / "part" / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs, no duplicates
+    assert len((tmp_path / "part" / "metrics.csv").read_text(encoding="utf-8").splitlines()) == 4  # header + 3 epochs, no duplicates
 
 
 TRAIN_CASES = [("gan", 2, 0), ("gan", 3, 0), ("autoencoder", 2, 0), ("autoencoder", 3, 0), ("diffusion", 2, 0), ("diffusion", 3, 0)]
@@ -165,4 +165,4 @@ def test_ddp_two_cpu_processes(tmp_path: Path, mri2d: dict[str, Path]) -> None:
     n = len(read_manifest(mri2d["mni152"]))
     assert payload["step"] == -(-n // 2 // 8)  # each rank sees half the data: ceil(n/2/batch) steps
     # only rank 0 wrote: one metrics row
-    assert len((run / "metrics.csv").read_text().splitlines()) == 2
+    assert len((run / "metrics.csv").read_text(encoding="utf-8").splitlines()) == 2

@@ -35,7 +35,7 @@ def test_evaluate_2d_generation_folder_writes_report_and_png(mri2d: dict[str, Pa
     rc, out, err = _run(capsys, "--real", mri2d["mni152"], "--synthetic", synthetic, "-o", report_path, "--png", png)
     assert rc == 0, err
     assert "encoder-FID" in out and "FRD" in out
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["real"]["count"] == 24 and report["synthetic"]["count"] == 24
     assert report["encoder"]["name"] == "random-conv" and "random-init" in report["encoder"]["description"]
     assert report["radiomics"]["bin_count"] == 32 and report["radiomics"]["frd"] > 0
@@ -56,7 +56,7 @@ def test_evaluate_3d_csv_and_folder_without_manifest(mri3d: dict[str, Path], tmp
     (synthetic / "manifest.csv").unlink()  # a bare folder of images works too (grid.png is skipped)
     rc, _, err = _run(capsys, "--real", mri3d["mni152"], "--synthetic", synthetic, "-o", tmp_path / "b.json")
     assert rc == 0, err
-    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    a, b = json.loads((tmp_path / "a.json").read_text(encoding="utf-8")), json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))
     assert a["synthetic"]["count"] == b["synthetic"]["count"] == 8
     assert a["real"]["shape"] == [1, 16, 16, 16]
     assert a["encoder_fid"] == pytest.approx(b["encoder_fid"])
@@ -78,7 +78,7 @@ def test_evaluate_with_autoencoder_checkpoint(mri2d: dict[str, Path], tmp_path: 
     rc, _, err = _run(capsys, "--real", mri2d["mni152"], "--synthetic", synthetic, "-o", tmp_path / "r.json",
                       "--checkpoint", ckpt, "--encoder", "autoencoder", "--train", mri2d["mni152"])
     assert rc == 0, err
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert report["encoder"]["name"] == "autoencoder" and str(ckpt) in report["encoder"]["description"]
     assert 0 < report["reconstruction"]["psnr"] < 100 and -1 <= report["reconstruction"]["ssim"] <= 1
     assert report["preprocessing"]["config"].endswith("(checkpoint)")
@@ -97,12 +97,12 @@ def test_evaluate_bad_inputs_fail_cleanly(case: str, mri2d: dict[str, Path], mri
         synthetic, expected = tmp_path / "empty", "holds no images"
     elif case == "text_file":
         synthetic = tmp_path / "x.txt"
-        synthetic.write_text("hello")
+        synthetic.write_text("hello", encoding="utf-8")
         expected = "expected a folder of images or a CSV"
     elif case == "one_image":
         rows = read_manifest(mri2d["colin27"])[:1]
         synthetic = tmp_path / "one.csv"
-        synthetic.write_text(f"SubjectID,Channel_0\n{rows[0].subject_id},{rows[0].channels[0]}\n")
+        synthetic.write_text(f"SubjectID,Channel_0\n{rows[0].subject_id},{rows[0].channels[0]}\n", encoding="utf-8")
         expected = "at least 2 are needed"
     elif case == "wrong_dims":
         synthetic, expected = mri3d["colin27"], "spatial_dims"
@@ -112,7 +112,7 @@ def test_evaluate_bad_inputs_fail_cleanly(case: str, mri2d: dict[str, Path], mri
         extra, expected = ["--bin-count", "1"], "--bin-count"
     elif case == "bad_real_csv":
         real = tmp_path / "bad.csv"
-        real.write_text("Subject,File\na,b\n")
+        real.write_text("Subject,File\na,b\n", encoding="utf-8")
         expected = "missing column 'SubjectID'"
     out = tmp_path / "report.json"
     rc, _, err = _run(capsys, "--real", real, "--synthetic", synthetic, "-o", out, *extra)

@@ -46,7 +46,7 @@ def test_site_config_resolves_relative_paths(tmp_path: Path) -> None:
                                                                     state_dir=Path("state")))
     cfg = load_site_config(path)
     assert cfg.train_csv == tmp_path / "train.csv" and cfg.state_dir == tmp_path / "state" and cfg.val_csv is None
-    (tmp_path / "bad.yaml").write_text("site_id: s\ntrain_csv: a.csv\nstate_dir: s\ntrian: typo\n")
+    (tmp_path / "bad.yaml").write_text("site_id: s\ntrain_csv: a.csv\nstate_dir: s\ntrian: typo\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_site_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="not found"):

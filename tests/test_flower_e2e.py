@@ -63,11 +63,11 @@ def _assert_no_orphans(fed: LocalFederation) -> None:
 
 
 def _events(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "server" / "progress.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "server" / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def _received(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "server" / "received.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "server" / "received.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def _generates(ckpt: Path, out: Path) -> None:
@@ -134,7 +134,7 @@ def test_diffusion_survives_a_killed_site(tmp_path: Path, certs: Path, mri2d: di
     _assert_no_orphans(fed)
     run = Path(request.run_dir)
     assert killed and done["round"] == 3
-    history = json.loads((run / "global" / "history.json").read_text())
+    history = json.loads((run / "global" / "history.json").read_text(encoding="utf-8"))
     assert [sorted(h["accepted"]) for h in history] == [["site1", "site2"], ["site1", "site2"], ["site1"]]
     assert checkpoint_info(run / "global" / "last.ckpt")["round"] == 3
     _generates(run / "global" / "last.ckpt", tmp_path / "samples")

@@ -52,7 +52,7 @@ def _effective_config(workspace: Path):
 
 
 def _dockerfile_entrypoint() -> list[str]:
-    match = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", (CUBE / "Dockerfile").read_text(), re.M)
+    match = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", (CUBE / "Dockerfile").read_text(encoding="utf-8"), re.M)
     assert match, "mlcube/Dockerfile has no exec-form ENTRYPOINT"
     return json.loads(match.group(1))
 
@@ -146,7 +146,7 @@ def test_train_and_generate_tasks_write_their_declared_outputs(trained_workspace
     from fedsynth.checkpoint import checkpoint_info
 
     assert checkpoint_info(workspace / "run" / "last.ckpt")["epoch"] == 1  # example parameters: epochs 1
-    params = yaml.safe_load((workspace / "parameters.yaml").read_text())
+    params = yaml.safe_load((workspace / "parameters.yaml").read_text(encoding="utf-8"))
     images = sorted((workspace / "generated").glob("synthetic_*.png"))
     assert len(images) == params["generate"]["num_images"]
 
@@ -158,7 +158,7 @@ def test_evaluate_task_writes_report(trained_workspace, tmp_path: Path) -> None:
     proc = run_in_container_view("evaluate", workspace, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _assert_outputs("evaluate", workspace)
-    report = json.loads((workspace / "report" / "report.json").read_text())
+    report = json.loads((workspace / "report" / "report.json").read_text(encoding="utf-8"))
     assert isinstance(report, dict) and report
 
 
@@ -174,18 +174,18 @@ def _entry(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 def test_entrypoint_errors_name_the_parameter_file_and_value(tmp_path: Path, capsys) -> None:
     params = tmp_path / "parameters.yaml"
-    params.write_text("train: {epochs: 1}\n")
+    params.write_text("train: {epochs: 1}\n", encoding="utf-8")
     code, err = _entry(capsys, "train", f"--config={EXAMPLE / 'config.yaml'}", f"--data={tmp_path / 'nope.csv'}",
                        f"--parameters={params}", f"--run={tmp_path / 'run'}")
     assert code == 2 and "parameter 'data'" in err and "nope.csv" in err and "Traceback" not in err
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: {epoch: 1}\n")
+    bad.write_text("train: {epoch: 1}\n", encoding="utf-8")
     code, err = _entry(capsys, "train", f"--config={EXAMPLE / 'config.yaml'}", f"--data={EXAMPLE / 'data' / 'train.csv'}",
                        f"--parameters={bad}", f"--run={tmp_path / 'run'}")
     assert code == 2 and str(bad) in err and "'epoch'" in err and "epochs" in err
 
-    bad.write_text("evaluate: {train: ../elsewhere.csv}\n")
+    bad.write_text("evaluate: {train: ../elsewhere.csv}\n", encoding="utf-8")
     code, err = _entry(capsys, "evaluate", f"--real={EXAMPLE / 'data' / 'real.csv'}", f"--synthetic={tmp_path}",
                        f"--parameters={bad}", f"--report={tmp_path / 'r.json'}", f"--report_png={tmp_path / 'r.png'}")
     assert code == 2 and ("names a path" in err or "no 'fedsynth evaluate'" in err)
@@ -207,10 +207,10 @@ def test_data_outside_the_mounted_folder_is_reported(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(EXAMPLE / "data" / "images" / "train_mni152" / "mni152_slice000.nii.gz", tmp_path / "outside.nii.gz")
-    (data / "train.csv").write_text("SubjectID,Channel_0\ns1,../gone/outside.nii.gz\n")
+    (data / "train.csv").write_text("SubjectID,Channel_0\ns1,../gone/outside.nii.gz\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"train\.csv, row 1.*relative to the CSV"):
         resolve_manifest(data / "train.csv", "data", tmp_path)
-    (data / "other.csv").write_text("SubjectID,Channel_0\n")
+    (data / "other.csv").write_text("SubjectID,Channel_0\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"several CSVs.*other\.csv.*train\.csv"):
         resolve_manifest(data, "data", tmp_path)
 
@@ -241,7 +241,7 @@ def test_example_workspace_is_small_real_and_relocatable() -> None:
     load_config(EXAMPLE / "config.yaml")
     for name in ("train.csv", "real.csv"):
         csv = EXAMPLE / "data" / name
-        for row in csv.read_text().splitlines()[1:]:
+        for row in csv.read_text(encoding="utf-8").splitlines()[1:]:
             assert not Path(row.split(",")[1]).is_absolute() and ".." not in row, f"{csv}: {row}"
         records = read_manifest(csv)
         assert len(records) >= 8
@@ -251,8 +251,8 @@ def test_example_workspace_is_small_real_and_relocatable() -> None:
 
 
 def test_dockerfile_installs_like_the_readme() -> None:
-    text = (CUBE / "Dockerfile").read_text()
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    text = (CUBE / "Dockerfile").read_text(encoding="utf-8")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch=="))
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M), "CPU build must be the default"
     python = re.search(r"^ARG PYTHON_IMAGE=python:(\d+\.\d+)", text, re.M)
@@ -264,7 +264,7 @@ def test_dockerfile_installs_like_the_readme() -> None:
     assert extras, runs[1]
     assert set(extras.group(1).split(",")) <= set(pyproject["project"]["optional-dependencies"])
     assert not any("torchvision" in line for line in text.splitlines() if not line.startswith("#"))
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     # the README's order: the pinned torch first, then the package (editable there, a wheel in the image)
     assert re.search(rf"pip install {re.escape(torch_pin)}\b.*?pip install (-e )?\"?\.", readme, re.S), \
         "README no longer installs the torch pin before the package: update mlcube/Dockerfile to match"
@@ -273,5 +273,5 @@ def test_dockerfile_installs_like_the_readme() -> None:
             assert (ROOT / item).exists(), f"Dockerfile copies {item}, which the repository lacks"
     module = _dockerfile_entrypoint()[-1]
     assert _dockerfile_entrypoint()[:2] == ["python", "-m"] and (ROOT / (module.replace(".", "/") + ".py")).is_file()
-    ignore = (CUBE / "Dockerfile.dockerignore").read_text().splitlines()
+    ignore = (CUBE / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
     assert ignore[next(i for i, line in enumerate(ignore) if not line.startswith("#"))] == "*"

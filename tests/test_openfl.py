@@ -67,9 +67,9 @@ def gan_federation(mri2d: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     t0 = time.monotonic()
     set_up_pki_and_plan(ws)
     # certified by the federation's CA, then dropped from cols.yaml: must be refused by name
-    (ws.path / "plan" / "data.yaml").open("a").write(f"intruder,{mri2d['mni152']}\n")
+    (ws.path / "plan" / "data.yaml").open("a", encoding="utf-8").write(f"intruder,{mri2d['mni152']}\n")
     certify_collaborator(ws, "intruder")
-    (ws.path / "plan" / "cols.yaml").write_text(yaml.safe_dump({"collaborators": ["col1", "col2"]}))
+    (ws.path / "plan" / "cols.yaml").write_text(yaml.safe_dump({"collaborators": ["col1", "col2"]}), encoding="utf-8")
     # impersonates col1 with a certificate from another CA (trusting the real chain to reach the server)
     rogue = Workspace(root / "rogue", ("col1",))
     shutil.copytree(ws.path / "plan", rogue.path / "plan")
@@ -92,14 +92,14 @@ def gan_federation(mri2d: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 def test_gan_federation_end_to_end(gan_federation: dict[str, object], tmp_path: Path) -> None:
     ws: Workspace = gan_federation["ws"]  # type: ignore[assignment]
-    agg_log = (ws.logs / "aggregator.log").read_text()
+    agg_log = (ws.logs / "aggregator.log").read_text(encoding="utf-8")
     assert "listening on 127.0.0.1:" in agg_log
     for r in range(ROUNDS):
         assert f"Saving round {r} model" in agg_log
     for name in ("col1", "col2"):
-        assert f"Round: {ROUNDS - 1} Received Tasks" in (ws.logs / f"collaborator_{name}.log").read_text()
+        assert f"Round: {ROUNDS - 1} Received Tasks" in (ws.logs / f"collaborator_{name}.log").read_text(encoding="utf-8")
     # `fx plan initialize` produced the initial model from our task runner (shared groups only)
-    assert "Saving model state to save/init.pbuf" in (ws.logs / "fx_plan_initialize.log").read_text()
+    assert "Saving model state to save/init.pbuf" in (ws.logs / "fx_plan_initialize.log").read_text(encoding="utf-8")
     names = _pbuf_names(ws.path / "save" / "init.pbuf")
     assert names and all(n.startswith("generator/") for n in names)
     checkpoints: dict[str, Path] = gan_federation["checkpoints"]  # type: ignore[assignment]
@@ -127,7 +127,7 @@ def test_local_group_never_reaches_the_aggregator(gan_federation: dict[str, obje
 
 def test_collaborator_not_in_cols_yaml_is_refused(gan_federation: dict[str, object]) -> None:
     ws: Workspace = gan_federation["ws"]  # type: ignore[assignment]
-    log = (ws.logs / "intruder.log").read_text()
+    log = (ws.logs / "intruder.log").read_text(encoding="utf-8")
     assert "Received Tasks" not in log
     assert "StatusCode.UNAUTHENTICATED" in log  # valid certificate, but the aggregator refuses the name
 
@@ -149,10 +149,10 @@ def test_certificate_from_another_ca_is_refused(gan_federation: dict[str, object
     signing_ca = ws.path / "cert" / "ca" / "signing-ca.crt"
     assert _signed_by(ws.path / "cert" / "client" / "col_col1.crt", signing_ca)
     assert not _signed_by(ws.path.parent / "rogue" / "cert" / "client" / "col_col1.crt", signing_ca)
-    log = (ws.logs / "forger.log").read_text()
+    log = (ws.logs / "forger.log").read_text(encoding="utf-8")
     assert "Received Tasks" not in log
     assert log.count("StatusCode.UNAVAILABLE") >= 2  # every TLS handshake is rejected; it keeps retrying
-    agg_log = (ws.logs / "aggregator.log").read_text()
+    agg_log = (ws.logs / "aggregator.log").read_text(encoding="utf-8")
     for r in range(ROUNDS):  # only the genuine col1 ever delivered results
         assert agg_log.count(f"Collaborator col1 is sending task results for train, round {r}") == 1
 
@@ -194,7 +194,7 @@ def _workspace_with_module_pki(tmp_path: Path, family: str, sites: dict[str, tup
     ws = create_workspace(tmp_path / "ws", _config(family), sites, agg_port=free_port())
     shutil.rmtree(ws.path / "cert")
     shutil.copytree(gan_federation["pki_root"], ws.path / "cert")  # type: ignore[arg-type]
-    ws.path.joinpath("plan", "cols.yaml").write_text(yaml.safe_dump({"collaborators": list(ws.collaborators)}))
+    ws.path.joinpath("plan", "cols.yaml").write_text(yaml.safe_dump({"collaborators": list(ws.collaborators)}), encoding="utf-8")
     ws.fx("plan", "initialize", "-a", LOCAL_AGGREGATOR_NAME)
     return ws
 
@@ -202,7 +202,7 @@ def _workspace_with_module_pki(tmp_path: Path, family: str, sites: dict[str, tup
 def test_a_failing_collaborator_is_named_and_every_process_stopped(gan_federation: dict[str, object],
                                                                    mri2d: dict[str, Path], tmp_path: Path) -> None:
     broken = tmp_path / "broken.csv"
-    broken.write_text("SubjectID,Channel_0\nghost," + str(tmp_path / "missing.nii.gz") + "\n")
+    broken.write_text("SubjectID,Channel_0\nghost," + str(tmp_path / "missing.nii.gz") + "\n", encoding="utf-8")
     ws = _workspace_with_module_pki(tmp_path, "gan", {"col1": (mri2d["mni152"], None), "col2": (broken, None)},
                                     gan_federation)
     started = time.monotonic()

@@ -111,8 +111,8 @@ def test_data_loader_reads_train_and_optional_val_csv(tmp_path: Path) -> None:
     from fedsynth.federated.openfl.data import FedsynthDataLoader
 
     train, val = tmp_path / "t.csv", tmp_path / "v.csv"
-    train.write_text("SubjectID,Channel_0\n")
-    val.write_text("SubjectID,Channel_0\n")
+    train.write_text("SubjectID,Channel_0\n", encoding="utf-8")
+    val.write_text("SubjectID,Channel_0\n", encoding="utf-8")
     loader = FedsynthDataLoader(f"{train},{val}")
     assert loader.train_csv == train and loader.val_csv == val
     assert FedsynthDataLoader(str(train)).val_csv is None
@@ -143,7 +143,7 @@ def test_plan_templates_are_complete_and_pinned(family: str) -> None:
     from fedsynth.federated.openfl.workspace import template_dir
 
     ws = template_dir(family)
-    plan = yaml.safe_load((ws / "plan" / "plan.yaml").read_text())
+    plan = yaml.safe_load((ws / "plan" / "plan.yaml").read_text(encoding="utf-8"))
     settings = plan["task_runner"]["settings"]
     config = load_pinned_config(ws / settings["config_path"], settings["config_sha256"])  # raises on drift
     assert config.family == family

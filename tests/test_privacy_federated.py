@@ -63,7 +63,7 @@ def test_flower_federation_reports_epsilon_per_site(tmp_path: Path, mri2d) -> No
                            evaluate=False, timeout_s=300)
     fed = LocalFederation(request)
     assert fed.run()["round"] == 2
-    events = [json.loads(line) for line in (run / "server" / "progress.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run / "server" / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
     rounds = [e for e in events if e["event"] == "round_end" or "site_metrics" in e]
     assert len(rounds) == 2, [e["event"] for e in events]
     for site in ("site1", "site2"):

@@ -41,7 +41,7 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data CSV not found: {path}")
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if "SubjectID" not in header:
@@ -159,7 +159,7 @@ def construct_csv(input_dir: str | Path, output: str | Path, *, channel_ids: Seq
     if any(len(r) != len(rows[0]) for r in rows):
         raise DataError(f"{root}: subjects have different numbers of channel files; pass --channels-id")
     header = ["SubjectID", *[f"Channel_{i}" for i in range(n_channels)]] + (["Label"] if labels_from_folders else [])
-    with atomic_path(Path(output)) as tmp, tmp.open("w", newline="") as fh:
+    with atomic_path(Path(output)) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
@@ -171,7 +171,7 @@ def write_manifest(path: str | Path, rows: Sequence[tuple[str, Sequence[str | Pa
     n = len(rows[0][1])
     with_label = any(label is not None for _, _, label in rows)
     header = ["SubjectID", *[f"Channel_{i}" for i in range(n)]] + (["Label"] if with_label else [])
-    with atomic_path(Path(path)) as tmp, tmp.open("w", newline="") as fh:
+    with atomic_path(Path(path)) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for subject, files, label in rows:

@@ -46,7 +46,7 @@ class GlobalModel:
             self.state = TrainingState(epoch=payload["epoch"], step=payload["step"], round=payload.get("round") or 0,
                                        best_metric=payload.get("best_metric"), metrics=dict(payload.get("metrics", {})))
             if (self.dir / "history.json").is_file():
-                self.history = json.loads((self.dir / "history.json").read_text())
+                self.history = json.loads((self.dir / "history.json").read_text(encoding="utf-8"))
             log.info("resuming federation from round %s (%s)", self.state.round, last)
 
     @property

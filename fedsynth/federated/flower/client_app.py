@@ -44,7 +44,7 @@ def load_site_config(path: str | Path) -> SiteDataConfig:
     if not path.is_file():
         raise ConfigError(f"site data config not found: {path} (pass --node-config 'data-config=\"/abs/site.yaml\"')")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         cfg = SiteDataConfig.model_validate(raw)
     except (yaml.YAMLError, ValidationError) as err:
         raise ConfigError(f"invalid site data config {path}: {err}") from None

@@ -158,7 +158,7 @@ class Processes:
         path = self.logs.get(name)
         if not path or not path.is_file():
             return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(path.read_text(errors="replace", encoding="utf-8").splitlines()[-lines:])
 
     def __enter__(self) -> Processes:
         return self
@@ -243,7 +243,7 @@ def follow(path: Path, stop: Callable[[], bool], timeout: float, poll: float = 0
     deadline = time.monotonic() + timeout
     while True:
         if path.is_file():
-            with open(path) as fh:
+            with open(path, encoding="utf-8") as fh:
                 fh.seek(offset)
                 while (line := fh.readline()).endswith("\n"):
                     offset = fh.tell()

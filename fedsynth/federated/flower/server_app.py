@@ -56,7 +56,7 @@ class FlowerFederation:
     # ------------------------------------------------------------------ logs
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
-        with open(self.server_dir / name, "a") as fh:
+        with open(self.server_dir / name, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"time": round(time.time(), 3), **record}, default=float) + "\n")
 
     def event(self, kind: str, **fields: Any) -> None:

@@ -20,7 +20,7 @@ class ProcessFailed(FedsynthError):
 
 def log_tail(path: Path, lines: int = 25) -> str:
     try:
-        text = path.read_text(errors="replace").splitlines()
+        text = path.read_text(errors="replace", encoding="utf-8").splitlines()
     except OSError:
         return "(no log)"
     return "\n".join("    " + ln for ln in text[-lines:])

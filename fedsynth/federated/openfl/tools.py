@@ -36,7 +36,7 @@ def pin_config(plan_path: str | Path = "plan/plan.yaml") -> str:
     from fedsynth.io import atomic_write_text
 
     plan_path = Path(plan_path)
-    text = plan_path.read_text()
+    text = plan_path.read_text(encoding="utf-8")
     plan = yaml.safe_load(text)
     config_path = Path(_plan_settings(plan).get("config_path", CONFIG_IN_WORKSPACE))
     config = load_pinned_config(config_path)
@@ -122,7 +122,7 @@ def export_checkpoint(which: str, output: str | Path, plan: str = "plan/plan.yam
     from fedsynth.federated.aggregation import from_transport, resolve_group_policy, shared_groups
     from fedsynth.models import build_model
 
-    plan_cfg = yaml.safe_load(Path(plan).read_text())
+    plan_cfg = yaml.safe_load(Path(plan).read_text(encoding="utf-8"))
     settings = _plan_settings(plan_cfg)
     config = load_pinned_config(settings.get("config_path", CONFIG_IN_WORKSPACE), settings.get("config_sha256"))
     agg = plan_cfg["aggregator"]["settings"]

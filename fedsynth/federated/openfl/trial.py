@@ -128,7 +128,7 @@ def run_trial(config: ExperimentConfig, sites: Mapping[str, tuple[Path, Path | N
     result.checkpoints = export_run(ws, run_dir)
     metrics_log = ws.logs / "aggregator_metrics.txt"
     if metrics_log.is_file():
-        result.rounds_metrics = [json.loads(x) for x in metrics_log.read_text().splitlines() if x.strip()]
+        result.rounds_metrics = [json.loads(x) for x in metrics_log.read_text(encoding="utf-8").splitlines() if x.strip()]
     from fedsynth.io import atomic_write_text
 
     atomic_write_text(run_dir / "openfl_summary.json", json.dumps({

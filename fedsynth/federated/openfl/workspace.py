@@ -83,7 +83,7 @@ def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str,
     atomic_write_text(prefix / "plan" / "data.yaml", "\n".join(lines) + "\n")
     atomic_write_text(prefix / "plan" / "cols.yaml", "collaborators: []\n")  # `fx collaborator certify` registers
     plan_path = prefix / "plan" / "plan.yaml"
-    plan = yaml.safe_load(plan_path.read_text())
+    plan = yaml.safe_load(plan_path.read_text(encoding="utf-8"))
     plan["network"]["settings"].update(agg_addr=agg_addr, agg_port=int(agg_port))
     atomic_write_text(plan_path, yaml.safe_dump(plan, sort_keys=False))
     pin_config_in(prefix)
