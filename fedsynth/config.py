@@ -8,12 +8,15 @@ that names the file, the field path, what was expected and what was given.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsynth.errors import ConfigError
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -280,26 +283,36 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 _FAMILY_TAGS = {"autoencoder", "gan", "diffusion"}
 
 
-def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
-    """Validate a mapping into an :class:`ExperimentConfig`, raising :class:`ConfigError`."""
+def validate_model(model: type[ModelT], data: Any, source: str) -> ModelT:
+    """Validate ``data`` into the pydantic ``model``; one :class:`ConfigError` lists every problem."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid configuration in {source}: expected a mapping at top level, got {type(data).__name__}")
     try:
-        return ExperimentConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML experiment config."""
+def read_yaml(path: str | Path, what: str = "config file", hint: str = "") -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a :class:`ConfigError` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}{hint}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    return config_from_dict(data if data is not None else {}, str(path))
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+    return data if data is not None else {}
+
+
+def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a mapping into an :class:`ExperimentConfig`, raising :class:`ConfigError`."""
+    return validate_model(ExperimentConfig, data, source)
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config."""
+    return config_from_dict(read_yaml(path), str(path))
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from fedsynth.config import ExperimentConfig, config_from_dict
+from fedsynth.config import ExperimentConfig, config_from_dict, read_yaml, validate_model
 from fedsynth.errors import ConfigError
 from fedsynth.federated.aggregation import from_transport
 from fedsynth.federated.flower.records import encode, metrics_record, record_to_weights
@@ -41,13 +41,8 @@ class SiteDataConfig(BaseModel):
 def load_site_config(path: str | Path) -> SiteDataConfig:
     """Read and validate a site data config; relative paths resolve against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"site data config not found: {path} (pass --node-config 'data-config=\"/abs/site.yaml\"')")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        cfg = SiteDataConfig.model_validate(raw)
-    except (yaml.YAMLError, ValidationError) as err:
-        raise ConfigError(f"invalid site data config {path}: {err}") from None
+    raw = read_yaml(path, "site data config", " (pass --node-config 'data-config=\"/abs/site.yaml\"')")
+    cfg = validate_model(SiteDataConfig, raw, f"site data config {path}")
     base = path.parent.resolve()
     updates = {k: (base / getattr(cfg, k)) for k in ("train_csv", "val_csv", "state_dir")
                if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()}
