@@ -16,7 +16,7 @@ from fedsynth.errors import DataError
 
 
 def _slice_files(mri2d: dict[str, Path], n: int = 3) -> list[Path]:
-    return [Path(l.split(",")[1]) for l in mri2d["mni152"].read_text(encoding="utf-8").splitlines()[1:n + 1]]
+    return [r.channels[0] for r in read_manifest(mri2d["mni152"])[:n]]
 
 
 def _csv(tmp_path: Path, text: str) -> Path:
@@ -78,7 +78,7 @@ def test_unreadable_image_and_wrong_dimension(tmp_path: Path, mri2d: dict[str, P
     cfg = tiny_config("gan")
     with pytest.raises(DataError, match="cannot read image .*broken.nii.gz"):
         ImageDataset(read_manifest(_csv(tmp_path, f"SubjectID,Channel_0\na,{bad}\n")), cfg, train=True)
-    vol = Path(mri3d["mni152"].read_text(encoding="utf-8").splitlines()[1].split(",")[1])
+    vol = read_manifest(mri3d["mni152"])[0].channels[0]
     with pytest.raises(DataError, match=r"row 1 \(SubjectID 'v'\).*3D .*spatial_dims: 2"):
         ImageDataset(read_manifest(_csv(tmp_path, f"SubjectID,Channel_0\nv,{vol}\n")), cfg, train=True)
 

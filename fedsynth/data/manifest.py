@@ -8,6 +8,7 @@ CSV's own folder.
 from __future__ import annotations
 
 import csv
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -167,7 +168,12 @@ def construct_csv(input_dir: str | Path, output: str | Path, *, channel_ids: Seq
 
 
 def write_manifest(path: str | Path, rows: Sequence[tuple[str, Sequence[str | Path], int | None]]) -> None:
-    """Write ``(subject_id, channel_paths, label)`` rows as a manifest, atomically."""
+    """Write ``(subject_id, channel_paths, label)`` rows as a manifest, atomically.
+
+    Paths are written relative to the CSV's folder (how :func:`read_manifest` resolves them), so
+    the CSV and its images can move together.
+    """
+    base = Path(path).parent.resolve()
     n = len(rows[0][1])
     with_label = any(label is not None for _, _, label in rows)
     header = ["SubjectID", *[f"Channel_{i}" for i in range(n)]] + (["Label"] if with_label else [])
@@ -175,7 +181,8 @@ def write_manifest(path: str | Path, rows: Sequence[tuple[str, Sequence[str | Pa
         writer = csv.writer(fh)
         writer.writerow(header)
         for subject, files, label in rows:
-            writer.writerow([subject, *map(str, files)] + ([label if label is not None else ""] if with_label else []))
+            rel = [os.path.relpath(Path(f).resolve(), base) for f in files]
+            writer.writerow([subject, *rel] + ([label if label is not None else ""] if with_label else []))
 
 
 def _is_image(p: Path) -> bool:
