@@ -79,6 +79,7 @@ def save_checkpoint(
     *,
     rng: bool = True,
     extra: Mapping[str, Any] | None = None,
+    ema: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (all groups) and ``state`` to ``path`` atomically; returns the path."""
     path = Path(path)
@@ -101,6 +102,7 @@ def save_checkpoint(
         "privacy": state.privacy,
         "rng": capture_rng() if rng else None,
         "extra": dict(extra or {}),
+        "ema": dict(ema) if ema else None,
     }
     first_stage = getattr(model, "is_latent", False) and model.plain_net("autoencoder").autoencoder
     if first_stage:
@@ -129,8 +131,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], device: str | torch.device = "cpu") -> Any:
-    """Rebuild the model a checkpoint describes and load its weights (never random weights)."""
+def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], device: str | torch.device = "cpu",
+                          weights: str = "ema") -> Any:
+    """Rebuild the model a checkpoint describes and load its weights (never random weights).
+
+    ``weights="ema"`` (default) loads the checkpoint's EMA of the generating groups over the raw
+    weights when it has one; ``"raw"`` loads the trained weights only.
+    """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     from fedsynth.models import build_model
 
     if isinstance(path_or_payload, Mapping):
@@ -155,6 +164,13 @@ def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], devic
     missing = set(model.groups()) - {k.split("/", 1)[0] for k in payload["weights"]}
     if missing:
         raise CheckpointError(f"checkpoint {source} has no weights for group(s) {sorted(missing)}")
+    ema = payload.get("ema")
+    if weights == "ema" and ema:
+        try:
+            model.set_weights(ema["weights"], strict=True)
+        except WeightsError as err:
+            raise CheckpointError(f"checkpoint {source}: its EMA weights do not match the model: {err}") from None
+    model.weights_loaded = "ema" if weights == "ema" and ema else "raw"
     return model.to(device)
 
 
@@ -182,4 +198,6 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "fedsynth_version": payload.get("fedsynth_version"),
         "created": payload.get("created"),
         "latent_diffusion": "autoencoder_config" in payload.get("extra", {}),
+        "ema": ({"groups": payload["ema"].get("groups"), "decay": payload["ema"].get("decay"),
+                 "updates": payload["ema"].get("num_updates")} if payload.get("ema") else None),
     }

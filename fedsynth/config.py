@@ -41,6 +41,7 @@ class AutoencoderConfig(_Strict):
     kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (kl only)")
     num_embeddings: int = Field(64, ge=2, description="codebook size (vqvae only)")
     adversarial_weight: float = Field(0.0, ge=0, description="> 0 adds a PatchDiscriminator group")
+    adversarial_start_step: int = Field(0, ge=0, description="train reconstruction + KL only before this step (warm-up)")
     discriminator_channels: int = Field(32, ge=1)
     discriminator_layers: int = Field(2, ge=1)
 
@@ -64,6 +65,12 @@ class GanConfig(_Strict):
     discriminator_norm: Literal["batch", "group", "none"] = Field(
         "group", description="GroupNorm is DP-compatible; BatchNorm is the classic DCGAN choice"
     )
+    augment: list[Literal["brightness", "contrast", "translation", "cutout"]] = Field(
+        ["brightness", "contrast", "translation", "cutout"],
+        description="DiffAugment ops applied to real and fake images before D ([] = off); the fix for small data"
+    )
+    r1_gamma: float = Field(1.0, ge=0, description="R1 gradient penalty weight on real images (0 = off; skipped under DP)")
+    r1_every: int = Field(4, ge=1, description="lazy R1: apply every N steps (weight scaled by N)")
 
 
 class DiffusionConfig(_Strict):
@@ -76,8 +83,10 @@ class DiffusionConfig(_Strict):
     num_head_channels: int = Field(16, ge=1)
     norm_num_groups: int = Field(8, ge=1)
     num_train_timesteps: int = Field(1000, ge=10)
-    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "linear_beta"
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = Field(
+        "cosine", description="noise schedule (cosine: Nichol & Dhariwal 2021)")
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "v_prediction", description="what the UNet predicts (v: stable with the cosine schedule)")
     sampler: Literal["ddpm", "ddim"] = Field("ddim", description="default sampler for generate")
     sampling_steps: int = Field(50, ge=1, description="default DDIM steps for generate")
     guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance at generation")
@@ -85,6 +94,10 @@ class DiffusionConfig(_Strict):
     autoencoder_checkpoint: str | None = Field(
         None, description="checkpoint of a trained autoencoder run: enables latent diffusion"
     )
+    first_stage: AutoencoderConfig | None = Field(
+        None, description="latent diffusion from one config: train this autoencoder first (fedsynth train), then the UNet"
+    )
+    first_stage_steps: int = Field(2000, ge=1, description="optimiser steps of the first stage (with first_stage)")
 
     @model_validator(mode="after")
     def _attention_matches(self) -> "DiffusionConfig":
@@ -153,6 +166,11 @@ class TrainingConfig(_Strict):
     )
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up: constant or cosine decay")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up (optimiser steps)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final learning rate / base learning rate")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip each group's gradient norm (non-private groups)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of the generating groups for samples/generate (0 = off)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (1.6-2x on CPU)")
     num_workers: int = Field(0, ge=0)
     validate_every: int = Field(1, ge=1, description="epochs between validations")
@@ -183,6 +201,7 @@ class FederationConfig(_Strict):
     transport_dtype: Literal["float32", "float16"] = "float32"
     clip_update_norm: float | None = Field(None, gt=0, description="clip each site's update (L2)")
     round_timeout_s: float = Field(3600.0, gt=0)
+    ema_decay: float = Field(0.7, ge=0, lt=1, description="server-side EMA of the global generating groups across rounds (0 = off)")
 
 
 class PrivacyConfig(_Strict):

@@ -8,6 +8,7 @@ plugin, which swaps the optimizers and loader for private ones without changing 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
@@ -27,6 +28,7 @@ from fedsynth.data.images import save_image
 from fedsynth.errors import CheckpointError, WeightsError
 from fedsynth.generation import image_grid, sample
 from fedsynth.models.base import Batch, SynthesisModel
+from fedsynth.recipes import WeightAverage, lr_factor
 
 LAST = "last.ckpt"
 BEST = "best.ckpt"
@@ -91,6 +93,14 @@ class Engine:
         self.privacy = privacy
         self.state = TrainingState()
         self.optimizers = model.configure_optimizers(config.training)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+        self._clip_hooks: dict[str, Any] = {}
+        self.ema: WeightAverage | None = None
+        if config.training.ema_decay > 0 and model.generating_groups():
+            self.ema = WeightAverage(self.model, model.generating_groups(), config.training.ema_decay)
+        self.planned_steps: int | None = None
         self._private_loader: DataLoader | None = None
         self._training_step = model.training_step
         self._tb: Any = None
@@ -121,17 +131,50 @@ class Engine:
                 self.optimizers, self._private_loader = self.privacy.make_private(self.model, self.optimizers, loader)
                 self._training_step = self.privacy.wrap_training_step(self.model)
             loader = self._private_loader
+        self._attach_grad_clipping()
         return loader
+
+    def _attach_grad_clipping(self) -> None:
+        """``training.grad_clip_norm``: clip each group's gradient norm right before its optimiser steps.
+
+        Groups under DP are skipped: their per-example gradients are already clipped by Opacus.
+        """
+        norm = self.config.training.grad_clip_norm
+        if norm is None:
+            return
+        for group, opt in self.optimizers.items():
+            if group in self._clip_hooks or hasattr(opt, "original_optimizer"):
+                continue
+            params = [p for g in opt.param_groups for p in g["params"]]
+
+            def clip(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any, params: list[Any] = params) -> None:
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], norm)
+
+            self._clip_hooks[group] = opt.register_step_pre_hook(clip)
+
+    def _set_learning_rates(self) -> None:
+        t = self.config.training
+        factor = lr_factor(self.state.step, self.planned_steps, warmup_steps=t.warmup_steps, schedule=t.lr_schedule,
+                           min_ratio=t.min_lr_ratio)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
 
     # ------------------------------------------------------------------ loop
 
     def fit(self, train_data: ImageDataset, val_data: ImageDataset | None = None, *,
-            epochs: int | None = None, max_steps: int | None = None) -> TrainingState:
-        """Train until ``epochs`` completed epochs (default: config) or ``max_steps`` total steps."""
+            epochs: int | None = None, max_steps: int | None = None, planned_steps: int | None = None) -> TrainingState:
+        """Train until ``epochs`` completed epochs (default: config) or ``max_steps`` total steps.
+
+        ``planned_steps`` is the length of the whole run for the learning-rate schedule (a
+        federation passes rounds x local steps); by default it is derived from this call.
+        """
         t = self.config.training
         target_epochs = epochs if epochs is not None else t.epochs
         max_steps = max_steps if max_steps is not None else t.max_steps
         loader = self.loader(train_data, train=True)
+        by_epochs = target_epochs * max(1, len(loader))
+        self.planned_steps = planned_steps or (min(max_steps, by_epochs) if max_steps is not None else by_epochs)
         val_loader = self.loader(val_data, train=False) if val_data is not None else None
         stop_reason: str | None = None
         while self.state.epoch < target_epochs and stop_reason is None:
@@ -168,7 +211,11 @@ class Engine:
                 break
             if self.privacy is not None and (stop := self.privacy.can_step()) is not None:
                 break
+            self._set_learning_rates()
+            self.model.global_step = self.state.step
             out = self.train_step(batch, autocast)
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.state.step += 1
             steps += 1
             images += len(batch)
@@ -268,7 +315,8 @@ class Engine:
 
     def write_sample_grid(self, path: Path) -> None:
         n = self.config.training.num_sample_images
-        images = sample(self.model, n, seed=self.config.seed, batch_size=min(n, 16))
+        with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+            images = sample(self.model, n, seed=self.config.seed, batch_size=min(n, 16))
         save_image(image_grid(images.numpy()), path)
         self.model.train()
 
@@ -284,7 +332,8 @@ class Engine:
         """Checkpoint model, optimizers, state and RNG to ``path`` (atomic)."""
         if self.privacy is not None:
             self.state.privacy = self.privacy.state_dict()
-        return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra)
+        ema = self.ema.state_dict() if self.ema is not None else None
+        return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, ema=ema)
 
     def resume(self, path: str | Path) -> TrainingState:
         """Continue exactly where ``path`` stopped: weights, optimizer states, counters, RNG."""
@@ -303,6 +352,11 @@ class Engine:
                                    privacy=payload.get("privacy"))
         if self.privacy is not None and self.state.privacy:
             self.privacy.load_state_dict(self.state.privacy)
+        if self.ema is not None:
+            if payload.get("ema"):
+                self.ema.load_state_dict(payload["ema"])
+            else:
+                self.ema.reset(self.model)
         if payload.get("rng") is not None and self.dist.world_size == 1:
             restore_rng(payload["rng"])
         elif self.dist.world_size > 1:

@@ -53,6 +53,8 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
         config.training.epochs = request.epochs
     run_dir = Path(request.run_dir)
     train_data, val_data = load_datasets(config, request.data, request.val_data)
+    if getattr(config.model, "first_stage", None) is not None and not config.model.autoencoder_checkpoint:
+        config = train_first_stage(config, run_dir, train_data, val_data, dist)
     engine = build_engine(config, run_dir, dist)
     if request.resume:
         last = run_dir / LAST
@@ -65,6 +67,40 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
         save_config(config, run_dir / "config.yaml")
     engine.fit(train_data, val_data)
     return engine
+
+
+def first_stage_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The autoencoder experiment of a latent-diffusion config's ``model.first_stage``."""
+    from fedsynth.config import config_from_dict
+
+    data = config.to_dict()
+    data["model"] = data["model"]["first_stage"]
+    data["training"]["max_steps"] = config.model.first_stage_steps  # type: ignore[union-attr]
+    data["training"]["epochs"] = 10**6
+    data["privacy"] = config.privacy.model_dump(mode="json")
+    return config_from_dict(data, "model.first_stage")
+
+
+def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data, val_data,  # type: ignore[no-untyped-def]
+                      dist: Distributed = Distributed()) -> ExperimentConfig:
+    """Latent diffusion from one config: train (or resume) the autoencoder in ``run_dir/first_stage``,
+    then return the diffusion config pointing at its checkpoint."""
+    stage_dir = run_dir / "first_stage"
+    stage_config = first_stage_config(config)
+    engine = build_engine(stage_config, stage_dir, dist)
+    if (stage_dir / LAST).is_file():
+        engine.resume(stage_dir / LAST)
+    if engine.state.step < stage_config.training.max_steps:  # type: ignore[operator]
+        engine.log_message(f"latent diffusion: training the first-stage autoencoder for "
+                           f"{stage_config.training.max_steps} steps in {stage_dir}")
+        engine.fit(train_data, val_data)
+        if dist.is_main:
+            engine.save(stage_dir / LAST)
+    if dist.world_size > 1:
+        torch_dist.barrier()
+    out = config.model_copy(deep=True)
+    out.model.autoencoder_checkpoint = str((stage_dir / LAST).resolve())  # type: ignore[union-attr]
+    return out
 
 
 def _free_port() -> int:

@@ -25,6 +25,12 @@ def build_model(config: ExperimentConfig, autoencoder: SynthesisModel | None = N
             from fedsynth.checkpoint import model_from_checkpoint
 
             autoencoder = model_from_checkpoint(ae_path)
+        if autoencoder is None and getattr(config.model, "first_stage", None) is not None:
+            from fedsynth.errors import ConfigError
+
+            raise ConfigError("model.first_stage: the first-stage autoencoder is trained by `fedsynth train` "
+                              "(it writes RUN_DIR/first_stage/last.ckpt); elsewhere set model.autoencoder_checkpoint "
+                              "to a trained autoencoder checkpoint")
         if autoencoder is not None:
             _check_first_stage(autoencoder, config, ae_path or "<autoencoder>")
         return DiffusionModel(config, autoencoder=autoencoder)

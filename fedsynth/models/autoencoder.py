@@ -24,6 +24,8 @@ class AutoencoderModel(SynthesisModel):
 
     family = "autoencoder"
     default_federation_policy = {"encoder": "shared", "decoder": "shared", "discriminator": "shared"}
+    # encoder and decoder are averaged together so the EMA codec stays consistent (latent diffusion)
+    generating = ("encoder", "decoder")
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)
@@ -110,7 +112,8 @@ class AutoencoderModel(SynthesisModel):
         rec_loss = F.l1_loss(recon, x)
         loss = rec_loss + reg
         metrics: dict[str, float] = {"recon_loss": float(rec_loss.detach()), "reg_loss": float(reg.detach())}
-        use_adv = "discriminator" in self.nets
+        # the patch adversarial loss starts after a warm-up of reconstruction + KL only
+        use_adv = "discriminator" in self.nets and self.global_step >= self.cfg.adversarial_start_step
         # D only scores the reconstruction here: its parameters get no gradient and, under DP,
         # its per-sample hooks are off (forward and backward), as in the GAN's generator step.
         frozen = FrozenParameters(self.net("discriminator")) if use_adv else contextlib.nullcontext()

@@ -71,6 +71,8 @@ class SynthesisModel(nn.Module):
     family: ClassVar[str]
     #: per-group policy used when the federation config names no policy for a group
     default_federation_policy: ClassVar[dict[str, str]] = {}
+    #: the groups that make the images (EMA-averaged for sampling): generator, unet, codec
+    generating: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__()
@@ -80,6 +82,8 @@ class SynthesisModel(nn.Module):
         self.image_size: tuple[int, ...] = tuple(config.image_size)
         self.num_classes: int = config.num_classes
         self.nets = nn.ModuleDict()
+        #: optimiser steps taken so far, set by the engine before each step (for warm-ups)
+        self.global_step: int = 0
 
     # ------------------------------------------------------------------ groups
 
@@ -90,6 +94,10 @@ class SynthesisModel(nn.Module):
     def groups(self) -> list[str]:
         """Names of all parameter groups, in a stable order."""
         return list(self.group_specs())
+
+    def generating_groups(self) -> list[str]:
+        """Trainable groups that produce samples (the ones an EMA averages)."""
+        return [g for g in self.generating if g in self.trainable_groups()]
 
     def trainable_groups(self) -> list[str]:
         return [g for g, s in self.group_specs().items() if s.trainable]

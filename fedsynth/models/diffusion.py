@@ -44,6 +44,7 @@ class DiffusionModel(SynthesisModel):
 
     family = "diffusion"
     default_federation_policy = {"unet": "shared", "autoencoder": "shared"}
+    generating = ("unet",)
 
     def __init__(self, config: ExperimentConfig, autoencoder: SynthesisModel | None = None) -> None:
         super().__init__(config)

@@ -20,6 +20,7 @@ from torch import nn
 
 from fedsynth.config import ExperimentConfig, GanConfig
 from fedsynth.models.base import Batch, FrozenParameters, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.recipes import diff_augment, r1_penalty
 
 
 def _levels(image_size: tuple[int, ...]) -> int:
@@ -41,7 +42,7 @@ class ConditionalGenerator(nn.Module):
         embed_dim = cfg.latent_dim if num_classes else 0
         self.label_embedding = nn.Embedding(num_classes, embed_dim) if num_classes else None
         width = cfg.generator_channels
-        channels = [max(width // 2**i, 8) for i in range(1, levels)] + [out_channels]
+        channels = [max(width // 2**i, 16) for i in range(1, levels)] + [out_channels]
         self.body = Generator(
             latent_shape=(cfg.latent_dim + embed_dim,),
             start_shape=(width, *start),
@@ -105,6 +106,7 @@ class GanModel(SynthesisModel):
     # Sharing the discriminator keeps every site's generator judged by the same critic; keeping
     # it local saves half the traffic and keeps the only data-facing network on site.
     default_federation_policy = {"generator": "shared", "discriminator": "shared"}
+    generating = ("generator",)
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)
@@ -134,6 +136,10 @@ class GanModel(SynthesisModel):
             return -fake_logits.mean()
         return F.softplus(-fake_logits).mean()
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """DiffAugment with the configured policy (identity when ``augment: []``)."""
+        return diff_augment(images, self.cfg.augment) if self.cfg.augment else images
+
     def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
         real = to_model_range(batch.images)
         n = real.shape[0]
@@ -142,18 +148,27 @@ class GanModel(SynthesisModel):
 
         # Discriminator: real and fake through D in ONE forward/backward (fake batch sized like
         # the real one), so per-sample DP accounting sees each real image exactly once (under DP
-        # rows i and n+i are folded into example i's gradient before clipping).
+        # rows i and n+i are folded into example i's gradient before clipping). Both halves get
+        # the same augmentation policy (DiffAugment), per-sample random parameters.
         with torch.no_grad():
             fake = self.plain_net("generator")(self._noise(n), labels)
         both_labels = torch.cat([labels, labels]) if labels is not None else None
-        logits = discriminator(torch.cat([real, fake]), both_labels)
+        logits = discriminator(self.augment(torch.cat([real, fake])), both_labels)
         d_loss = self._d_loss(logits[:n], logits[n:])
+        metrics: dict[str, float] = {}
+        total = d_loss
+        # R1 on (augmented) reals, lazily every r1_every steps; not under DP (double backprop
+        # through per-sample-gradient hooks), where the privacy plugin sets private_fake_batch.
+        if self.cfg.r1_gamma > 0 and self.private_fake_batch is None and self.global_step % self.cfg.r1_every == 0:
+            r1 = r1_penalty(lambda x: discriminator(x, labels), self.augment(real))
+            total = d_loss + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
+            metrics["r1"] = float(r1.detach())
         optimizers["discriminator"].zero_grad(set_to_none=True)
-        d_loss.backward()
+        total.backward()
         optimizers["discriminator"].step()
 
         d, g = float(d_loss.detach()), self.generator_step(optimizers, n, labels)
-        return {"loss": d + g, "d_loss": d, "g_loss": g}
+        return {"loss": d + g, "d_loss": d, "g_loss": g, **metrics}
 
     def generator_step(self, optimizers: Mapping[str, torch.optim.Optimizer], n: int,
                        labels: torch.Tensor | None) -> float:
@@ -169,7 +184,7 @@ class GanModel(SynthesisModel):
             labels = torch.randint(0, self.num_classes, (n,), device=self.device) if self.num_classes else None
         fake = self.net("generator")(self._noise(n), labels)
         with self.discriminator_frozen():
-            g_loss = self._g_loss(self.plain_net("discriminator")(fake, labels))
+            g_loss = self._g_loss(self.plain_net("discriminator")(self.augment(fake), labels))
             optimizers["generator"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["generator"].step()
