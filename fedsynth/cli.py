@@ -36,7 +36,7 @@ def _init_config(args: argparse.Namespace) -> None:
     from fedsynth.config import default_config, render_yaml
     from fedsynth.io import atomic_write_text
 
-    cfg = default_config(args.family, args.spatial_dims, args.image_size, args.channels, args.num_classes)
+    cfg = default_config(args.family, args.spatial_dims, args.image_size, args.channels, args.num_classes, args.latent)
     atomic_write_text(Path(args.output), render_yaml(cfg))
     print(f"wrote {args.output}")
 
@@ -73,7 +73,7 @@ def _generate(args: argparse.Namespace) -> None:
         ckpt = run / BEST if (run / BEST).is_file() else run / LAST
         if not ckpt.is_file():
             raise CheckpointError(f"no checkpoint in run folder {run} (looked for {BEST} and {LAST}); train first or pass --checkpoint")
-    model = model_from_checkpoint(ckpt, device=resolve_device(args.device))
+    model = model_from_checkpoint(ckpt, device=resolve_device(args.device), weights=args.weights)
     labels = torch.tensor([args.label]) if args.label is not None else None
     try:
         images = sample(model, args.num_images, seed=args.seed, labels=labels, sampler=args.sampler,
@@ -90,6 +90,14 @@ def _info(args: argparse.Namespace) -> None:
     from fedsynth.checkpoint import checkpoint_info
 
     print(json.dumps(checkpoint_info(args.checkpoint), indent=2))
+
+
+@command("build-dataset")
+def _build_dataset(args: argparse.Namespace) -> None:
+    from fedsynth.data.brains import build_brain_dataset, summary
+
+    csvs = build_brain_dataset(args.output, image_size=args.image_size, volume_sizes=tuple(args.volume_sizes))
+    print(summary(csvs))
 
 
 @command("demo")
@@ -111,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=0)
+    p.add_argument("--latent", action="store_true", help="diffusion: latent diffusion (first-stage autoencoder "
+                                                         "trained first, from the same config)")
     p.add_argument("-o", "--output", required=True)
 
     p = sub.add_parser("construct-csv", help="write a GaNDLF-style CSV for a folder of images")
@@ -141,9 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["png", "nii.gz", "nii"], default=None)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="ema: the checkpoint's EMA of the generating groups when it has one (default); raw: trained weights")
 
     p = sub.add_parser("info", help="print a checkpoint's metadata as JSON")
     p.add_argument("checkpoint")
+
+    p = sub.add_parser("build-dataset", help="write the real brain-MRI data set (2D slices in 3 planes, train/held-out "
+                                             "and per-site CSVs, small 3D set) from what installs offline")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--image-size", type=int, default=64, help="2D slice size")
+    p.add_argument("--volume-sizes", type=int, nargs="*", default=[32, 64], help="3D volume sizes")
 
     p = sub.add_parser("demo", help="train and generate on real brain MRI slices that install offline")
     p.add_argument("-o", "--output", required=True)

@@ -59,6 +59,8 @@ class GanConfig(_Strict):
     family: Literal["gan"] = "gan"
     latent_dim: int = Field(64, ge=1, description="size of the generator's noise vector")
     generator_channels: int = Field(64, ge=1, description="channels of the generator's first block")
+    generator_upsample: Literal["resize", "transpose"] = Field(
+        "resize", description="resize: nearest upsample + conv (no checkerboard); transpose: MONAI Generator")
     discriminator_channels: int = Field(32, ge=1)
     loss: Literal["nonsaturating", "hinge"] = "nonsaturating"
     spectral_norm: bool = Field(False, description="spectral normalisation in the discriminator")
@@ -344,18 +346,48 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
 # --------------------------------------------------------------------------- templates
 
 
+def recipe(family: str, spatial_dims: int, size: list[int], latent: bool = False) -> dict[str, Any]:
+    """The training recipe for a family and geometry: model widths and training settings that work
+    on small medical data sets (see docs/recipes.md). ``init-config`` writes it out in full."""
+    small = min(size) < 32
+    if family == "gan":
+        model: dict[str, Any] = {"family": "gan", "latent_dim": 128 if spatial_dims == 2 else 64,
+                                 "generator_channels": (64 if small else 128) if spatial_dims == 2 else 64,
+                                 "discriminator_channels": 32 if spatial_dims == 2 else 16, "r1_gamma": 1.0}
+        training: dict[str, Any] = {"learning_rate": 2e-4, "betas": [0.0, 0.99], "ema_decay": 0.999}
+    elif family == "autoencoder":
+        model = {"family": "autoencoder", "channels": [32, 64] if small or spatial_dims == 3 else [32, 64, 64],
+                 "latent_channels": 4 if spatial_dims == 2 else 3}
+        if spatial_dims == 2 and min(size) >= 64:  # sharper decoder: patch adversarial loss after a warm-up
+            model.update(adversarial_weight=0.02, adversarial_start_step=1000)
+        training = {"learning_rate": 5e-4, "betas": [0.9, 0.999], "ema_decay": 0.999, "warmup_steps": 100}
+    else:
+        model = {"family": "diffusion", "channels": [32, 64] if small or spatial_dims == 3 else [32, 64, 64],
+                 "schedule": "cosine", "prediction_type": "v_prediction"}
+        if latent:
+            model["channels"] = [64, 128]
+            model["first_stage"] = recipe("autoencoder", spatial_dims, size)["model"]
+            model["first_stage_steps"] = 2000
+        training = {"learning_rate": 5e-4, "betas": [0.9, 0.999], "ema_decay": 0.999, "warmup_steps": 200,
+                    "lr_schedule": "cosine", "grad_clip_norm": 1.0}
+    return {"model": model, "training": training}
+
+
 def default_config(family: str, spatial_dims: int, image_size: int | list[int], channels: int = 1,
-                   num_classes: int = 0) -> ExperimentConfig:
-    """A complete config that trains as is, sized for the given geometry."""
-    model = {"autoencoder": AutoencoderConfig, "gan": GanConfig, "diffusion": DiffusionConfig}
-    if family not in model:
-        raise ConfigError(f"unknown family '{family}': expected one of {sorted(model)}")
+                   num_classes: int = 0, latent: bool = False) -> ExperimentConfig:
+    """A complete config that trains as is, sized for the given geometry, with the family's recipe."""
+    known = {"autoencoder", "gan", "diffusion"}
+    if family not in known:
+        raise ConfigError(f"unknown family '{family}': expected one of {sorted(known)}")
+    if latent and family != "diffusion":
+        raise ConfigError(f"--latent is for the diffusion family, not '{family}'")
     size = image_size if isinstance(image_size, list) else [image_size] * spatial_dims
+    r = recipe(family, spatial_dims, size, latent)
     return config_from_dict({
         "spatial_dims": spatial_dims, "image_size": size, "channels": channels, "num_classes": num_classes,
-        "model": {"family": family},
+        "model": r["model"],
         "data": {"augmentations": [{"name": "flip", "prob": 0.5, "spatial_axis": spatial_dims - 1}]},
-        "training": {"batch_size": 16 if spatial_dims == 2 else 4},
+        "training": {"batch_size": (32 if family == "gan" else 16) if spatial_dims == 2 else 4, **r["training"]},
     }, f"defaults for {family}")
 
 

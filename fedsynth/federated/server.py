@@ -23,6 +23,7 @@ from fedsynth.engine import seed_everything
 from fedsynth.federated.aggregation import SiteUpdate, make_aggregator, resolve_group_policy, shared_groups
 from fedsynth.io import atomic_write_text
 from fedsynth.models import build_model
+from fedsynth.recipes import WeightAverage
 
 log = logging.getLogger("fedsynth.server")
 
@@ -39,10 +40,18 @@ class GlobalModel:
         self.dir = Path(run_dir) / "global"
         self.state = TrainingState(round=0)
         self.history: list[dict[str, object]] = []
+        # the server's EMA of the global generating groups across rounds (used by generate/evaluate)
+        self.ema = (WeightAverage(self.model, [g for g in self.model.generating_groups() if g in self.shared],
+                                  config.federation.ema_decay)
+                    if config.federation.ema_decay > 0 else None)
+        if self.ema is not None and not self.ema.groups:
+            self.ema = None
         last = self.dir / "last.ckpt"
         if last.is_file():
             payload = load_checkpoint(last)
             self.model.set_weights(payload["weights"])
+            if self.ema is not None and payload.get("ema"):
+                self.ema.load_state_dict(payload["ema"])
             self.state = TrainingState(epoch=payload["epoch"], step=payload["step"], round=payload.get("round") or 0,
                                        best_metric=payload.get("best_metric"), metrics=dict(payload.get("metrics", {})))
             if (self.dir / "history.json").is_file():
@@ -63,6 +72,8 @@ class GlobalModel:
         for update in updates:
             fedavg.add(update)
         self.model.set_weights(fedavg.result())
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.state.round = server_round
         if hasattr(fedavg, "privacy_state"):  # client-level DP: the global checkpoint carries its epsilon
             self.state.privacy = fedavg.privacy_state()
@@ -88,9 +99,10 @@ class GlobalModel:
         improved = val is not None and math.isfinite(val) and (self.state.best_metric is None or val < self.state.best_metric)
         if improved:
             self.state.best_metric = val
-        last = save_checkpoint(self.dir / "last.ckpt", self.model, self.state, rng=False)
-        save_checkpoint(self.dir / f"round_{self.round:04d}.ckpt", self.model, self.state, rng=False)
+        ema = self.ema.state_dict() if self.ema is not None else None
+        last = save_checkpoint(self.dir / "last.ckpt", self.model, self.state, rng=False, ema=ema)
+        save_checkpoint(self.dir / f"round_{self.round:04d}.ckpt", self.model, self.state, rng=False, ema=ema)
         if improved:
-            save_checkpoint(self.dir / "best.ckpt", self.model, self.state, rng=False)
+            save_checkpoint(self.dir / "best.ckpt", self.model, self.state, rng=False, ema=ema)
         atomic_write_text(self.dir / "history.json", json.dumps(self.history, indent=2, default=float))
         return last

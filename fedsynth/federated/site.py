@@ -78,7 +78,9 @@ class Site:
         state.round = server_round
         max_steps = state.step + fed.local_steps if fed.local_steps else None
         train, val = self.data
-        self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs, max_steps=max_steps)
+        per_round = fed.local_steps or fed.local_epochs * math.ceil(len(train) / self.config.training.batch_size)
+        self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs, max_steps=max_steps,
+                        planned_steps=fed.rounds * per_round)
         self.engine.save(self.state_dir / LAST)
         metrics = {k: float(v) for k, v in self.engine.state.metrics.items() if math.isfinite(float(v))}
         return RoundResult(select_groups(self.engine.model.get_weights(), self.shared), len(train), metrics)

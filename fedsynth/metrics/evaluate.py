@@ -17,7 +17,7 @@ from fedsynth.errors import FedsynthError
 from fedsynth.metrics import features as feat
 from fedsynth.metrics import radiomics as rad
 from fedsynth.metrics.images import ImageSet, check_pair, infer_config, load_real, load_synthetic
-from fedsynth.metrics.similarity import memorization, pairwise_ms_ssim, reconstruction_quality
+from fedsynth.metrics.similarity import memorization, memorization_share, pairwise_ms_ssim, reconstruction_quality
 
 #: which way is better, for readers of the report
 DIRECTIONS = {
@@ -122,6 +122,8 @@ def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOption
     reference = train or real
     report["memorization"] = {"training_source": reference.source,
                               **memorization(reference.images, synthetic.images, reference.ids, opt.copy_threshold)}
+    if train is not None:  # real = held-out images: the share of samples closer to training data than real data gets
+        report["memorization"]["nearer_than_held_out"] = memorization_share(train.images, real.images, synthetic.images)
 
     # autoencoder reconstructions
     if opt.checkpoint:

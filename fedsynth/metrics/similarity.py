@@ -88,6 +88,20 @@ def _nearest(a: np.ndarray, b: np.ndarray, exclude_self: bool = False) -> tuple[
     return d.min(1), d.argmin(1)
 
 
+def memorization_share(train: np.ndarray, held_out: np.ndarray, synthetic: np.ndarray) -> dict[str, float]:
+    """Share of synthetic images nearer a training image than any held-out real image is.
+
+    Distances are RMS pixel differences; the threshold is the smallest distance from a held-out
+    image to its nearest training image (real data never comes closer than that), so a model that
+    only makes new images scores 0 and one that copies training images scores up to 1.
+    """
+    held_nn, _ = _nearest(held_out, train)
+    syn_nn, _ = _nearest(synthetic, train)
+    threshold = float(held_nn.min())
+    return {"threshold_rms": threshold, "held_out_nn_median": float(np.median(held_nn)),
+            "synthetic_nn_median": float(np.median(syn_nn)), "share": float((syn_nn < threshold).mean())}
+
+
 def memorization(train: np.ndarray, synthetic: np.ndarray, train_ids: list[str], threshold: float = 0.5,
                  max_listed: int = 20) -> dict[str, object]:
     """Per synthetic image: RMS distance to its nearest training image divided by the median real-vs-real

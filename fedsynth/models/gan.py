@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import Convolution, UpSample
+from monai.networks.layers import Act
 from monai.networks.nets import Discriminator, Generator
 from torch import nn
 
@@ -32,8 +34,34 @@ def _levels(image_size: tuple[int, ...]) -> int:
     return levels
 
 
+class ResizeConvGenerator(nn.Module):
+    """Linear -> (nearest 2x upsample -> 3^d conv -> BatchNorm -> ReLU) per level -> 3^d conv.
+
+    Resize-convolution avoids the checkerboard artefacts of stride-2 transposed convolutions
+    (Odena et al. 2016); built from MONAI's ``UpSample`` and ``Convolution`` blocks, 2D or 3D.
+    """
+
+    def __init__(self, spatial_dims: int, latent_dim: int, start: tuple[int, ...], channels: list[int],
+                 out_channels: int) -> None:
+        super().__init__()
+        self.start = (channels[0], *start)
+        self.project = nn.Linear(latent_dim, channels[0] * math.prod(start))
+        layers: list[nn.Module] = [Act["relu"]()]
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [UpSample(spatial_dims, c_in, c_in, scale_factor=2, mode="nontrainable", interp_mode="nearest",
+                                align_corners=None),
+                       Convolution(spatial_dims, c_in, c_out, kernel_size=3, act="RELU", norm="BATCH")]
+        layers += [UpSample(spatial_dims, channels[-1], channels[-1], scale_factor=2, mode="nontrainable",
+                            interp_mode="nearest", align_corners=None),
+                   Convolution(spatial_dims, channels[-1], out_channels, kernel_size=3, conv_only=True)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z).view(-1, *self.start))
+
+
 class ConditionalGenerator(nn.Module):
-    """Noise (+ label embedding) -> MONAI Generator -> tanh."""
+    """Noise (+ label embedding) -> resize-conv generator (or MONAI's transposed-conv Generator) -> tanh."""
 
     def __init__(self, cfg: GanConfig, spatial_dims: int, out_channels: int, image_size: tuple[int, ...], num_classes: int):
         super().__init__()
@@ -42,6 +70,11 @@ class ConditionalGenerator(nn.Module):
         embed_dim = cfg.latent_dim if num_classes else 0
         self.label_embedding = nn.Embedding(num_classes, embed_dim) if num_classes else None
         width = cfg.generator_channels
+        if cfg.generator_upsample == "resize":
+            widths = [max(width // 2**i, 16) for i in range(levels)]
+            self.body: nn.Module = ResizeConvGenerator(spatial_dims, cfg.latent_dim + embed_dim, start, widths, out_channels)
+            self.latent_dim = cfg.latent_dim
+            return
         channels = [max(width // 2**i, 16) for i in range(1, levels)] + [out_channels]
         self.body = Generator(
             latent_shape=(cfg.latent_dim + embed_dim,),

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedsynth.models.base import GROUP_SEP, SynthesisModel
+if TYPE_CHECKING:
+    from fedsynth.models.base import SynthesisModel
+
+GROUP_SEP = "/"  # the group/parameter separator of fedsynth.models.base (imported lazily there: no cycle)
 
 
 class WeightAverage:
