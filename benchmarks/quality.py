@@ -36,22 +36,23 @@ class Budget:
     """Step budgets and sample counts (full run defaults; ``quick()`` for CI)."""
 
     image_size: int = 64
-    gan_steps: int = 6000
-    autoencoder_steps: int = 3000
-    first_stage_steps: int = 3000
-    ldm_steps: int = 6000
-    encoder_steps: int = 1500
+    gan_steps: int = 2000
+    autoencoder_steps: int = 600
+    first_stage_steps: int = 600
+    ldm_steps: int = 1200
+    encoder_steps: int = 400
     samples: int = 500
-    ddpm_subset: int = 48
+    ddpm_subset: int = 8
     ddpm_steps: int = 1000
-    fed_steps: int = 2400
-    fed_rounds: int = 8
+    fed_image_size: int = 32
+    fed_steps: int = 1000
+    fed_rounds: int = 5
     volumes: list[str] | None = None
     threads_per_job: int = 1
 
     @classmethod
     def quick(cls) -> "Budget":
-        return cls(image_size=32, gan_steps=30, autoencoder_steps=20, first_stage_steps=20, ldm_steps=20,
+        return cls(image_size=32, fed_image_size=32, gan_steps=30, autoencoder_steps=20, first_stage_steps=20, ldm_steps=20,
                    encoder_steps=20, samples=24, ddpm_subset=4, ddpm_steps=100, fed_steps=16, fed_rounds=2, volumes=["mni152", "ch2"])
 
 
@@ -63,15 +64,16 @@ class Data:
     site_held_out: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare(work: Path, budget: Budget) -> Data:
+def prepare(work: Path, budget: Budget, image_size: int | None = None) -> Data:
     """Build the real data set once and load the train / held-out sets in the evaluation geometry."""
+    size = image_size or budget.image_size
     from fedsynth.config import default_config
     from fedsynth.data.brains import available_volumes, build_brain_dataset
     from fedsynth.metrics import load_real
 
     volumes = [v for v in (budget.volumes or available_volumes()) if v in available_volumes()]
-    csvs = build_brain_dataset(work / "data", image_size=budget.image_size, volumes=volumes, volume_sizes=())
-    cfg = default_config("autoencoder", 2, budget.image_size)
+    csvs = build_brain_dataset(work / f"data{size}", image_size=size, volumes=volumes, volume_sizes=())
+    cfg = default_config("autoencoder", 2, size)
     data = Data(csvs, load_real(csvs["train"], cfg), load_real(csvs["held_out"], cfg))
     for site in ("mni152", "colin27"):
         if f"{site}_held_out" in csvs:
@@ -82,17 +84,19 @@ def prepare(work: Path, budget: Budget) -> Data:
 # --------------------------------------------------------------------------- configs
 
 
-def family_config(name: str, budget: Budget, **overrides: Any) -> dict[str, Any]:
+def family_config(name: str, budget: Budget, size: int | None = None, **overrides: Any) -> dict[str, Any]:
     """The recipe config (``fedsynth init-config`` defaults) for one benchmark entry, as a dict."""
     from fedsynth.config import default_config
 
-    size = budget.image_size
+    size = size or budget.image_size
     if name == "gan":
         cfg = default_config("gan", 2, size).to_dict()
         cfg["training"].update(max_steps=budget.gan_steps)
     elif name == "autoencoder":
         cfg = default_config("autoencoder", 2, size).to_dict()
         cfg["training"].update(max_steps=budget.autoencoder_steps)
+        if cfg["model"]["adversarial_weight"] > 0:
+            cfg["model"]["adversarial_start_step"] = budget.autoencoder_steps // 2
     elif name == "latent-diffusion":
         cfg = default_config("diffusion", 2, size, latent=True).to_dict()
         cfg["model"]["first_stage_steps"] = budget.first_stage_steps
@@ -242,7 +246,13 @@ def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tu
     cfgs = {k: family_config(k, budget) for k in ("eval-encoder", "gan", "autoencoder", "latent-diffusion")}
     # two slots: [eval encoder -> autoencoder -> latent diffusion] and [GAN]
     def chain() -> list[dict[str, Any]]:
-        return [train_run(k, cfgs[k], csv, work, budget) for k in ("eval-encoder", "autoencoder", "latent-diffusion")]
+        done = [train_run(k, cfgs[k], csv, work, budget) for k in ("eval-encoder", "autoencoder")]
+        # latent diffusion on the autoencoder family's run (the same as `model.first_stage` in one config,
+        # without training a second autoencoder)
+        ldm = cfgs["latent-diffusion"]
+        ldm["model"]["first_stage"] = None
+        ldm["model"]["autoencoder_checkpoint"] = str(done[1]["checkpoint"].resolve())
+        return [*done, train_run("latent-diffusion", ldm, csv, work, budget)]
 
     chained, gan = run_parallel([chain, lambda: train_run("gan", cfgs["gan"], csv, work, budget)])
     runs = {r["name"]: r for r in [*chained, gan]}
@@ -264,7 +274,7 @@ def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tu
     s_ddpm = score(real, ddpm, encoder, data.train, "ddpm")
 
     steps = {"gan": budget.gan_steps, "autoencoder": budget.autoencoder_steps,
-             "latent-diffusion": f"{budget.first_stage_steps} AE + {budget.ldm_steps} UNet"}
+             "latent-diffusion": f"{budget.ldm_steps} UNet (+ the autoencoder run)"}
     enc_desc = results["gan"]["encoder"]
     lines = ["## Quality: each family with its recipe, on held-out real slices", "",
              f"Data: `fedsynth build-dataset` — {len(data.train)} training and {len(real)} held-out real 2D T1 slices "
@@ -301,26 +311,27 @@ def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tu
     return lines, encoder
 
 
-def bench_federated(work: Path, budget: Budget, data: Data, encoder: Path | None = None) -> list[str]:
+def bench_federated(work: Path, budget: Budget, data: Data) -> list[str]:
     """GAN recipe: Flower federation of 2 non-IID sites vs pooled vs each site alone, same total steps;
-    and DP at epsilon 8 vs no DP (centralized)."""
+    and DP at epsilon 8 vs no DP (centralized). ``data`` at ``budget.fed_image_size``."""
     csvs = data.csvs
+    size = budget.fed_image_size
     if "colin27_train" not in csvs:
         return ["## Federated vs centralized vs single-site (held-out)", "", "- needs Colin27 (mricron-data); skipped.", ""]
-    if encoder is None:
-        encoder = train_run("eval-encoder", family_config("eval-encoder", budget), csvs["train"], work, budget)["checkpoint"]
+    encoder = train_run(f"eval-encoder-{size}", family_config("eval-encoder", budget, size), csvs["train"], work,
+                        budget)["checkpoint"]
     s = budget.fed_steps
     batch = 32
-    fed = family_config("gan", budget, training__max_steps=None)
+    fed = family_config("gan", budget, size, training__max_steps=None)
     fed["training"]["max_steps"] = None
     fed["federation"].update(rounds=budget.fed_rounds, local_steps=max(1, s // (2 * budget.fed_rounds)), local_epochs=1000,
                              min_sites=2)
     epochs_dp = max(1, round(s * batch / len(data.train)))
-    dp = family_config("gan", budget, training__max_steps=s)
+    dp = family_config("gan", budget, size, training__max_steps=s)
     dp["privacy"] = {"enabled": True, "target_epsilon": 8.0, "epochs": epochs_dp, "delta": 1e-5}
-    jobs = [lambda: train_run("centralized", family_config("gan", budget, training__max_steps=s), csvs["train"], work, budget),
-            lambda: train_run("single-mni152", family_config("gan", budget, training__max_steps=s), csvs["mni152_train"], work, budget),
-            lambda: train_run("single-colin27", family_config("gan", budget, training__max_steps=s), csvs["colin27_train"], work, budget),
+    jobs = [lambda: train_run("centralized", family_config("gan", budget, size, training__max_steps=s), csvs["train"], work, budget),
+            lambda: train_run("single-mni152", family_config("gan", budget, size, training__max_steps=s), csvs["mni152_train"], work, budget),
+            lambda: train_run("single-colin27", family_config("gan", budget, size, training__max_steps=s), csvs["colin27_train"], work, budget),
             lambda: flower_run("federated", fed, {"mni152": csvs["mni152_train"], "colin27": csvs["colin27_train"]}, work, budget),
             lambda: train_run("dp-eps8", dp, csvs["train"], work, budget)]
     runs = {r["name"]: r for r in run_parallel(jobs)}
@@ -331,7 +342,7 @@ def bench_federated(work: Path, budget: Budget, data: Data, encoder: Path | None
         results[name] = {label: score(real, images, encoder, data.train, name) for label, real in sets.items()}
     floors = {label: floor(data, real, budget.samples, encoder) for label, real in sets.items()}
     lines = ["## Federated vs centralized vs single-site, and DP (held-out)", "",
-             f"GAN recipe at {budget.image_size}x{budget.image_size}, {s} optimiser steps in total in every setting "
+             f"GAN recipe at {size}x{size}, {s} optimiser steps in total in every setting "
              f"(federated: Flower, TLS + node authentication on 127.0.0.1, {budget.fed_rounds} rounds x "
              f"{fed['federation']['local_steps']} local steps at each of 2 sites, one brain per site: MNI152 and Colin27). "
              f"{budget.samples} samples per model (server EMA for the federation), scored on each held-out set. "
