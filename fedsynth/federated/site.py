@@ -78,7 +78,9 @@ class Site:
         state.round = server_round
         max_steps = state.step + fed.local_steps if fed.local_steps else None
         train, val = self.data
-        self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs, max_steps=max_steps)
+        # a round capped by local_steps can end mid-epoch: the next round goes on from that batch
+        partial = 1 if fed.local_steps and state.batch_in_epoch else 0
+        self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs + partial, max_steps=max_steps)
         self.engine.save(self.state_dir / LAST)
         metrics = {k: float(v) for k, v in self.engine.state.metrics.items() if math.isfinite(float(v))}
         return RoundResult(select_groups(self.engine.model.get_weights(), self.shared), len(train), metrics)
