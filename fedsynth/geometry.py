@@ -73,6 +73,8 @@ def _check_groups(field: str, channels: list[int], groups: int, groups_field: st
 
 def _check_autoencoder(config: Any) -> None:
     m = config.model
+    if config.num_classes:
+        _fail("num_classes", config.num_classes, "is for class-conditional families; autoencoders are unconditional", "0")
     levels = len(m.channels)
     if m.architecture == "kl":
         _check_groups("model.channels", list(m.channels), m.norm_num_groups, "model.norm_num_groups")
