@@ -143,6 +143,7 @@ class Engine:
         while self.state.epoch < target_epochs and stop_reason is None:
             epoch = self.state.epoch
             train_metrics, stop_reason, complete = self._train_epoch(loader, train_data, epoch, max_steps)
+            self._sync_buffers()
             if complete:
                 self.state.epoch = epoch + 1
                 self.state.batch_in_epoch, self.state.epoch_sums = 0, {}
@@ -362,6 +363,17 @@ class Engine:
             np.random.seed((self.config.seed + self.dist.rank + self.state.epoch) % 2**32)
         return self.state
 
+
+    def _sync_buffers(self) -> None:
+        """DDP: give every rank rank 0's buffers (BatchNorm running stats drift apart between
+        DDP's own syncs, e.g. through forward passes of an unwrapped net), so all ranks hold one model."""
+        if self.dist.world_size == 1:
+            return
+        import torch.distributed as torch_dist
+
+        for net in self.model.nets.values():
+            for buffer in net.buffers():
+                torch_dist.broadcast(buffer.data, src=0)
 
     def _apply_optimizer_settings(self) -> None:
         t = self.config.training
