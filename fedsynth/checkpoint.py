@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ class TrainingState:
     best_metric: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None  # privacy ledger state (accountant history, epsilon)
+    batch_in_epoch: int = 0  # batches of epoch ``epoch`` already trained (0: at an epoch boundary)
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # loss sums of those batches (epoch metrics)
+    data_rng: list[Any] | None = None  # random states of the train-time augmentations
 
 
 # --------------------------------------------------------------------------- RNG
@@ -55,6 +59,60 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (validation, sample grids) without changing the RNG states training draws from."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+def _randomizables(transform: Any) -> list[Any]:
+    """Every object with its own RandomState inside a MONAI transform (depth-first, stable order)."""
+    from monai.transforms import Randomizable
+
+    found: list[Any] = []
+
+    def visit(obj: Any, depth: int) -> None:
+        if depth > 4 or any(obj is f for f in found):
+            return
+        if isinstance(obj, Randomizable):
+            found.append(obj)
+        children = getattr(obj, "transforms", None)
+        for child in list(children) if isinstance(children, (list, tuple)) else []:
+            visit(child, depth + 1)
+        for value in vars(obj).values() if hasattr(obj, "__dict__") else []:
+            if isinstance(value, Randomizable):
+                visit(value, depth + 1)
+
+    if transform is not None:
+        visit(transform, 0)
+    return found
+
+
+def capture_augmentation_state(transform: Any) -> list[Any] | None:
+    """The augmentations' random states (``weights_only``-loadable), or ``None`` without augmentation."""
+    if transform is None:
+        return None
+    states = []
+    for obj in _randomizables(transform):
+        _, key, pos, has_gauss, cached = obj.R.get_state()
+        states.append({"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)})
+    return states
+
+
+def restore_augmentation_state(transform: Any, states: list[Any] | None) -> None:
+    """Inverse of :func:`capture_augmentation_state` (a changed augmentation list is refused at resume)."""
+    objs = _randomizables(transform)
+    if not states or len(objs) != len(states):
+        return
+    for obj, st in zip(objs, states):
+        obj.R.set_state(("MT19937", st["key"].numpy().astype(np.uint32), st["pos"], st["has_gauss"], st["cached_gaussian"]))
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:
@@ -100,6 +158,9 @@ def save_checkpoint(
         "best_metric": state.best_metric,
         "metrics": {k: float(v) for k, v in state.metrics.items()},
         "privacy": state.privacy,
+        "batch_in_epoch": state.batch_in_epoch,
+        "epoch_sums": {k: float(v) for k, v in state.epoch_sums.items()},
+        "data_rng": state.data_rng,
         "rng": capture_rng() if rng else None,
         "extra": dict(extra or {}),
         "ema": dict(ema) if ema else None,
@@ -107,7 +168,7 @@ def save_checkpoint(
     first_stage = getattr(model, "is_latent", False) and model.plain_net("autoencoder").autoencoder
     if first_stage:
         payload["extra"]["autoencoder_config"] = first_stage.config.to_dict()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=True) as tmp:
         torch.save(payload, tmp)
     return path
 
@@ -120,7 +181,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a fedsynth checkpoint ({type(err).__name__}: {err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a fedsynth checkpoint "
+                              f"({type(err).__name__}: {first[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fedsynth checkpoint (no '{FORMAT}' header)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -174,6 +237,45 @@ def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], devic
     return model.to(device)
 
 
+#: config fields a resumed run may change: they alter how training goes on, not what the saved
+#: state means. Every other change (geometry, model, data, seed, batch size, privacy) is refused.
+RESUME_CHANGEABLE = (
+    "training.epochs", "training.max_steps", "training.learning_rate", "training.group_learning_rates",
+    "training.betas", "training.weight_decay", "training.validate_every", "training.sample_every",
+    "training.num_sample_images", "training.tensorboard", "training.progress", "training.device",
+    "training.num_workers", "training.checkpoint_every_steps", "data.cache", "federation",
+)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping) and not (prefix.endswith("group_learning_rates")):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def config_changes(stored: Mapping[str, Any], config: Any, source: str) -> list[str]:
+    """Compare a checkpoint's config with the one a resumed run uses.
+
+    Returns one ``"field: old -> new"`` line per allowed change; raises :class:`CheckpointError`
+    listing every change a resume cannot honour exactly.
+    """
+    old, new = _flatten(dict(stored)), _flatten(config.to_dict())
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    allowed = [k for k in changed if any(k == a or k.startswith(a + ".") for a in RESUME_CHANGEABLE)]
+    if new.get("privacy.enabled") and new.get("privacy.target_epsilon") and new.get("privacy.epochs") is None:
+        allowed = [k for k in allowed if k != "training.epochs"]  # the noise was calibrated for training.epochs
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        lines = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        raise CheckpointError(f"cannot resume from {source} with this config: {lines}. These settings must stay as "
+                              f"the run started (only {', '.join(a.split('.')[-1] for a in RESUME_CHANGEABLE)} may "
+                              f"change); start a new run folder instead")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in allowed]
+
+
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """Metadata of a checkpoint as plain JSON-able values (what ``fedsynth info`` prints)."""
     payload = load_checkpoint(path)
@@ -190,6 +292,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "num_weights": n_params,
         "epoch": payload["epoch"],
         "step": payload["step"],
+        "batch_in_epoch": payload.get("batch_in_epoch", 0),
         "round": payload.get("round"),
         "best_metric": payload.get("best_metric"),
         "metrics": payload.get("metrics", {}),

@@ -31,13 +31,24 @@ def command(name: str) -> Callable[[Handler], Handler]:
 # --------------------------------------------------------------------------- core commands
 
 
+def _at_least(flag: str, value: int | float | None, minimum: int | float) -> None:
+    if value is not None and value < minimum:
+        raise FedsynthError(f"{flag} must be >= {minimum}, got {value}")
+
+
 @command("init-config")
 def _init_config(args: argparse.Namespace) -> None:
     from fedsynth.config import default_config, render_yaml
-    from fedsynth.io import atomic_write_text
+    from fedsynth.io import atomic_write_text, check_output_path
 
+    out = check_output_path(args.output, folder=False)
+    if out.exists() and not args.overwrite:
+        raise FedsynthError(f"-o {out}: the file exists; pass --overwrite to replace it")
+    _at_least("--image-size", args.image_size, 8)
+    _at_least("--channels", args.channels, 1)
+    _at_least("--num-classes", args.num_classes, 0)
     cfg = default_config(args.family, args.spatial_dims, args.image_size, args.channels, args.num_classes, args.latent)
-    atomic_write_text(Path(args.output), render_yaml(cfg))
+    atomic_write_text(out, render_yaml(cfg))
     print(f"wrote {args.output}")
 
 
@@ -51,9 +62,14 @@ def _construct_csv(args: argparse.Namespace) -> None:
 
 @command("train")
 def _train(args: argparse.Namespace) -> None:
+    from fedsynth.io import check_output_path
     from fedsynth.local import TrainRequest, train
 
-    train(TrainRequest(args.config, args.data, args.output, args.val_data, args.epochs, args.resume, args.devices))
+    _at_least("--devices", args.devices, 1)
+    _at_least("--epochs", args.epochs, 1)
+    check_output_path(args.output, folder=True)
+    train(TrainRequest(args.config, args.data, args.output, args.val_data, args.epochs, args.resume, args.devices,
+                       overwrite=args.overwrite))
     print(f"run written to {args.output}")
 
 
@@ -65,7 +81,12 @@ def _generate(args: argparse.Namespace) -> None:
     from fedsynth.engine import BEST, LAST, resolve_device
     from fedsynth.errors import CheckpointError
     from fedsynth.generation import sample, write_images
+    from fedsynth.io import check_output_path
 
+    _at_least("-n/--num-images", args.num_images, 1)
+    _at_least("--steps", args.steps, 1)
+    _at_least("--guidance-scale", args.guidance_scale, 0)
+    check_output_path(args.output, folder=True)
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
     else:
@@ -75,6 +96,8 @@ def _generate(args: argparse.Namespace) -> None:
             raise CheckpointError(f"no checkpoint in run folder {run} (looked for {BEST} and {LAST}); train first or pass --checkpoint")
     model = model_from_checkpoint(ckpt, device=resolve_device(args.device), weights=args.weights)
     labels = torch.tensor([args.label]) if args.label is not None else None
+    if args.format == "png" and model.spatial_dims != 2:
+        raise FedsynthError(f"--format png: {ckpt} is a {model.spatial_dims}D model; PNG holds 2D images, use nii.gz")
     try:
         images = sample(model, args.num_images, seed=args.seed, labels=labels, sampler=args.sampler,
                         steps=args.steps, guidance_scale=args.guidance_scale)
@@ -128,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", action="store_true", help="diffusion: latent diffusion (first-stage autoencoder "
                                                          "trained first, from the same config)")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     p = sub.add_parser("construct-csv", help="write a GaNDLF-style CSV for a folder of images")
     p.add_argument("--input-dir", required=True)
@@ -141,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="run folder")
     p.add_argument("--val-data", default=None)
     p.add_argument("--epochs", type=int, default=None, help="override training.epochs")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
+    again.add_argument("--overwrite", action="store_true", help="start again in a run folder that holds a run")
     p.add_argument("--devices", type=int, default=1, help="processes (DDP: gloo on CPU, nccl on GPU)")
 
     p = sub.add_parser("generate", help="sample images from a run or checkpoint")

@@ -161,6 +161,9 @@ class TrainingConfig(_Strict):
 
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also write last.ckpt every N steps inside an epoch (resume is exact from any step)"
+    )
     batch_size: int = Field(16, ge=1, description="per process")
     learning_rate: float = Field(2e-4, gt=0)
     group_learning_rates: dict[str, float] = Field(
@@ -271,6 +274,9 @@ class ExperimentConfig(_Strict):
             )
         if any(s < 8 for s in self.image_size):
             raise ValueError(f"image_size entries must be >= 8, got {self.image_size}")
+        from fedsynth.geometry import check_geometry  # the family's architecture rules
+
+        check_geometry(self)
         return self
 
     @property
@@ -292,6 +298,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         given = e.get("input")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; see `fedsynth init-config` for all options)"
+        elif e["type"] == "value_error" and str(e["msg"]).startswith("Value error, field '"):
+            lines.append(f"  {str(e['msg'])[len('Value error, '):]}")  # a cross-field rule naming its own field
+            continue
         else:
             msg = e["msg"]
         given_s = repr(given)
@@ -321,9 +330,13 @@ def read_yaml(path: str | Path, what: str = "config file", hint: str = "") -> An
         raise ConfigError(f"{what} not found: {path}{hint}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte at offset {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
-    return data if data is not None else {}
+    if data is None:
+        raise ConfigError(f"{what} {path} is empty (or only comments); write one with `fedsynth init-config`{hint}")
+    return data
 
 
 def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedsynth.checkpoint import TrainingState, load_checkpoint, restore_rng, save_checkpoint
+from fedsynth.checkpoint import (TrainingState, capture_augmentation_state, config_changes, load_checkpoint, preserved_rng,
+                                 restore_augmentation_state, restore_rng, save_checkpoint)
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, make_loader
 from fedsynth.data.images import save_image
@@ -102,12 +103,16 @@ class Engine:
             self.ema = WeightAverage(self.model, model.generating_groups(), config.training.ema_decay)
         self.planned_steps: int | None = None
         self._private_loader: DataLoader | None = None
+        self._pending_rng: Mapping[str, Any] | None = None  # RNG of a resumed checkpoint, restored by fit
         self._training_step = model.training_step
         self._tb: Any = None
         if dist.world_size > 1:
             self._wrap_ddp()
         if self.writes and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            from fedsynth.io import remove_stale_temps
+
+            remove_stale_temps(self.run_dir)  # left by a killed process's atomic writes
 
     # ------------------------------------------------------------------ setup
 
@@ -177,60 +182,97 @@ class Engine:
         self.planned_steps = planned_steps or (min(max_steps, by_epochs) if max_steps is not None else by_epochs)
         val_loader = self.loader(val_data, train=False) if val_data is not None else None
         stop_reason: str | None = None
+        self._train_dataset = train_data
         while self.state.epoch < target_epochs and stop_reason is None:
             epoch = self.state.epoch
-            train_metrics, stop_reason = self._train_epoch(loader, train_data, epoch, max_steps)
-            self.state.epoch = epoch + 1
+            train_metrics, stop_reason, complete = self._train_epoch(loader, train_data, epoch, max_steps)
+            self._sync_buffers()
+            if complete:
+                self.state.epoch = epoch + 1
+                self.state.batch_in_epoch, self.state.epoch_sums = 0, {}
             metrics = {f"train_{k}": v for k, v in train_metrics.items()}
-            if val_loader is not None and (self.state.epoch % t.validate_every == 0 or self.state.epoch == target_epochs):
+            if val_loader is not None and (not complete or self.state.epoch % t.validate_every == 0 or self.state.epoch == target_epochs):
                 metrics.update({f"val_{k}": v for k, v in self.validate(val_loader).items()})
             if self.privacy is not None:
                 metrics.update(self.privacy.report())
                 self.state.privacy = self.privacy.state_dict()
             self.state.metrics = metrics
-            self._end_of_epoch(metrics)
-            if max_steps is not None and self.state.step >= max_steps:
+            self._end_of_epoch(metrics, complete=complete)
+            if not complete or (max_steps is not None and self.state.step >= max_steps):
                 break
         if stop_reason:
             self.log_message(f"training stopped: {stop_reason}")
         return self.state
 
     def _train_epoch(self, loader: DataLoader, dataset: ImageDataset, epoch: int,
-                     max_steps: int | None) -> tuple[dict[str, float], str | None]:
+                     max_steps: int | None) -> tuple[dict[str, float], str | None, bool]:
+        """Train the rest of ``epoch``; returns (metrics so far, stop reason, whether the epoch is complete).
+
+        The epoch goes on from ``state.batch_in_epoch``: the loader's first batches are drawn and
+        dropped (the sampler is a function of seed and epoch), then a resumed checkpoint's RNG and
+        augmentation states are restored, so the remaining batches and random draws are the ones
+        an uninterrupted run sees.
+        """
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         self.model.train()
-        sums: dict[str, float] = {}
-        steps, images, stop = 0, 0, None
-        bar = self._progress(loader, epoch)
+        state = self.state
+        sums = {k: v for k, v in state.epoch_sums.items() if k != "__images__"}
+        images_before = int(state.epoch_sums.get("__images__", 0))
+        images, stop, total = 0, None, len(loader)
+        if self._pending_rng is not None and state.batch_in_epoch == 0:  # resumed at an epoch boundary
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+        batches = iter(loader)
+        for _ in range(state.batch_in_epoch):
+            next(batches, None)
+        if self._pending_rng is not None:  # resumed mid-epoch: the RNGs as they were after that step
+            restore_rng(self._pending_rng)
+            if state.data_rng is not None:
+                restore_augmentation_state(dataset.aug, state.data_rng)
+            self._pending_rng = None
+        bar = self._progress(total, state.batch_in_epoch, epoch)
         start = time.perf_counter()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.training.precision == "bf16")
-        for batch in bar:
-            if max_steps is not None and self.state.step >= max_steps:
+        every = self.config.training.checkpoint_every_steps
+        while True:
+            if max_steps is not None and state.step >= max_steps:
                 break
             if self.privacy is not None and (stop := self.privacy.can_step()) is not None:
                 break
+            batch = next(batches, None)  # drawn only once the step will be taken (a Poisson draw uses the RNG)
+            if batch is None:
+                break
             self._set_learning_rates()
-            self.model.global_step = self.state.step
+            self.model.global_step = state.step
             out = self.train_step(batch, autocast)
             if self.ema is not None:
                 self.ema.update(self.model)
-            self.state.step += 1
-            steps += 1
+            state.step += 1
+            state.batch_in_epoch += 1
             images += len(batch)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            if self.dist.is_main and hasattr(bar, "set_postfix"):
+            state.epoch_sums = {**sums, "__images__": float(images_before + images)}
+            if bar is not None:
+                bar.update(1)
                 rate = images * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
                 post = {"loss": f"{out.get('loss', float('nan')):.4f}", "img/s": f"{rate:.1f}"}
                 if self.privacy is not None:
                     post.update({k: f"{v:.3g}" for k, v in self.privacy.report().items()})
                 bar.set_postfix(post)
+            if every and self.writes and state.step % every == 0 and state.batch_in_epoch < total:
+                assert self.run_dir is not None
+                self.save(self.run_dir / LAST)  # mid-epoch: resumable from this very step
+        if bar is not None:
+            bar.close()
+        steps = state.batch_in_epoch
+        complete = steps >= total
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         metrics["images_per_s"] = images * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
         metrics["steps"] = float(steps)
-        return metrics, stop
+        return metrics, stop, complete
 
     def train_step(self, batch: Batch, autocast: Any = None) -> dict[str, float]:
         """One optimisation step exactly as the loop takes it (private when DP is on)."""
@@ -240,12 +282,12 @@ class Engine:
         with autocast:
             return self._training_step(batch, self.optimizers)
 
-    def _progress(self, loader: DataLoader, epoch: int) -> Any:
+    def _progress(self, total: int, done: int, epoch: int) -> Any:
         if not (self.dist.is_main and self.config.training.progress):
-            return loader
+            return None
         from tqdm.auto import tqdm
 
-        return tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+        return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
 
     @torch.no_grad()
     def validate(self, loader: DataLoader | ImageDataset) -> dict[str, float]:
@@ -255,32 +297,34 @@ class Engine:
         self.model.eval()
         sums: dict[str, float] = {}
         n = 0
-        for batch in loader:
-            batch = batch.to(self.device)
-            out = self.model.validation_step(batch)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
-            n += len(batch)
+        with preserved_rng():  # validating must not change what training draws next
+            for batch in loader:
+                batch = batch.to(self.device)
+                out = self.model.validation_step(batch)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
+                n += len(batch)
         self.model.train()
         return {k: v / max(n, 1) for k, v in sums.items()}
 
     # ------------------------------------------------------------------ outputs
 
-    def _end_of_epoch(self, metrics: dict[str, float]) -> None:
+    def _end_of_epoch(self, metrics: dict[str, float], *, complete: bool = True) -> None:
+        """Checkpoint, then log (a partial epoch's row is replaced once that epoch completes)."""
         if not self.writes:
             return
         assert self.run_dir is not None
-        row = {"epoch": self.state.epoch, "step": self.state.step, **({"round": self.state.round} if self.state.round is not None else {}), **metrics}
-        self._log_csv(row)
-        self._log_tensorboard(metrics)
+        row = {"epoch": self.state.epoch + (0 if complete else 1), "step": self.state.step, **({"round": self.state.round} if self.state.round is not None else {}), **metrics}
         val_loss = metrics.get("val_loss")
         improved = val_loss is not None and math.isfinite(val_loss) and (self.state.best_metric is None or val_loss < self.state.best_metric)
         if improved:
             self.state.best_metric = val_loss
-        self.save(self.run_dir / LAST)
+        self.save(self.run_dir / LAST)  # checkpoint first: after a crash metrics.csv is never ahead of it
         if improved:
             self.save(self.run_dir / BEST)
-        if self.state.epoch % self.config.training.sample_every == 0:
+        self._log_csv(row)
+        self._log_tensorboard(metrics)
+        if complete and self.state.epoch % self.config.training.sample_every == 0:
             self.write_sample_grid(self.run_dir / "samples" / f"epoch_{self.state.epoch:04d}.png")
 
     def _log_csv(self, row: dict[str, Any]) -> None:
@@ -315,7 +359,7 @@ class Engine:
 
     def write_sample_grid(self, path: Path) -> None:
         n = self.config.training.num_sample_images
-        with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+        with preserved_rng(), (self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()):
             images = sample(self.model, n, seed=self.config.seed, batch_size=min(n, 16))
         save_image(image_grid(images.numpy()), path)
         self.model.train()
@@ -332,6 +376,8 @@ class Engine:
         """Checkpoint model, optimizers, state and RNG to ``path`` (atomic)."""
         if self.privacy is not None:
             self.state.privacy = self.privacy.state_dict()
+        dataset = getattr(self, "_train_dataset", None)
+        self.state.data_rng = capture_augmentation_state(dataset.aug) if dataset is not None else None
         ema = self.ema.state_dict() if self.ema is not None else None
         return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, ema=ema)
 
@@ -344,12 +390,17 @@ class Engine:
             self.model.set_weights(payload["weights"], strict=True)
         except WeightsError as err:
             raise CheckpointError(f"cannot resume from {path}: {err}") from None
+        changes = config_changes(payload["config"], self.config, str(path))
         for group, opt_state in payload.get("optimizers", {}).items():
             if group in self.optimizers:
                 self.optimizers[group].load_state_dict(opt_state)
+        self._apply_optimizer_settings()  # the loaded states carry the old learning rates
+        for change in changes:
+            self.log_message(f"resume: {change} (applied)")
         self.state = TrainingState(epoch=payload["epoch"], step=payload["step"], round=payload.get("round"),
                                    best_metric=payload.get("best_metric"), metrics=dict(payload.get("metrics", {})),
-                                   privacy=payload.get("privacy"))
+                                   privacy=payload.get("privacy"), batch_in_epoch=int(payload.get("batch_in_epoch", 0)),
+                                   epoch_sums=dict(payload.get("epoch_sums", {})), data_rng=payload.get("data_rng"))
         if self.privacy is not None and self.state.privacy:
             self.privacy.load_state_dict(self.state.privacy)
         if self.ema is not None:
@@ -358,11 +409,33 @@ class Engine:
             else:
                 self.ema.reset(self.model)
         if payload.get("rng") is not None and self.dist.world_size == 1:
-            restore_rng(payload["rng"])
+            restore_rng(payload["rng"])  # for callers that act before fit (e.g. sampling)
+            self._pending_rng = payload["rng"]  # fit restores it again where the loop stood
         elif self.dist.world_size > 1:
             torch.manual_seed(self.config.seed + 7919 * self.dist.rank + self.state.epoch)
             np.random.seed((self.config.seed + self.dist.rank + self.state.epoch) % 2**32)
         return self.state
+
+
+    def _sync_buffers(self) -> None:
+        """DDP: give every rank rank 0's buffers (BatchNorm running stats drift apart between
+        DDP's own syncs, e.g. through forward passes of an unwrapped net), so all ranks hold one model."""
+        if self.dist.world_size == 1:
+            return
+        import torch.distributed as torch_dist
+
+        for net in self.model.nets.values():
+            for buffer in net.buffers():
+                torch_dist.broadcast(buffer.data, src=0)
+
+    def _apply_optimizer_settings(self) -> None:
+        t = self.config.training
+        for group, opt in self.optimizers.items():
+            for param_group in opt.param_groups:
+                lr = t.group_learning_rates.get(group, t.learning_rate)
+                param_group.update(lr=lr, betas=t.betas, weight_decay=t.weight_decay)
+                if "initial_lr" in param_group:  # a schedule's base rate
+                    param_group["initial_lr"] = lr
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -19,3 +19,7 @@ class CheckpointError(FedsynthError):
 
 class WeightsError(FedsynthError):
     """Group-keyed weights do not match the model (unknown key, missing key, wrong shape)."""
+
+
+class OutputError(FedsynthError):
+    """An output path cannot be written (a file where a folder is needed, no space left, no permission)."""

@@ -48,14 +48,25 @@ def sample(model: SynthesisModel, num_images: int, *, seed: int = 0, labels: tor
 
 def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str = "nii.gz",
                  labels: torch.Tensor | None = None, prefix: str = "synthetic") -> list[Path]:
-    """Write each image as ``<prefix>_<i>.<format>``, a ``grid.png`` and a ``manifest.csv``."""
-    from fedsynth.data.manifest import write_manifest
+    """Write each image as ``<prefix>_<i>.<format>``, a ``grid.png`` and a ``manifest.csv``.
+
+    The manifest (then ``generation.json``) is written last, so a folder without one is an
+    interrupted generation. A re-used folder first loses the previous generation's images,
+    manifest and grid, so no stale image is mixed with the new ones.
+    """
+    from fedsynth.data.manifest import IMAGE_SUFFIXES, write_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = images.numpy()
     if image_format == "png" and arrays.ndim != 4:
         raise ValueError("PNG output is for 2D images; use nii.gz for 3D")
+    for name in ("generation.json", "manifest.csv"):
+        (out / name).unlink(missing_ok=True)
+    for old in out.glob(f"{prefix}_*"):
+        if old.is_file() and old.name.lower().endswith(IMAGE_SUFFIXES):
+            old.unlink()
+    (out / "grid.png").unlink(missing_ok=True)
     paths = []
     for i, array in enumerate(arrays):
         path = out / f"{prefix}_{i:04d}.{image_format}"

@@ -15,8 +15,8 @@ import torch.distributed as torch_dist
 
 from fedsynth.config import ExperimentConfig, load_config, save_config
 from fedsynth.data.dataset import load_datasets
-from fedsynth.engine import LAST, Distributed, Engine, resolve_device, seed_everything
-from fedsynth.errors import CheckpointError
+from fedsynth.engine import BEST, LAST, Distributed, Engine, resolve_device, seed_everything
+from fedsynth.errors import CheckpointError, ConfigError, OutputError
 from fedsynth.models import build_model
 
 
@@ -31,6 +31,33 @@ class TrainRequest:
     epochs: int | None = None
     resume: bool = False
     devices: int = 1
+    overwrite: bool = False  # start again in a run folder that already holds a run
+
+
+#: what a run folder holds once a run has written to it
+RUN_FILES = (LAST, BEST, "metrics.csv", "config.yaml")
+RUN_FOLDERS = ("samples", "tensorboard")
+
+
+def prepare_run_dir(request: TrainRequest) -> None:
+    """Refuse to train into a folder holding a run unless asked to resume it or to overwrite it."""
+    run_dir = Path(request.run_dir)
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if request.resume:
+        if not (run_dir / LAST).is_file():
+            raise CheckpointError(f"--resume: no checkpoint to resume from at {run_dir / LAST}")
+        return
+    if not found:
+        return
+    if not request.overwrite:
+        raise OutputError(f"-o {run_dir}: the folder already holds a run ({', '.join(found)}); pass --resume to "
+                            f"continue it or --overwrite to start again")
+    import shutil
+
+    for name in found:
+        (run_dir / name).unlink()
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def build_engine(config: ExperimentConfig, run_dir: str | Path | None, dist: Distributed = Distributed()) -> Engine:
@@ -50,8 +77,12 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
     """Train as requested in this process (one rank of a DDP job when ``dist.world_size > 1``)."""
     config = load_config(request.config_path)
     if request.epochs is not None:
+        if request.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {request.epochs}")
         config.training.epochs = request.epochs
     run_dir = Path(request.run_dir)
+    if dist.is_main:
+        prepare_run_dir(request)
     train_data, val_data = load_datasets(config, request.data, request.val_data)
     if getattr(config.model, "first_stage", None) is not None and not config.model.autoencoder_checkpoint:
         config = train_first_stage(config, run_dir, train_data, val_data, dist)
@@ -131,8 +162,11 @@ def train(request: TrainRequest) -> None:
         finally:
             torch_dist.destroy_process_group()
         return
+    if request.devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {request.devices}")
     if request.devices > 1:
         load_config(request.config_path)  # fail fast, in the parent, on a bad config
+        prepare_run_dir(request)
         torch.multiprocessing.start_processes(_worker, args=(request, request.devices, _free_port()),
                                               nprocs=request.devices, start_method="spawn")
         return

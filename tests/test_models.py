@@ -47,11 +47,19 @@ def test_get_set_round_trip(family: str, dims: int, classes: int, extra: dict) -
     b.set_weights(a.get_weights())
     for key, value in a.get_weights().items():
         np.testing.assert_array_equal(value, b.get_weights()[key])
-    # a subset of groups loads alone and leaves the others untouched
+    # a subset of groups loads alone and leaves the others untouched: make b differ again first
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1.0)
     first = a.groups()[0]
-    before = b.get_weights()
+    before, source = b.get_weights(), a.get_weights()
     b.set_weights(a.get_weights([first]))
-    assert b.get_weights().keys() == before.keys()
+    after = b.get_weights()
+    assert after.keys() == before.keys()
+    changed = [k for k in after if not np.array_equal(after[k], before[k])]
+    assert changed and all(k.startswith(f"{first}/") for k in changed)
+    for key, value in after.items():
+        np.testing.assert_array_equal(value, source[key] if key.startswith(f"{first}/") else before[key], err_msg=key)
 
 
 def test_set_weights_rejects_bad_keys_and_shapes() -> None:

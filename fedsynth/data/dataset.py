@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,28 +15,52 @@ from fedsynth.data.manifest import Record, read_manifest, split_by_subject
 from fedsynth.errors import DataError
 from fedsynth.models.base import Batch
 
+log = logging.getLogger("fedsynth.data")
+
 
 class ImageDataset(Dataset):
-    """Preprocessed images (cached in memory by default) with optional train-time augmentation."""
+    """Preprocessed images (cached in memory by default) with optional train-time augmentation.
+
+    Every image is read and checked when the dataset is built, before any training: an
+    unreadable, truncated or non-finite image is a :class:`DataError` naming its CSV row and
+    SubjectID; a constant image (nothing to learn, and undefined after normalisation) is skipped
+    with a warning naming its row.
+    """
 
     def __init__(self, records: Sequence[Record], config: ExperimentConfig, *, train: bool) -> None:
         if not records:
             raise DataError("no images to load (empty record list)")
-        self.records = list(records)
         self.config = config
         self.spatial_dims = config.spatial_dims
         self.pre = preprocessing(config.data, list(config.image_size))
         self.aug = augmentation(config.data.augmentations, config.spatial_dims) if train else None
         self._cache: dict[int, torch.Tensor] = {}
-        if config.data.cache:
-            for i in range(len(self.records)):
-                self._cache[i] = self._load(i)
+        kept: list[Record] = []
+        self.skipped: list[Record] = []
+        for rec in records:
+            array = self._read(rec)
+            if float(array.max()) == float(array.min()):
+                log.warning("skipping %s: the image is constant (every voxel is %g)", rec.where(), float(array.min()))
+                self.skipped.append(rec)
+                continue
+            if config.data.cache:
+                self._cache[len(kept)] = self.pre(array)
+            kept.append(rec)
+        if not kept:
+            raise DataError(f"{records[0].source}: every image is constant ({len(records)} row(s)); nothing to train on")
+        self.records = kept
 
     def _load(self, index: int) -> torch.Tensor:
-        rec = self.records[index]
+        return self.pre(self._read(self.records[index]))
+
+    def _read(self, rec: Record) -> np.ndarray:
+        """The record's channels as one checked ``(C, *spatial)`` array (errors name the row)."""
         parts = []
         for file in rec.channels:
-            array = read_image(file, resample_spacing=self.config.data.resample_spacing)
+            try:
+                array = read_image(file, resample_spacing=self.config.data.resample_spacing)
+            except DataError as err:
+                raise DataError(f"{rec.where()}: {err}") from None
             parts.append(to_spatial_dims(array, self.spatial_dims, f"{rec.where()}, file {file}"))
         shapes = {p.shape[1:] for p in parts}
         if len(shapes) > 1:
@@ -45,7 +70,7 @@ class ImageDataset(Dataset):
             raise DataError(f"{rec.where()}: image has {array.shape[0]} channel(s) but the config says channels: {self.config.channels}")
         if not np.isfinite(array).all():
             raise DataError(f"{rec.where()}: image contains NaN or Inf values")
-        return self.pre(array)
+        return array
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed augmentation so every epoch is reproducible (and resumable) from the seed."""

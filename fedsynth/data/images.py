@@ -18,7 +18,15 @@ from fedsynth.errors import DataError
 
 
 def read_image(path: Path, *, resample_spacing: list[float] | None = None) -> np.ndarray:
-    """Read one image (file or DICOM series folder) as ``(components, *spatial)`` float32."""
+    """Read one image (file or DICOM series folder) as ``(components, *spatial)`` float32.
+
+    NIfTI files are first checked with nibabel (:func:`check_nifti`): SimpleITK zero-fills a
+    truncated NIfTI file and reads NaN/Inf voxels as 0, so neither would be noticed otherwise.
+    Any other format's NaN/Inf survive SimpleITK's read and are refused by :func:`check_finite`.
+    """
+    path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti(path)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -39,7 +47,44 @@ def read_image(path: Path, *, resample_spacing: list[float] | None = None) -> np
         array = np.moveaxis(array, -1, 0)
     else:
         array = array[None]
+    check_finite(array, f"image {path}")
     return array
+
+
+def check_nifti(path: Path) -> None:
+    """Refuse a NIfTI file that is truncated, corrupt, or holds NaN/Inf voxels (:class:`DataError`)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path), mmap=False)
+        header = img.header
+        shape = tuple(int(s) for s in header.get_data_shape())
+        need = int(np.prod(shape)) * np.dtype(header.get_data_dtype()).itemsize
+        offset = int(header.get_data_offset())
+    except Exception as err:  # nibabel raises many types for a damaged header or gzip stream
+        raise DataError(f"cannot read image {path}: not a readable NIfTI file ({_reason(err)})") from None
+    if not path.name.lower().endswith(".gz"):
+        size = path.stat().st_size
+        if size < offset + need:
+            raise DataError(f"image {path} is truncated: its header promises {need} bytes of voxels after byte {offset}, "
+                            f"the file has {size} bytes")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:
+        raise DataError(f"image {path} is truncated or corrupt: {_reason(err)}") from None
+    check_finite(data, f"image {path}")
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Refuse arrays with NaN or Inf values, saying how many voxels are bad."""
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        raise DataError(f"{what} contains {n_nan} NaN and {n_inf} Inf value(s) of {array.size}: fix or remove the file")
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1]}" if text else type(err).__name__
 
 
 def _resample(image: sitk.Image, spacing: list[float], path: Path) -> sitk.Image:
@@ -61,6 +106,9 @@ def to_spatial_dims(array: np.ndarray, spatial_dims: int, where: str) -> np.ndar
     if array.ndim - 1 != spatial_dims:
         raise DataError(f"{where}: image is {array.ndim - 1}D with shape {list(array.shape[1:])}, "
                         f"but the config says spatial_dims: {spatial_dims}")
+    if spatial_dims == 3 and min(array.shape[1:]) == 1:
+        raise DataError(f"{where}: image is a 2D slice stored as a volume (shape {list(array.shape[1:])}), "
+                        f"but the config says spatial_dims: 3; use spatial_dims: 2 or 3D volumes")
     return array
 
 

@@ -3,11 +3,18 @@
 Several rows may share a SubjectID (e.g. slices of one volume): train/validation splits are
 made by subject so no subject appears on both sides. Relative paths are resolved against the
 CSV's own folder.
+
+The duplicate rule: rows sharing a SubjectID are the same subject's images *by design* only when
+they point at different files. Two rows with the same channel files are an error (a copied row
+would be trained on twice), and so is one file listed under two SubjectIDs (the subject-level
+split would put the same image on both sides). The CSV is read as UTF-8; a UTF-8 byte-order mark
+(as Excel writes) is accepted, any other encoding is an error naming the row and byte.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 import re
@@ -42,7 +49,14 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data CSV not found: {path}")
-    with path.open(newline="", encoding="utf-8") as fh:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raw = path.read_bytes()
+        line = raw[: err.start].count(b"\n")
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} in line {line + 1}, "
+                        f"{'the header' if line == 0 else f'row {line}'}); save the CSV as UTF-8") from None
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if "SubjectID" not in header:
@@ -59,7 +73,11 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
         if num_classes > 0 and not has_label:
             raise DataError(f"{path}: the config is class-conditional (num_classes: {num_classes}) but the CSV has no 'Label' column")
         records: list[Record] = []
+        seen_files: dict[Path, Record] = {}
         for row_no, raw in enumerate(reader, start=1):
+            if None in raw:
+                raise DataError(f"{path}, row {row_no}: {len(header) + len(raw[None])} values but the header has "
+                                f"{len(header)} columns ({', '.join(header)})")
             row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
             subject = row.get("SubjectID", "")
             where = f"{path}, row {row_no}"
@@ -77,7 +95,14 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
                     raise DataError(f"{where} (SubjectID '{subject}'): {col} file not found: {file}")
                 files.append(file)
             label = _parse_label(row.get("Label", ""), num_classes, where, subject) if has_label else None
-            records.append(Record(subject, tuple(files), label, row_no, str(path)))
+            rec = Record(subject, tuple(files), label, row_no, str(path))
+            for file in files:
+                if (other := seen_files.get(file)) is not None and other.row != row_no:
+                    same = "repeats" if other.subject_id == subject else "lists under another SubjectID"
+                    raise DataError(f"{rec.where()} {same} the file of row {other.row} (SubjectID '{other.subject_id}'): "
+                                    f"{file}; each image must appear once (rows sharing a SubjectID must be different images)")
+                seen_files[file] = rec
+            records.append(rec)
     if not records:
         raise DataError(f"{path}: the CSV has a header but no data rows")
     return records

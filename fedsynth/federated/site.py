@@ -78,8 +78,10 @@ class Site:
         state.round = server_round
         max_steps = state.step + fed.local_steps if fed.local_steps else None
         train, val = self.data
+        # a round capped by local_steps can end mid-epoch: the next round goes on from that batch
+        partial = 1 if fed.local_steps and state.batch_in_epoch else 0
         per_round = fed.local_steps or fed.local_epochs * math.ceil(len(train) / self.config.training.batch_size)
-        self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs, max_steps=max_steps,
+        self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs + partial, max_steps=max_steps,
                         planned_steps=fed.rounds * per_round)
         self.engine.save(self.state_dir / LAST)
         metrics = {k: float(v) for k, v in self.engine.state.metrics.items() if math.isfinite(float(v))}

@@ -8,6 +8,7 @@ normalisation from the config), so they are compared in the same geometry and ra
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from fedsynth.data.dataset import ImageDataset
 from fedsynth.data.images import read_image, to_spatial_dims
 from fedsynth.data.manifest import IMAGE_SUFFIXES, Record, read_manifest
 from fedsynth.errors import DataError
+
+log = logging.getLogger("fedsynth.evaluate")
 
 #: files in a generation folder that are not samples
 _SKIP_NAMES = {"grid.png"}
@@ -54,7 +57,7 @@ def infer_config(real_csv: str | Path, config_path: str | Path | None = None) ->
 def _stack(records: list[Record], config: ExperimentConfig, source: str) -> ImageSet:
     dataset = ImageDataset(records, config, train=False)
     images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32)
-    return ImageSet(images, [r.subject_id for r in records], source)
+    return ImageSet(images, [r.subject_id for r in dataset.records], source)
 
 
 def load_real(csv: str | Path, config: ExperimentConfig) -> ImageSet:
@@ -73,6 +76,9 @@ def _folder_records(folder: Path, channels: int) -> list[Record]:
         raise DataError(f"synthetic folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}) and no manifest.csv")
     if channels != 1:
         raise DataError(f"synthetic folder {folder} has no manifest.csv; {channels}-channel images need a CSV with Channel_0..{channels - 1}")
+    if any(f.name.startswith("synthetic_") for f in files) or (folder / "grid.png").exists():
+        log.warning("warning: synthetic folder %s has no manifest.csv: it looks like an interrupted `fedsynth generate` "
+                    "(%d image(s) found); scoring every image in it", folder, len(files))
     return [Record(f.name.split(".")[0], (f,), None, i + 1, str(folder)) for i, f in enumerate(files)]
 
 

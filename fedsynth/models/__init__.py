@@ -17,8 +17,21 @@ def build_model(config: ExperimentConfig, autoencoder: SynthesisModel | None = N
     """Build the (randomly initialised) model that ``config`` describes.
 
     For latent diffusion, ``autoencoder`` is the trained first stage; when it is not given it is
-    loaded from ``config.model.autoencoder_checkpoint``.
+    loaded from ``config.model.autoencoder_checkpoint``. A network that cannot be built from the
+    config (a rule :mod:`fedsynth.geometry` does not know) is a :class:`ConfigError`, never a
+    traceback.
     """
+    from fedsynth.errors import ConfigError
+
+    try:
+        return _build(config, autoencoder)
+    except (ValueError, AssertionError, RuntimeError, TypeError) as err:
+        raise ConfigError(f"cannot build the {config.family} model from this config "
+                          f"(spatial_dims {config.spatial_dims}, image_size {list(config.image_size)}, "
+                          f"channels {config.channels}): {err}") from None
+
+
+def _build(config: ExperimentConfig, autoencoder: SynthesisModel | None) -> SynthesisModel:
     if config.family == "diffusion":
         ae_path = getattr(config.model, "autoencoder_checkpoint", None)
         if autoencoder is None and ae_path:

@@ -33,12 +33,14 @@ class AutoencoderModel(SynthesisModel):
         assert isinstance(cfg, AutoencoderConfig)
         self.cfg = cfg
         levels = len(cfg.channels)
-        for c in cfg.channels:
-            if c % cfg.norm_num_groups:
-                raise ValueError(f"autoencoder channels {cfg.channels} must be multiples of norm_num_groups={cfg.norm_num_groups}")
+        if cfg.architecture == "kl":  # VQVAE has no GroupNorm
+            for c in cfg.channels:
+                if c % cfg.norm_num_groups:
+                    raise ValueError(f"autoencoder channels {cfg.channels} must be multiples of norm_num_groups={cfg.norm_num_groups}")
+        divisor = 2 ** (levels - 1) if cfg.architecture == "kl" else 2**levels  # see fedsynth.geometry
         for s in self.image_size:
-            if s % 2 ** (levels - 1):
-                raise ValueError(f"image_size {list(self.image_size)} must be divisible by {2 ** (levels - 1)} for {levels} levels")
+            if s % divisor:
+                raise ValueError(f"image_size {list(self.image_size)} must be divisible by {divisor} for {levels} levels")
         if cfg.architecture == "kl":
             self.nets["autoencoder"] = AutoencoderKL(
                 spatial_dims=self.spatial_dims,

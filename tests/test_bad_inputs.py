@@ -1,0 +1,470 @@
+"""Table-driven bad inputs: every one is refused by the CLI with exit status 2, no traceback, a
+message naming the file/row/field/value, and nothing half-written.
+
+Each case builds its inputs in a fresh folder from small 16x16 images (no training happens: every
+error is found before the first step), runs ``fedsynth`` in-process (an uncaught exception fails
+the test, so "no traceback" is checked for every case; a few cases also run as subprocesses).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from fedsynth.cli import main
+from fedsynth.data.images import save_image
+
+SIZE = 16
+
+
+def tiny_gan(**training: object) -> dict:
+    return {"spatial_dims": 2, "image_size": SIZE, "seed": 0,
+            "model": {"family": "gan", "latent_dim": 8, "generator_channels": 16, "discriminator_channels": 8},
+            "training": {"epochs": 1, "batch_size": 4, "progress": False, "tensorboard": False, "sample_every": 100,
+                         "num_sample_images": 2, **training}}
+
+
+def _nifti(path: Path, array: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), str(path))
+    return path
+
+
+class Workspace:
+    """A folder with 8 good images, ``data.csv`` listing them and ``cfg.yaml`` (tiny GAN)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        rng = np.random.default_rng(0)
+        self.images = []
+        for i in range(8):
+            path = root / f"img{i}.nii.gz"
+            save_image(rng.random((1, SIZE, SIZE), dtype=np.float32), path)
+            self.images.append(path)
+        self.rows = [(f"s{i}", p.name) for i, p in enumerate(self.images)]
+        self.csv = self.write_csv(self.rows)
+        self.cfg = self.write_cfg(tiny_gan())
+        self.run = root / "run"
+
+    def write_csv(self, rows: list[tuple[str, str]], name: str = "data.csv", encoding: str = "utf-8") -> Path:
+        path = self.root / name
+        path.write_bytes(("SubjectID,Channel_0\n" + "".join(f"{s},{f}\n" for s, f in rows)).encode(encoding))
+        return path
+
+    def write_cfg(self, data: dict | str, name: str = "cfg.yaml") -> Path:
+        path = self.root / name
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+        return path
+
+    def replace_image(self, index: int, path: Path) -> None:
+        self.rows[index] = (self.rows[index][0], path.name)
+        self.write_csv(self.rows)
+
+    def train(self, *extra: str, cfg: Path | None = None, data: Path | None = None, out: Path | None = None) -> list[str]:
+        return ["train", "-c", str(cfg or self.cfg), "--data", str(data or self.csv), "-o", str(out or self.run), *extra]
+
+    def checkpoint(self, spatial_dims: int = 2, family: str = "gan") -> Path:
+        from fedsynth.checkpoint import TrainingState, save_checkpoint
+        from fedsynth.config import config_from_dict
+        from fedsynth.models import build_model
+
+        data = tiny_gan()
+        data["spatial_dims"] = spatial_dims
+        if family != "gan":
+            data["model"] = {"family": family, "channels": [8, 16], "latent_channels": 2}
+        model = build_model(config_from_dict(data))
+        return save_checkpoint(self.root / f"{family}{spatial_dims}d.ckpt", model, TrainingState())
+
+
+def _truncated_gz(ws: Workspace) -> list[str]:
+    bad = ws.root / "cut.nii.gz"
+    bad.write_bytes(ws.images[2].read_bytes()[:200])
+    ws.replace_image(2, bad)
+    return ws.train()
+
+
+def _truncated_nii(ws: Workspace) -> list[str]:
+    full = _nifti(ws.root / "full.nii", np.random.default_rng(1).random((SIZE, SIZE)))
+    bad = ws.root / "half.nii"
+    data = full.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    ws.replace_image(3, bad)
+    return ws.train()
+
+
+def _bad_values(value: float, every: bool = False) -> Callable[[Workspace], list[str]]:
+    def make(ws: Workspace) -> list[str]:
+        array = np.random.default_rng(2).random((SIZE, SIZE))
+        if every:
+            array[:] = value
+        else:
+            array[3, 4] = value
+        ws.replace_image(1, _nifti(ws.root / "bad.nii.gz", array))
+        return ws.train()
+
+    return make
+
+
+def _all_constant(ws: Workspace) -> list[str]:
+    for i in range(len(ws.rows)):
+        ws.replace_image(i, _nifti(ws.root / f"flat{i}.nii.gz", np.full((SIZE, SIZE), 7.0)))
+    return ws.train()
+
+
+def _not_an_image(ws: Workspace) -> list[str]:
+    (ws.root / "notes.png").write_text("this is not a PNG", encoding="utf-8")
+    ws.replace_image(0, ws.root / "notes.png")
+    return ws.train()
+
+
+def _slice_as_volume(ws: Workspace) -> list[str]:
+    for i in range(len(ws.rows)):
+        ws.replace_image(i, _nifti(ws.root / f"vol{i}.nii.gz", np.random.default_rng(i).random((SIZE, SIZE, 1))))
+    data = tiny_gan()
+    data["spatial_dims"] = 3
+    data["training"]["batch_size"] = 2
+    return ws.train(cfg=ws.write_cfg(data, "cfg3d.yaml"))
+
+
+def _csv(rows: Callable[[Workspace], str], encoding: str = "utf-8") -> Callable[[Workspace], list[str]]:
+    def make(ws: Workspace) -> list[str]:
+        path = ws.root / "bad.csv"
+        path.write_bytes(rows(ws).encode(encoding))
+        return ws.train(data=path)
+
+    return make
+
+
+def _cfg(data: Callable[[], dict | str] | dict | str) -> Callable[[Workspace], list[str]]:
+    def make(ws: Workspace) -> list[str]:
+        content = data() if callable(data) else data
+        return ws.train(cfg=ws.write_cfg(content, "bad.yaml"))
+
+    return make
+
+
+def _gan_model(**model: object) -> dict:
+    data = tiny_gan()
+    data["model"].update(model)
+    return data
+
+
+def _family(family: str, image_size: int = SIZE, **model: object) -> dict:
+    data = tiny_gan()
+    data["image_size"] = image_size
+    data["model"] = {"family": family, **model}
+    return data
+
+
+def _resume_changed(**training: object) -> Callable[[Workspace], list[str]]:
+    def make(ws: Workspace) -> list[str]:
+        from fedsynth.checkpoint import TrainingState, save_checkpoint
+        from fedsynth.config import config_from_dict
+        from fedsynth.models import build_model
+
+        ws.run.mkdir()
+        save_checkpoint(ws.run / "last.ckpt", build_model(config_from_dict(tiny_gan())), TrainingState(epoch=1, step=2))
+        return ws.train("--resume", cfg=ws.write_cfg(tiny_gan(**training), "changed.yaml"))
+
+    return make
+
+
+def _foreign_resume(ws: Workspace) -> list[str]:
+    ws.run.mkdir()
+    ws.checkpoint(family="autoencoder").rename(ws.run / "last.ckpt")
+    return ws.train("--resume")
+
+
+def _corrupt_checkpoint(ws: Workspace) -> list[str]:
+    ckpt = ws.checkpoint()
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    return ["generate", "--checkpoint", str(ckpt), "-n", "2", "-o", str(ws.root / "gen")]
+
+
+def _text_checkpoint(ws: Workspace) -> list[str]:
+    (ws.root / "model.ckpt").write_text("not a checkpoint", encoding="utf-8")
+    return ["generate", "--checkpoint", str(ws.root / "model.ckpt"), "-n", "2", "-o", str(ws.root / "gen")]
+
+
+def _existing_run(ws: Workspace) -> list[str]:
+    ws.run.mkdir()
+    (ws.run / "metrics.csv").write_text("epoch,step\n1,2\n", encoding="utf-8")
+    return ws.train()
+
+
+def _generate(*extra: str, spatial_dims: int = 2) -> Callable[[Workspace], list[str]]:
+    def make(ws: Workspace) -> list[str]:
+        return ["generate", "--checkpoint", str(ws.checkpoint(spatial_dims)), "-o", str(ws.root / "gen"), *extra]
+
+    return make
+
+
+def _file_at(path_of: Callable[[Workspace], Path], argv: Callable[[Workspace, Path], list[str]]) -> Callable[[Workspace], list[str]]:
+    def make(ws: Workspace) -> list[str]:
+        target = path_of(ws)
+        return argv(ws, target)
+
+    return make
+
+
+def _blocker(ws: Workspace) -> Path:
+    path = ws.root / "blocker"
+    path.write_text("a file", encoding="utf-8")
+    return path
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[Workspace], list[str]]
+    expected: tuple[str, ...]  # all must appear in the error message
+
+
+CASES = [
+    # ---- YAML
+    Case("empty_yaml", _cfg("# only a comment\n"), ("bad.yaml", "empty")),
+    Case("latin1_yaml", lambda ws: ws.train(cfg=_latin1(ws.root / "bad.yaml", "seed: 1 # caf\u00e9\n")), ("bad.yaml", "UTF-8")),
+    Case("unknown_key", _cfg({"training": {"epocs": 2}}), ("bad.yaml", "training.epocs", "unknown key")),
+    Case("gan_size_36", _cfg(_family("gan", 36)), ("image_size", "36", "nearest valid: 32, 40")),
+    Case("gan_group_norm_12", _cfg(_gan_model(discriminator_channels=12)), ("model.discriminator_channels", "12", "8, 16")),
+    Case("diffusion_size_33", _cfg(_family("diffusion", 33)), ("image_size", "33", "32, 34")),
+    Case("diffusion_norm_groups", _cfg(_family("diffusion", channels=[12, 24])), ("model.norm_num_groups", "8", "must divide")),
+    Case("autoencoder_norm_7", _cfg(_family("autoencoder", norm_num_groups=7)), ("model.norm_num_groups", "7", "nearest valid")),
+    Case("patch_disc_layers", _cfg(_family("autoencoder", adversarial_weight=0.1, discriminator_layers=4)),
+         ("model.discriminator_layers", "4", "nearest valid: 2")),
+    Case("slice_as_3d", _slice_as_volume, ("row 1", "SubjectID 's0'", "spatial_dims: 3")),
+    # ---- CSV
+    Case("latin1_csv", _csv(lambda ws: "SubjectID,Channel_0\ns\u00e9,img0.nii.gz\n", "latin-1"), ("bad.csv", "UTF-8", "row 1")),
+    Case("no_subject_column", _csv(lambda ws: "ID,Channel_0\na,img0.nii.gz\n"), ("bad.csv", "SubjectID")),
+    Case("duplicate_row", _csv(lambda ws: "SubjectID,Channel_0\na,img0.nii.gz\nb,img1.nii.gz\na,img0.nii.gz\n"),
+         ("bad.csv, row 3", "SubjectID 'a'", "repeats the file of row 1")),
+    Case("file_under_two_subjects", _csv(lambda ws: "SubjectID,Channel_0\na,img0.nii.gz\nb,img0.nii.gz\n"),
+         ("row 2", "another SubjectID", "img0.nii.gz")),
+    Case("extra_field", _csv(lambda ws: "SubjectID,Channel_0\na,img0.nii.gz,oops\n"), ("bad.csv, row 1", "3 values")),
+    Case("missing_file", _csv(lambda ws: "SubjectID,Channel_0\na,img0.nii.gz\nb,gone.nii.gz\n"),
+         ("row 2", "SubjectID 'b'", "gone.nii.gz")),
+    Case("header_only", _csv(lambda ws: "SubjectID,Channel_0\n"), ("bad.csv", "no data rows")),
+    # ---- images
+    Case("truncated_nii_gz", _truncated_gz, ("data.csv, row 3", "SubjectID 's2'", "cut.nii.gz")),
+    Case("truncated_nii", _truncated_nii, ("row 4", "SubjectID 's3'", "half.nii", "truncated")),
+    Case("nan_voxel", _bad_values(float("nan")), ("row 2", "SubjectID 's1'", "bad.nii.gz", "1 NaN")),
+    Case("inf_voxel", _bad_values(float("inf")), ("row 2", "bad.nii.gz", "1 Inf")),
+    Case("all_nan", _bad_values(float("nan"), every=True), ("row 2", "bad.nii.gz", f"{SIZE * SIZE} NaN")),
+    Case("all_constant", _all_constant, ("data.csv", "every image is constant")),
+    Case("not_an_image", _not_an_image, ("row 1", "SubjectID 's0'", "notes.png")),
+    # ---- checkpoints
+    Case("corrupt_checkpoint", _corrupt_checkpoint, ("gan2d.ckpt", "corrupt")),
+    Case("text_checkpoint", _text_checkpoint, ("model.ckpt", "not a fedsynth checkpoint")),
+    Case("foreign_family_resume", _foreign_resume, ("last.ckpt", "autoencoder checkpoint", "gan")),
+    Case("resume_changed_batch", _resume_changed(batch_size=2), ("last.ckpt", "training.batch_size: 4 -> 2")),
+    Case("resume_without_checkpoint", lambda ws: ws.train("--resume"), ("--resume", "last.ckpt")),
+    Case("existing_run_folder", _existing_run, ("run", "already holds a run", "--resume", "--overwrite")),
+    # ---- CLI values
+    Case("devices_0", lambda ws: ws.train("--devices", "0"), ("--devices", "0")),
+    Case("devices_minus_2", lambda ws: ws.train("--devices", "-2"), ("--devices", "-2")),
+    Case("epochs_0", lambda ws: ws.train("--epochs", "0"), ("--epochs", "0")),
+    Case("epochs_minus_1", lambda ws: ws.train("--epochs", "-1"), ("--epochs", "-1")),
+    Case("generate_steps_0", _generate("--steps", "0"), ("--steps", "0")),
+    Case("generate_n_0", _generate("-n", "0"), ("--num-images", "0")),
+    Case("generate_png_from_3d", _generate("--format", "png", "-n", "1", spatial_dims=3), ("--format png", "3D")),
+    Case("init_config_untrainable", lambda ws: ["init-config", "--family", "gan", "--image-size", "36", "-o",
+                                                str(ws.root / "new.yaml")], ("image_size", "36", "32, 40")),
+    Case("init_config_exists", lambda ws: ["init-config", "--family", "gan", "--image-size", "32", "-o", str(ws.cfg)],
+         ("cfg.yaml", "exists", "--overwrite")),
+    # ---- unwritable outputs
+    Case("train_o_is_file", lambda ws: ws.train(out=_blocker(ws)), ("blocker", "existing file")),
+    Case("train_o_under_file", lambda ws: ws.train(out=_blocker(ws) / "run"), ("blocker", "is a file")),
+    Case("generate_o_under_file", lambda ws: ["generate", "--checkpoint", str(ws.checkpoint()), "-o",
+                                              str(_blocker(ws) / "gen")], ("blocker", "is a file")),
+    Case("init_config_o_under_file", lambda ws: ["init-config", "--family", "gan", "--image-size", "32", "-o",
+                                                 str(_blocker(ws) / "c.yaml")], ("blocker", "is a file")),
+    Case("init_config_o_is_folder", lambda ws: ["init-config", "--family", "gan", "--image-size", "32", "-o",
+                                                str(ws.root)], ("existing folder",)),
+]
+
+
+def _latin1(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("latin-1"))
+    return path
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_clear_error(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ws = Workspace(tmp_path)
+    argv = case.make(ws)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    first = err.strip().splitlines()[0]
+    assert first.startswith(f"fedsynth {argv[0]}: error: "), err
+    for text in case.expected:
+        assert text in err, f"{text!r} not in: {err}"
+    assert _snapshot(tmp_path) == before, "the failed command wrote or changed files"
+
+
+def test_enough_cases() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("argv_of", [
+    lambda ws: ws.train("--epochs", "0"),
+    lambda ws: ["init-config", "--family", "gan", "--image-size", "36", "-o", str(ws.root / "x.yaml")],
+    _truncated_gz,
+], ids=["epochs_0", "init_config_36", "truncated_nii_gz"])
+def test_bad_input_in_a_real_process(argv_of: Callable[[Workspace], list[str]], tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "fedsynth", *argv_of(ws)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error:" in proc.stderr
+
+
+def test_utf8_bom_csv_is_accepted(tmp_path: Path) -> None:
+    from fedsynth.data.manifest import read_manifest
+
+    ws = Workspace(tmp_path)
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + ws.csv.read_bytes())
+    assert [r.subject_id for r in read_manifest(path)] == [s for s, _ in ws.rows]
+
+
+def test_rows_of_one_subject_by_design_are_accepted(tmp_path: Path) -> None:
+    from fedsynth.data.manifest import read_manifest
+
+    ws = Workspace(tmp_path)
+    rows = [("brain", p.name) for p in ws.images]  # slices of one volume: one subject, different files
+    assert {r.subject_id for r in read_manifest(ws.write_csv(rows, "one.csv"))} == {"brain"}
+
+
+def test_constant_image_is_skipped_with_a_warning_naming_its_row(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fedsynth.config import config_from_dict
+    from fedsynth.data import load_datasets
+
+    ws = Workspace(tmp_path)
+    ws.replace_image(5, _nifti(tmp_path / "flat.nii.gz", np.zeros((SIZE, SIZE))))
+    train, _ = load_datasets(config_from_dict(tiny_gan()), str(ws.csv))
+    assert len(train) == 7 and [r.row for r in train.skipped] == [6]
+    assert any("row 6" in m and "SubjectID 's5'" in m and "constant" in m for m in caplog.messages)
+
+
+def test_simpleitk_alone_would_miss_these(tmp_path: Path) -> None:
+    """The reason for the nibabel checks: SimpleITK reads a half NIfTI file without complaint."""
+    import SimpleITK as sitk
+
+    full = _nifti(tmp_path / "full.nii", np.random.default_rng(1).random((SIZE, SIZE)) + 1)
+    half = tmp_path / "half.nii"
+    half.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    try:
+        sitk.GetArrayFromImage(sitk.ReadImage(str(half)))
+    except RuntimeError:
+        pytest.skip("this SimpleITK refuses truncated NIfTI itself")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ws = Workspace(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(ws.train(out=locked / "run")) == 2
+        assert "no permission" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_full_disk_names_the_path_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    """A file-size limit (RLIMIT_FSIZE) makes the checkpoint write fail as a full disk would."""
+    ws = Workspace(tmp_path)
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+            "from fedsynth.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *ws.train()], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot write" in proc.stderr and str(ws.run / "last.ckpt") in proc.stderr
+    assert not list(ws.run.glob(".*.tmp")) and not (ws.run / "last.ckpt").exists()
+    assert not (ws.run / "metrics.csv").exists(), "metrics.csv must not get ahead of the checkpoint"
+
+
+def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    ws.run.mkdir()
+    (ws.run / ".last.ckpt.abc123.tmp").write_bytes(b"")
+    assert main(ws.train("--epochs", "1")) == 0
+    assert not list(ws.run.glob(".*.tmp")) and (ws.run / "last.ckpt").is_file()
+
+
+def test_overwrite_starts_again(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    assert main(ws.train()) == 0
+    assert main(ws.train("--overwrite")) == 0
+    from fedsynth.checkpoint import load_checkpoint
+
+    assert load_checkpoint(ws.run / "last.ckpt")["epoch"] == 1
+    assert len((ws.run / "metrics.csv").read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_resume_applies_and_logs_a_new_learning_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsynth.config import load_config
+    from fedsynth.data import load_datasets
+    from fedsynth.local import build_engine
+
+    ws = Workspace(tmp_path)
+    assert main(ws.train()) == 0
+    changed = ws.write_cfg(tiny_gan(learning_rate=1e-2, epochs=2), "lr.yaml")
+    config = load_config(changed)
+    engine = build_engine(config, ws.run)
+    engine.resume(ws.run / "last.ckpt")
+    assert {g["lr"] for opt in engine.optimizers.values() for g in opt.param_groups} == {1e-2}
+    assert "training.learning_rate: 0.0002 -> 0.01 (applied)" in capsys.readouterr().out
+    assert main(ws.train("--resume", cfg=changed)) == 0
+    assert load_config(ws.run / "config.yaml").training.learning_rate == 1e-2
+
+
+def test_generate_replaces_a_previous_generation(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    out = tmp_path / "gen"
+    ckpt = ws.checkpoint()
+    assert main(["generate", "--checkpoint", str(ckpt), "-n", "4", "-o", str(out)]) == 0
+    assert main(["generate", "--checkpoint", str(ckpt), "-n", "2", "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("synthetic_*")) == ["synthetic_0000.png", "synthetic_0001.png"]
+    assert len((out / "manifest.csv").read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_evaluate_warns_on_an_interrupted_generation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fedsynth.config import config_from_dict
+    from fedsynth.metrics.images import load_synthetic
+
+    ws = Workspace(tmp_path)
+    out = tmp_path / "gen"
+    assert main(["generate", "--checkpoint", str(ws.checkpoint()), "-n", "4", "-o", str(out)]) == 0
+    (out / "manifest.csv").unlink()  # as a generate killed before its manifest
+    (out / "synthetic_0003.png").unlink()
+    images = load_synthetic(out, config_from_dict(tiny_gan()))
+    assert len(images) == 3
+    assert any("interrupted" in m and str(out) in m for m in caplog.messages)
+
+
+def test_gzip_header_cut_is_refused_by_read_image(tmp_path: Path) -> None:
+    from fedsynth.data.images import read_image
+    from fedsynth.errors import DataError
+
+    good = _nifti(tmp_path / "a.nii.gz", np.ones((SIZE, SIZE)))
+    raw = gzip.decompress(good.read_bytes())
+    (tmp_path / "b.nii.gz").write_bytes(gzip.compress(raw[: len(raw) - 100]))  # valid gzip, too few voxels
+    with pytest.raises(DataError, match="b.nii.gz"):
+        read_image(tmp_path / "b.nii.gz")
