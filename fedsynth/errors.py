@@ -23,3 +23,13 @@ class WeightsError(FedsynthError):
 
 class OutputError(FedsynthError):
     """An output path cannot be written (a file where a folder is needed, no space left, no permission)."""
+
+
+class PolicyRefused(ConfigError):
+    """A site refuses the coordinator's config (weaker than its privacy floor); the message names
+    only fields and values, never paths or subject ids, so it may leave the site."""
+
+
+class SiteFailure(FedsynthError):
+    """What a site tells the coordinator when a round failed: the error's type, never its details
+    (they may hold paths or subject ids and stay in the site's own log)."""

@@ -190,8 +190,8 @@ def test_other_families_federate_with_the_same_pki(family: str, gan_federation: 
 
 
 def _workspace_with_module_pki(tmp_path: Path, family: str, sites: dict[str, tuple[Path, Path | None]],
-                               gan_federation: dict[str, object]) -> Workspace:
-    ws = create_workspace(tmp_path / "ws", _config(family), sites, agg_port=free_port())
+                               gan_federation: dict[str, object], site_configs: dict[str, Path] | None = None) -> Workspace:
+    ws = create_workspace(tmp_path / "ws", _config(family), sites, agg_port=free_port(), site_configs=site_configs)
     shutil.rmtree(ws.path / "cert")
     shutil.copytree(gan_federation["pki_root"], ws.path / "cert")  # type: ignore[arg-type]
     ws.path.joinpath("plan", "cols.yaml").write_text(yaml.safe_dump({"collaborators": list(ws.collaborators)}), encoding="utf-8")
@@ -211,6 +211,24 @@ def test_a_failing_collaborator_is_named_and_every_process_stopped(gan_federatio
     assert "missing.nii.gz" in str(err.value)  # the log tail shows why
     assert time.monotonic() - started < FEDERATION_TIMEOUT
     assert not _processes_in(ws.path), "processes of the failed federation are still running"
+
+
+def test_a_site_refuses_a_config_weaker_than_its_own_floor(gan_federation: dict[str, object],
+                                                             mri2d: dict[str, Path], tmp_path: Path) -> None:
+    """The plan's config (the coordinator's) has DP off; col1's own data.yaml requires DP: col1 refuses
+    before training anything, naming the field and both values, and the federation is stopped."""
+    from fedsynth.federated.site_config import write_trial_site_config
+
+    sites = _sites(mri2d)
+    floor = {"privacy": {"require_dp": True, "max_epsilon": 8.0}}
+    configs = {"col1": write_trial_site_config(tmp_path / "sites" / "col1", "col1", sites["col1"][0], None, floor)}
+    ws = _workspace_with_module_pki(tmp_path, "gan", sites, gan_federation, site_configs=configs)
+    assert f"col1,{configs['col1'].resolve()}" in (ws.path / "plan" / "data.yaml").read_text(encoding="utf-8")
+    with pytest.raises(ProcessFailed, match="collaborator col1 exited with status") as err:
+        run_federation(ws, timeout=FEDERATION_TIMEOUT)
+    assert "site 'col1' refuses" in str(err.value) and "privacy.enabled: the site requires true" in str(err.value)
+    assert not (tmp_path / "sites" / "col1" / "state" / "last.ckpt").exists()
+    assert not _processes_in(ws.path)
 
 
 def _processes_in(folder: Path) -> list[int]:

@@ -45,6 +45,8 @@ def test_two_sites_account_their_own_data_across_rounds(mri2d, tmp_path) -> None
 
 @pytest.mark.slow
 def test_flower_federation_reports_epsilon_per_site(tmp_path: Path, mri2d) -> None:
+    """Also: each site's own data.yaml sets its floor. site1 keeps its losses in; site3's floor is
+    stricter than what the (hostile) server sends, so site3 refuses every round, naming the field."""
     pytest.importorskip("flwr")
     from fedsynth import pki
     from fedsynth.config import save_config
@@ -54,18 +56,32 @@ def test_flower_federation_reports_epsilon_per_site(tmp_path: Path, mri2d) -> No
     certs = run / "certs"
     pki.create_ca(certs, "test CA")
     pki.issue_server_cert(certs, certs, "server", ["127.0.0.1", "localhost"])
-    for site in ("site1", "site2"):
+    for site in ("site1", "site2", "site3"):
         pki.issue_client_cert(certs, certs, site)
     cfg = tiny_config("gan", privacy={**PRIVACY, "client_noise_multiplier": 0.5},
                       federation={"local_steps": 2, "round_timeout_s": 120.0, "clip_update_norm": 5.0})
     save_config(cfg, tmp_path / "cfg.yaml")
-    request = TrialRequest(tmp_path / "cfg.yaml", {"site1": mri2d["mni152"], "site2": mri2d["colin27"]}, run, 2,
-                           evaluate=False, timeout_s=300)
+    policies = {"site1": {"privacy": {"require_dp": True, "min_noise_multiplier": 1.0}, "share_metrics": []},
+                "site3": {"privacy": {"require_dp": True, "min_noise_multiplier": 2.0}}}
+    request = TrialRequest(tmp_path / "cfg.yaml", {"site1": mri2d["mni152"], "site2": mri2d["colin27"],
+                                                   "site3": mri2d["mni152"]}, run, 2,
+                           evaluate=False, timeout_s=300, site_policies=policies)
     fed = LocalFederation(request)
     assert fed.run()["round"] == 2
     events = [json.loads(line) for line in (run / "server" / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
     rounds = [e for e in events if e["event"] == "round_end" or "site_metrics" in e]
     assert len(rounds) == 2, [e["event"] for e in events]
+    for r in rounds:
+        assert sorted(r["accepted"]) == ["site1", "site2"]
+        assert set(r["site_metrics"]["site1"]) == {"epsilon", "num_samples"}, "site1 keeps its losses in"
+        assert "train_loss" in r["site_metrics"]["site2"]
+    received = [json.loads(line) for line in (run / "server" / "received.jsonl").read_text(encoding="utf-8").splitlines()]
+    refusals = [e["error"] for e in received if "error" in e]
+    assert len(refusals) == 2, received
+    for reason in refusals:
+        assert "site 'site3'" in reason and "privacy.noise_multiplier" in reason and "at least 2" in reason \
+            and "sent 1.2" in reason, reason
+    assert not (run / "sites" / "site3" / "state" / "last.ckpt").exists(), "site3 trained nothing"
     for site in ("site1", "site2"):
         eps = [r["site_metrics"][site]["epsilon"] for r in rounds]
         assert 0 < eps[0] < eps[1], (site, eps)

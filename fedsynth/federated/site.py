@@ -5,11 +5,15 @@ A :class:`Site` keeps everything that must survive between rounds on the site's 
 RNG, the privacy ledger), because a federation may run each round in a fresh process.
 Each round it applies the global shared weights, trains with the one :class:`Engine` for
 ``local_epochs`` (or ``local_steps``) and returns only the shared groups.
+
+The site's :class:`~fedsynth.federated.site_config.SitePolicy` is applied here, for both
+backends: the coordinator's config is checked against the site's privacy floor before the
+engine is built (and the noise actually used, once known), and only the metrics the site
+allows leave it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ from fedsynth.data.dataset import ImageDataset, load_datasets
 from fedsynth.engine import LAST, Engine
 from fedsynth.errors import WeightsError
 from fedsynth.federated.aggregation import group_of, resolve_group_policy, select_groups, shared_groups
+from fedsynth.federated.site_config import SitePolicy
 
 
 @dataclass
@@ -36,9 +41,11 @@ class Site:
     """Train and evaluate one site's model for a federation, state kept in ``state_dir``."""
 
     def __init__(self, config: ExperimentConfig, train_csv: str | Path, state_dir: str | Path, *,
-                 site_id: str = "site", val_csv: str | Path | None = None) -> None:
+                 site_id: str = "site", val_csv: str | Path | None = None, policy: SitePolicy | None = None) -> None:
         from fedsynth.local import build_engine
 
+        self.policy_rules = policy or SitePolicy.permissive()
+        self.policy_rules.check(config, site_id)  # before anything is built from the coordinator's config
         self.config = config
         self.site_id = site_id
         self.train_csv, self.val_csv = str(train_csv), (str(val_csv) if val_csv else None)
@@ -78,19 +85,25 @@ class Site:
         state.round = server_round
         max_steps = state.step + fed.local_steps if fed.local_steps else None
         train, val = self.data
-        # a round capped by local_steps can end mid-epoch: the next round goes on from that batch
+        privacy = self.engine.privacy
+        if privacy is not None and hasattr(privacy, "planned_noise_multiplier"):
+            self.policy_rules.check_noise(privacy.planned_noise_multiplier(len(train)), self.site_id)
         partial = 1 if fed.local_steps and state.batch_in_epoch else 0
         per_round = fed.local_steps or fed.local_epochs * math.ceil(len(train) / self.config.training.batch_size)
         self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs + partial, max_steps=max_steps,
                         planned_steps=fed.rounds * per_round)
         self.engine.save(self.state_dir / LAST)
-        metrics = {k: float(v) for k, v in self.engine.state.metrics.items() if math.isfinite(float(v))}
+        metrics = self.policy_rules.outbound(self.engine.state.metrics)
         return RoundResult(select_groups(self.engine.model.get_weights(), self.shared), len(train), metrics)
 
-    def evaluate(self, global_weights: Mapping[str, np.ndarray]) -> tuple[float, int, dict[str, float]]:
-        """Validation loss of the global model on this site's validation data (else its training data)."""
+    def evaluate(self, global_weights: Mapping[str, np.ndarray]) -> tuple[float | None, int, dict[str, float]]:
+        """Validation loss of the global model on this site's validation data (else its training data).
+
+        The loss is ``None`` and the metrics are filtered when the site's policy keeps them in.
+        """
         self.apply_global(global_weights)
         train, val = self.data
         dataset = val if val is not None else train
         metrics = self.engine.validate(dataset)
-        return float(metrics["loss"]), len(dataset), {k: float(v) for k, v in metrics.items()}
+        loss = float(metrics["loss"]) if self.policy_rules.allows("loss") else None
+        return loss, len(dataset), self.policy_rules.outbound(metrics)

@@ -186,10 +186,9 @@ class OpacusPrivacy:
         batch = self.config.training.batch_size
         self.sample_rate = min(1.0, batch / n_data)
         if self.noise_multiplier is None:
-            epochs = self.cfg.epochs or self.config.training.epochs
-            self.noise_multiplier = self.ledger.calibrate(self.sample_rate, epochs * int(1 / self.sample_rate))
+            self.noise_multiplier = self.planned_noise_multiplier(n_data)
             self._say(f"noise_multiplier {self.noise_multiplier:.3f} calibrated for epsilon {self.cfg.target_epsilon} "
-                      f"at delta {self.cfg.delta} over {epochs} epoch(s) with sample rate {self.sample_rate:.4g}")
+                      f"at delta {self.cfg.delta} over {self.cfg.epochs or self.config.training.epochs} epoch(s) with sample rate {self.sample_rate:.4g}")
         self._wrap_networks(model)
         expected = max(1, round(self.sample_rate * n_data))
         k = len(self.groups)
@@ -214,6 +213,14 @@ class OpacusPrivacy:
         private_loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(self.config),
                                     num_workers=loader.num_workers)
         return out, private_loader
+
+    def planned_noise_multiplier(self, n_data: int) -> float:
+        """The noise multiplier training on ``n_data`` examples will use (given, kept, or calibrated now)."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        epochs = self.cfg.epochs or self.config.training.epochs
+        sample_rate = min(1.0, self.config.training.batch_size / n_data)
+        return self.ledger.calibrate(sample_rate, epochs * int(1 / sample_rate))
 
     def can_step(self) -> str | None:
         if self.noise_multiplier is None or self.sample_rate is None:

@@ -2,60 +2,42 @@
 
 Flower starts a fresh ``flwr-clientapp`` process for every message, so nothing lives in
 memory between rounds: the experiment config arrives with each message (the server's), the
-site's data and state folder come from its *data config* (``--node-config
-'data-config="/abs/site.yaml"'`` on the SuperNode), and everything that must survive between
-rounds (local groups, optimizers, RNG, privacy ledger) is kept by ``Site`` in ``state_dir``.
+site's data, state folder, privacy floor and metric policy come from its own *data config*
+(``--node-config 'data-config="/abs/site.yaml"'`` on the SuperNode; see
+:mod:`fedsynth.federated.site_config`): a server config weaker than the site's floor is
+refused before anything is trained, and only the metrics the site allows are sent. Everything
+that must survive between rounds (local groups, optimizers, RNG, privacy ledger) is kept by
+``Site`` in ``state_dir``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from pydantic import BaseModel, ConfigDict, Field
 
-from fedsynth.config import ExperimentConfig, config_from_dict, read_yaml, validate_model
-from fedsynth.errors import ConfigError
+from fedsynth.config import ExperimentConfig, config_from_dict
+from fedsynth.errors import ConfigError, PolicyRefused, SiteFailure
 from fedsynth.federated.aggregation import from_transport
 from fedsynth.federated.flower.records import encode, metrics_record, record_to_weights
+from fedsynth.federated.site_config import SiteDataConfig, SitePolicy, write_site_config
+from fedsynth.federated.site_config import load_site_config as _load
+
+__all__ = ["SiteDataConfig", "app", "load_site_config", "write_site_config"]
 
 log = logging.getLogger("fedsynth.flower.client")
 
 DATA_CONFIG_KEY = "data-config"
 
 
-class SiteDataConfig(BaseModel):
-    """A site's data config (``data.yaml``): which CSVs it trains on and where it keeps its state."""
-
-    model_config = ConfigDict(extra="forbid")
-    site_id: str = Field(min_length=1, description="name of this site in the server's logs")
-    train_csv: Path = Field(description="training CSV (relative paths: relative to this file)")
-    val_csv: Path | None = Field(None, description="optional validation CSV")
-    state_dir: Path = Field(description="site-private state: local groups, optimizers, privacy ledger")
-
-
 def load_site_config(path: str | Path) -> SiteDataConfig:
-    """Read and validate a site data config; relative paths resolve against its folder."""
-    path = Path(path)
-    raw = read_yaml(path, "site data config", " (pass --node-config 'data-config=\"/abs/site.yaml\"')")
-    cfg = validate_model(SiteDataConfig, raw, f"site data config {path}")
-    base = path.parent.resolve()
-    updates = {k: (base / getattr(cfg, k)) for k in ("train_csv", "val_csv", "state_dir")
-               if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()}
-    return cfg.model_copy(update=updates)
-
-
-def write_site_config(path: str | Path, cfg: SiteDataConfig) -> Path:
-    """Write a site data config as YAML (atomically)."""
-    from fedsynth.io import atomic_write_text
-
-    data = {k: (str(v) if v is not None else None) for k, v in cfg.model_dump().items()}
-    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
-    return Path(path)
+    """Read and validate a site data config (see :mod:`fedsynth.federated.site_config`)."""
+    return _load(path, " (pass --node-config 'data-config=\"/abs/site.yaml\"')")
 
 
 def _experiment(msg: Message) -> ExperimentConfig:
@@ -68,15 +50,44 @@ def _site(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     if DATA_CONFIG_KEY not in context.node_config:
         raise ConfigError(f"this SuperNode has no '{DATA_CONFIG_KEY}' in --node-config; start it with "
                           f"--node-config '{DATA_CONFIG_KEY}=\"/abs/path/site.yaml\"'")
-    data = load_site_config(str(context.node_config[DATA_CONFIG_KEY]))
-    site = Site(_experiment(msg), data.train_csv, data.state_dir, site_id=data.site_id, val_csv=data.val_csv)
+    path = Path(str(context.node_config[DATA_CONFIG_KEY]))
+    data = load_site_config(path)
+    state_dir = data.state_dir or path.parent.resolve() / "state"
+    site = Site(_experiment(msg), data.train_csv, state_dir, site_id=data.site_id, val_csv=data.val_csv,
+                policy=SitePolicy.of(data))
     return site, data
+
+
+def _site_id(context: Context) -> str:
+    try:
+        return load_site_config(str(context.node_config.get(DATA_CONFIG_KEY, ""))).site_id
+    except Exception:
+        return "?"
+
+
+def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Errors leave the site as their type only (a refusal by the site's policy: with its fields and
+    values); the full message, which may name files or subjects, stays in the SuperNode's log."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except PolicyRefused:
+            raise
+        except Exception as err:
+            log.exception("site round failed")
+            raise SiteFailure(f"site '{_site_id(context)}': {type(err).__name__} during {handler.__name__} "
+                              "(details in the site's own log)") from None
+
+    return run
 
 
 app = ClientApp()
 
 
 @app.train()
+@_guarded
 def train(msg: Message, context: Context) -> Message:
     """Apply the global shared groups, train one round with the engine, return the shared groups."""
     site, data = _site(msg, context)
@@ -95,14 +106,16 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation loss of the global model on this site's data (never changes the site's state)."""
     site, data = _site(msg, context)
     reference = site.shared_weights()
     received = from_transport(record_to_weights(msg.content["arrays"]), reference)
     loss, n, metrics = site.evaluate(received)
+    extra = {"loss": loss} if loss is not None else {}
     content = RecordDict({
-        "metrics": metrics_record({k: v for k, v in metrics.items() if k != "loss"}, loss=loss, num_samples=int(n)),
+        "metrics": metrics_record({k: v for k, v in metrics.items() if k != "loss"}, **extra, num_samples=int(n)),
         "site": ConfigRecord({"site-id": data.site_id}),
     })
     return Message(content, reply_to=msg)

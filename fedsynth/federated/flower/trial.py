@@ -25,7 +25,7 @@ from fedsynth import pki
 from fedsynth.config import load_config, save_config
 from fedsynth.errors import ConfigError
 from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
-from fedsynth.federated.flower.client_app import SiteDataConfig, write_site_config
+from fedsynth.federated.site_config import write_trial_site_config
 from fedsynth.federated.flower.launcher import (
     FederationError, Processes, SuperLinkPorts, TLSFiles, flower_env, flwr_cli, follow, free_port, superlink_argv,
     supernode_argv, wait_for_port,
@@ -48,6 +48,9 @@ class TrialRequest:
     evaluate: bool = True
     timeout_s: float = 3600.0
     overrides: Callable[[Any], None] | None = None  # edit the loaded config (tests/benchmarks)
+    #: site id -> {privacy: <floor>, share_metrics: [...]} written into that site's data.yaml;
+    #: a site not named lets every metric out (one operator runs every site of a trial)
+    site_policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class LocalFederation:
@@ -92,10 +95,9 @@ class LocalFederation:
             csv = Path(train_csv).resolve()
             if not csv.is_file():
                 raise ConfigError(f"--site {site_id}={train_csv}: file not found")
-            site_dir = self.run_dir / "sites" / site_id
             val = self.request.val_sites.get(site_id)
-            write_site_config(site_dir / "data.yaml", SiteDataConfig(
-                site_id=site_id, train_csv=csv, val_csv=Path(val).resolve() if val else None, state_dir=site_dir / "state"))
+            write_trial_site_config(self.run_dir / "sites" / site_id, site_id, csv, Path(val) if val else None,
+                                    self.request.site_policies.get(site_id))
             if self.request.tls and not (self.certs / f"{site_id}.auth").is_file():
                 pki.issue_client_cert(self.certs, self.certs, site_id)
         write_app(self.app_dir, AppSpec(config_path=self.run_dir / "config.yaml", run_dir=self.run_dir,

@@ -25,10 +25,11 @@ from openfl.utilities import TensorKey
 
 from fedsynth.checkpoint import load_checkpoint
 from fedsynth.engine import seed_everything
-from fedsynth.errors import CheckpointError
+from fedsynth.errors import CheckpointError, ConfigError
 from fedsynth.federated.aggregation import from_transport, resolve_group_policy, select_groups, shared_groups
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
 from fedsynth.federated.site import Site
+from fedsynth.federated.site_config import SitePolicy
 from fedsynth.models import build_model
 
 log = logging.getLogger("fedsynth.openfl")
@@ -61,8 +62,13 @@ class FedsynthTaskRunner(TaskRunner):
             loader = self.data_loader
             if loader is None or getattr(loader, "train_csv", None) is None:
                 raise RuntimeError(f"collaborator '{col_name}' has no training CSV in plan/data.yaml")
-            self.site = Site(self.config, loader.train_csv, self.state_dir / col_name, site_id=col_name,
-                             val_csv=loader.val_csv)
+            data = getattr(loader, "site_config", None)
+            if data is not None and data.site_id != col_name:
+                raise ConfigError(f"collaborator '{col_name}': its site data config names site_id '{data.site_id}'")
+            state_dir = data.state_dir if data is not None and data.state_dir is not None else self.state_dir / col_name
+            policy = SitePolicy.of(data) if data is not None else None
+            self.site = Site(self.config, loader.train_csv, state_dir, site_id=col_name, val_csv=loader.val_csv,
+                             policy=policy)
             log.info("site %s: %d training images, groups %s (local: %s)", col_name, self.site.num_samples,
                      self.policy, [g for g in self.policy if g not in self.shared])
         return self.site
@@ -100,11 +106,14 @@ class FedsynthTaskRunner(TaskRunner):
         loss, n, metrics = site.evaluate(self._incoming(input_tensor_dict))
         self._valid_size = n
         suffix = "validate_agg" if apply == "global" else "validate_local"
-        out = {TensorKey(SCORE, col_name, round_num, True, ("metric", suffix)): np.array(-loss, dtype=np.float32)}
+        out: dict[TensorKey, np.ndarray] = {}
+        if loss is not None:  # the site's policy may keep its loss in (then OpenFL keeps no `best`)
+            out[TensorKey(SCORE, col_name, round_num, True, ("metric", suffix))] = np.array(-loss, dtype=np.float32)
         if apply != "global":  # OpenFL compares every validate_agg metric with `best`: keep that one alone
             for name, value in metrics.items():
                 out[TensorKey(f"val_{name}", col_name, round_num, True, ("metric", suffix))] = np.array(value, dtype=np.float32)
-        log.info("site %s round %d %s: loss %.5f on %d images", col_name, round_num, suffix, loss, n)
+        log.info("site %s round %d %s: loss %s on %d images", col_name, round_num, suffix,
+                 "withheld" if loss is None else f"{loss:.5f}", n)
         return out, {}
 
     # ------------------------------------------------------------------ OpenFL API

@@ -17,12 +17,14 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedsynth.config import ExperimentConfig
 from fedsynth.engine import BEST, LAST
 from fedsynth.errors import DataError
 from fedsynth.federated.openfl.processes import ProcessGroup
 from fedsynth.federated.openfl.workspace import Workspace, create_workspace, set_up_pki_and_plan
+from fedsynth.federated.site_config import write_trial_site_config
 
 BIND = "127.0.0.1"
 
@@ -107,8 +109,13 @@ def export_run(ws: Workspace, run_dir: Path) -> dict[str, Path]:
 
 
 def run_trial(config: ExperimentConfig, sites: Mapping[str, tuple[Path, Path | None]], run_dir: Path, *,
-              rounds: int | None = None, timeout: float | None = None) -> TrialResult:
-    """The whole one-machine federation; see the module docstring."""
+              rounds: int | None = None, timeout: float | None = None,
+              site_policies: Mapping[str, Mapping[str, Any]] | None = None) -> TrialResult:
+    """The whole one-machine federation; see the module docstring.
+
+    Each site gets ``RUN_DIR/sites/<name>/data.yaml`` (its CSVs, its state in ``state/``, and the
+    privacy floor / metric policy of ``site_policies[name]``; without one every metric is shared).
+    """
     if len(sites) < 1:
         raise DataError("federate openfl: give at least one --site NAME=TRAIN_CSV")
     for name, (train, val) in sites.items():
@@ -120,7 +127,10 @@ def run_trial(config: ExperimentConfig, sites: Mapping[str, tuple[Path, Path | N
     run_dir = Path(run_dir).resolve()
     result = TrialResult(run_dir, run_dir / "workspace")
     t0 = time.monotonic()
-    ws = create_workspace(result.workspace, config, sites, agg_port=free_port())
+    site_configs = {name: write_trial_site_config(run_dir / "sites" / name, name, train, val,
+                                                  (site_policies or {}).get(name))
+                    for name, (train, val) in sites.items()}
+    ws = create_workspace(result.workspace, config, sites, agg_port=free_port(), site_configs=site_configs)
     set_up_pki_and_plan(ws)
     result.timings["setup_s"] = time.monotonic() - t0
     budget = timeout if timeout is not None else config.federation.round_timeout_s * config.federation.rounds + 300

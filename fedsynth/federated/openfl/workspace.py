@@ -64,8 +64,13 @@ class Workspace:
 
 
 def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str, tuple[Path, Path | None]], *,
-                     agg_port: int, agg_addr: str = LOCAL_AGGREGATOR_NAME, plans: Path | None = None) -> Workspace:
-    """Copy the family's template to ``prefix`` and fill in config, data.yaml and network settings."""
+                     agg_port: int, agg_addr: str = LOCAL_AGGREGATOR_NAME, plans: Path | None = None,
+                     site_configs: Mapping[str, Path] | None = None) -> Workspace:
+    """Copy the family's template to ``prefix`` and fill in config, data.yaml and network settings.
+
+    ``site_configs`` (collaborator -> its site data config) makes ``plan/data.yaml`` name each
+    site's own ``data.yaml`` (privacy floor, metric policy) instead of its bare CSVs.
+    """
     prefix = Path(prefix)
     if prefix.exists() and any(prefix.iterdir()):
         raise FedsynthError(f"workspace folder {prefix} already exists and is not empty: choose a new run folder")
@@ -77,8 +82,11 @@ def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str,
     for d in WORKSPACE_DIRS:
         (prefix / d).mkdir(parents=True, exist_ok=True)
     save_config(config, prefix / CONFIG_IN_WORKSPACE)
-    lines = ["# collaborator_name,TRAIN_CSV[,VAL_CSV]"]
+    lines = ["# collaborator_name,SITE_DATA_YAML  or  collaborator_name,TRAIN_CSV[,VAL_CSV]"]
     for name, (train, val) in sites.items():
+        if site_configs and name in site_configs:
+            lines.append(f"{name},{Path(site_configs[name]).resolve()}")
+            continue
         lines.append(",".join([name, str(Path(train).resolve())] + ([str(Path(val).resolve())] if val else [])))
     atomic_write_text(prefix / "plan" / "data.yaml", "\n".join(lines) + "\n")
     atomic_write_text(prefix / "plan" / "cols.yaml", "collaborators: []\n")  # `fx collaborator certify` registers

@@ -1,0 +1,155 @@
+"""A site's own data config and privacy policy, read from the site's disk by both backends.
+
+A hospital writes one ``data.yaml`` (Flower: ``--node-config 'data-config="/abs/data.yaml"'``;
+OpenFL: the collaborator's line in ``plan/data.yaml`` names it). Besides the CSVs and the state
+folder it declares the site's **privacy floor** and which **metrics may leave the site**. The
+experiment config arrives from the coordinator; the site checks it against its floor before it
+builds anything and refuses a config that is weaker, naming the field and both values. The
+coordinator may only tighten. The site's privacy ledger lives in its own ``state_dir``.
+
+Metric names leaving a site are filtered here, for both backends: by default only the sample
+count and DP accounting (``epsilon``) leave; losses leave only when the site lists them in
+``share_metrics`` (``"*"`` lets every metric out).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedsynth.config import ExperimentConfig, read_yaml, validate_model
+from fedsynth.errors import PolicyRefused
+
+#: metrics that reveal nothing beyond the DP guarantee itself (always allowed to leave)
+DP_SAFE_METRICS = ("epsilon",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SitePrivacyFloor(_Strict):
+    """The weakest privacy a site accepts; a coordinator's config may only be stricter."""
+
+    require_dp: bool = Field(False, description="refuse to train unless privacy.enabled")
+    max_epsilon: float | None = Field(None, gt=0, description="the coordinator's privacy.target_epsilon must be <= this")
+    max_delta: float | None = Field(None, gt=0, lt=1, description="privacy.delta must be <= this")
+    min_noise_multiplier: float | None = Field(None, gt=0, description="noise multiplier used (given or calibrated) must be >= this")
+    max_grad_norm: float | None = Field(None, gt=0, description="privacy.max_grad_norm (clip bound) must be <= this")
+
+
+class SiteDataConfig(_Strict):
+    """A site's data config (``data.yaml``): its CSVs, its state folder, its privacy floor."""
+
+    site_id: str = Field(min_length=1, description="name of this site in the coordinator's logs")
+    train_csv: Path = Field(description="training CSV (relative paths: relative to this file)")
+    val_csv: Path | None = Field(None, description="optional validation CSV")
+    state_dir: Path | None = Field(None, description="site-private state: local groups, optimizers, privacy ledger "
+                                                     "(default: Flower state/ next to this file; OpenFL the workspace's local_state/)")
+    privacy: SitePrivacyFloor = Field(default_factory=SitePrivacyFloor)
+    share_metrics: list[str] = Field(default_factory=list, description="metrics (besides num_samples and epsilon) "
+                                                                      "that may leave the site, e.g. [loss, d_loss]; '*' = all")
+
+
+def load_site_config(path: str | Path, hint: str = "") -> SiteDataConfig:
+    """Read and validate a site data config; relative paths resolve against its folder."""
+    path = Path(path)
+    raw = read_yaml(path, "site data config", hint)
+    cfg = validate_model(SiteDataConfig, raw, f"site data config {path}")
+    base = path.parent.resolve()
+    updates = {k: (base / getattr(cfg, k)) for k in ("train_csv", "val_csv", "state_dir")
+               if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()}
+    return cfg.model_copy(update=updates)
+
+
+def write_site_config(path: str | Path, cfg: SiteDataConfig) -> Path:
+    """Write a site data config as YAML (atomically)."""
+    from fedsynth.io import atomic_write_text
+
+    data = cfg.model_dump(mode="json")
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
+    return Path(path)
+
+
+def write_trial_site_config(site_dir: Path, site_id: str, train_csv: Path, val_csv: Path | None,
+                            policy: Mapping[str, object] | None = None) -> Path:
+    """``SITE_DIR/data.yaml`` of a one-machine trial (state in ``SITE_DIR/state``), checked like a site's own.
+
+    ``policy`` holds the ``privacy`` floor and ``share_metrics``; without one, every metric is
+    shared (the trial's operator runs every site).
+    """
+    raw: dict[str, object] = {"site_id": site_id, "train_csv": str(Path(train_csv).resolve()),
+                              "val_csv": str(Path(val_csv).resolve()) if val_csv else None,
+                              "state_dir": str(Path(site_dir).resolve() / "state"), "share_metrics": ["*"],
+                              **dict(policy or {})}
+    cfg = validate_model(SiteDataConfig, raw, f"site policy of '{site_id}'")
+    return write_site_config(Path(site_dir) / "data.yaml", cfg)
+
+
+class SitePolicy:
+    """The site's rules applied to what arrives (the coordinator's config) and what leaves (metrics)."""
+
+    def __init__(self, floor: SitePrivacyFloor | None = None, share_metrics: Iterable[str] = ()) -> None:
+        self.floor = floor or SitePrivacyFloor()
+        self.share = set(share_metrics)
+
+    @classmethod
+    def of(cls, data: SiteDataConfig) -> SitePolicy:
+        return cls(data.privacy, data.share_metrics)
+
+    @classmethod
+    def permissive(cls) -> SitePolicy:
+        """No floor, every metric leaves (local experiments and the one-operator trials' default)."""
+        return cls(None, ["*"])
+
+    # ------------------------------------------------------------------ inbound
+
+    def check(self, config: ExperimentConfig, site_id: str) -> None:
+        """Refuse a coordinator config weaker than this site's floor (one error naming the field and both values)."""
+        f, p = self.floor, config.privacy
+        problems: list[str] = []
+        dp_needed = f.require_dp or any(v is not None for v in (f.max_epsilon, f.min_noise_multiplier))
+        if dp_needed and not p.enabled:
+            problems.append("privacy.enabled: the site requires true, the coordinator sent false")
+        if p.enabled:
+            if f.max_epsilon is not None and (p.target_epsilon is None or p.target_epsilon > f.max_epsilon):
+                problems.append(f"privacy.target_epsilon: the site allows at most {f.max_epsilon:g}, "
+                                f"the coordinator sent {_show(p.target_epsilon)}")
+            if f.max_delta is not None and p.delta > f.max_delta:
+                problems.append(f"privacy.delta: the site allows at most {f.max_delta:g}, the coordinator sent {p.delta:g}")
+            if f.max_grad_norm is not None and p.max_grad_norm > f.max_grad_norm:
+                problems.append(f"privacy.max_grad_norm: the site allows at most {f.max_grad_norm:g}, "
+                                f"the coordinator sent {p.max_grad_norm:g}")
+            if f.min_noise_multiplier is not None and p.noise_multiplier is not None \
+                    and p.noise_multiplier < f.min_noise_multiplier:
+                problems.append(f"privacy.noise_multiplier: the site requires at least {f.min_noise_multiplier:g}, "
+                                f"the coordinator sent {p.noise_multiplier:g}")
+        if problems:
+            raise PolicyRefused(f"site '{site_id}' refuses the coordinator's config, weaker than its privacy floor: "
+                              + "; ".join(problems))
+
+    def check_noise(self, noise_multiplier: float | None, site_id: str) -> None:
+        """The noise actually used (calibrated from target_epsilon when not given) against the floor."""
+        floor = self.floor.min_noise_multiplier
+        if floor is not None and noise_multiplier is not None and noise_multiplier < floor:
+            raise PolicyRefused(f"site '{site_id}' refuses the coordinator's config: privacy.noise_multiplier "
+                              f"(calibrated from target_epsilon) would be {noise_multiplier:.4g}, the site requires "
+                              f"at least {floor:g}")
+
+    # ------------------------------------------------------------------ outbound
+
+    def allows(self, name: str) -> bool:
+        base = name.removeprefix("val_").removeprefix("train_")
+        return "*" in self.share or name in self.share or base in self.share or base in DP_SAFE_METRICS
+
+    def outbound(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The finite metrics this site lets leave (sample counts are sent separately, always)."""
+        return {k: float(v) for k, v in metrics.items() if self.allows(k) and math.isfinite(float(v))}
+
+
+def _show(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"

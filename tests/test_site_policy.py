@@ -1,0 +1,76 @@
+"""A site owns its privacy: its floor (from its own data.yaml) refuses a weaker coordinator config,
+and only the metrics it allows leave it. Both backends build their Site through this policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from fedsynth.errors import ConfigError
+from fedsynth.federated.site_config import (
+    SiteDataConfig, SitePolicy, SitePrivacyFloor, load_site_config, write_site_config, write_trial_site_config,
+)
+
+DP = {"enabled": True, "noise_multiplier": 1.2, "max_grad_norm": 1.0, "target_epsilon": 5.0, "delta": 1e-5}
+FLOOR = SitePrivacyFloor(require_dp=True, max_epsilon=8.0, max_delta=1e-5, min_noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("weakened, field, site_value, sent", [
+    ({"enabled": False}, "privacy.enabled", "true", "false"),
+    ({"target_epsilon": 50.0}, "privacy.target_epsilon", "8", "50"),
+    ({"target_epsilon": None}, "privacy.target_epsilon", "8", "none"),
+    ({"delta": 1e-3}, "privacy.delta", "1e-05", "0.001"),
+    ({"noise_multiplier": 0.3}, "privacy.noise_multiplier", "1", "0.3"),
+    ({"max_grad_norm": 10.0}, "privacy.max_grad_norm", "1", "10"),
+])
+def test_a_weaker_coordinator_config_is_refused_naming_field_and_values(weakened, field, site_value, sent) -> None:
+    privacy = {**DP, **weakened} if weakened != {"enabled": False} else {"enabled": False}
+    cfg = tiny_config("gan", privacy=privacy)
+    with pytest.raises(ConfigError) as err:
+        SitePolicy(FLOOR).check(cfg, "site1")
+    msg = str(err.value)
+    assert "site 'site1'" in msg and field in msg and site_value in msg and sent in msg, msg
+
+
+def test_the_coordinator_may_tighten() -> None:
+    stricter = {**DP, "noise_multiplier": 3.0, "target_epsilon": 1.0, "max_grad_norm": 0.5, "delta": 1e-7}
+    SitePolicy(FLOOR).check(tiny_config("gan", privacy=stricter), "site1")
+    SitePolicy().check(tiny_config("gan"), "site1")  # no floor: anything goes
+
+
+def test_only_allowed_metrics_leave_the_site() -> None:
+    metrics = {"loss": 0.5, "d_loss": 0.7, "g_loss": 0.9, "val_loss": 0.4, "epsilon": 1.5, "nan": float("nan")}
+    assert SitePolicy().outbound(metrics) == {"epsilon": 1.5}  # default: DP accounting only
+    assert SitePolicy(share_metrics=["loss"]).outbound(metrics) == {"loss": 0.5, "val_loss": 0.4, "epsilon": 1.5}
+    assert set(SitePolicy(share_metrics=["*"]).outbound(metrics)) == {"loss", "d_loss", "g_loss", "val_loss", "epsilon"}
+
+
+def test_site_data_config_carries_the_floor(tmp_path: Path) -> None:
+    path = write_site_config(tmp_path / "data.yaml", SiteDataConfig(
+        site_id="site1", train_csv=Path("train.csv"), privacy=FLOOR, share_metrics=["loss"]))
+    cfg = load_site_config(path)
+    assert cfg.privacy == FLOOR and cfg.share_metrics == ["loss"] and cfg.state_dir is None
+    (tmp_path / "typo.yaml").write_text("site_id: s\ntrain_csv: a.csv\nprivacy: {max_epsilom: 1}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="max_epsilom"):
+        load_site_config(tmp_path / "typo.yaml")
+    trial = load_site_config(write_trial_site_config(tmp_path / "s2", "s2", tmp_path / "t.csv", None))
+    assert trial.share_metrics == ["*"] and trial.state_dir == (tmp_path / "s2" / "state").resolve()
+
+
+def test_site_refuses_calibrated_noise_below_its_floor_and_keeps_losses_in(mri2d, tmp_path: Path) -> None:
+    pytest.importorskip("opacus")
+    from fedsynth.federated.site import Site
+
+    cfg = tiny_config("gan", privacy={"enabled": True, "target_epsilon": 50.0}, federation={"local_steps": 1})
+    hostile = Site(cfg, mri2d["mni152"], tmp_path / "a", site_id="site1",
+                   policy=SitePolicy(SitePrivacyFloor(min_noise_multiplier=5.0)))
+    with pytest.raises(ConfigError, match=r"privacy.noise_multiplier \(calibrated from target_epsilon\)"):
+        hostile.train_round(hostile.shared_weights(), 1)
+    assert not (tmp_path / "a" / "last.ckpt").exists(), "nothing may be trained before the refusal"
+    site = Site(cfg, mri2d["mni152"], tmp_path / "b", site_id="site2", policy=SitePolicy(SitePrivacyFloor(max_epsilon=50)))
+    result = site.train_round(site.shared_weights(), 1)
+    assert set(result.metrics) == {"epsilon"} and result.metrics["epsilon"] > 0
+    loss, n, metrics = site.evaluate(site.shared_weights())
+    assert loss is None and n > 0 and "loss" not in metrics
