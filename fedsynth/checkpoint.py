@@ -241,6 +241,7 @@ def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], devic
 #: state means. Every other change (geometry, model, data, seed, batch size, privacy) is refused.
 RESUME_CHANGEABLE = (
     "training.epochs", "training.max_steps", "training.learning_rate", "training.group_learning_rates",
+    "training.lr_schedule", "training.warmup_steps", "training.min_lr_ratio", "training.grad_clip_norm",
     "training.betas", "training.weight_decay", "training.validate_every", "training.sample_every",
     "training.num_sample_images", "training.tensorboard", "training.progress", "training.device",
     "training.num_workers", "training.checkpoint_every_steps", "data.cache", "federation",

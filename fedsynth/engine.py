@@ -433,7 +433,7 @@ class Engine:
         for group, opt in self.optimizers.items():
             for param_group in opt.param_groups:
                 lr = t.group_learning_rates.get(group, t.learning_rate)
-                param_group.update(lr=lr, betas=t.betas, weight_decay=t.weight_decay)
+                param_group.update(lr=lr, initial_lr=lr, betas=t.betas, weight_decay=t.weight_decay)
                 if "initial_lr" in param_group:  # a schedule's base rate
                     param_group["initial_lr"] = lr
 

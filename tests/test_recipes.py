@@ -60,8 +60,8 @@ def test_checkpoint_stores_ema_and_generate_uses_it(tmp_path: Path) -> None:
     from fedsynth.checkpoint import model_from_checkpoint
     from fedsynth.engine import Engine
 
-    model = _model()
-    engine = Engine(model, tiny_config("gan", training__ema_decay=0.9), device=torch.device("cpu"))
+    model = _model(training__ema_decay=0.9)
+    engine = Engine(model, model.config, device=torch.device("cpu"))
     assert engine.ema is not None and engine.ema.groups == ["generator"]
     for t in engine.ema.weights.values():
         if t.is_floating_point():
@@ -76,7 +76,8 @@ def test_checkpoint_stores_ema_and_generate_uses_it(tmp_path: Path) -> None:
     # the discriminator is not a generating group: identical in both
     d = "discriminator"
     assert all((ema_model.get_weights([d])[k] == raw_model.get_weights([d])[k]).all() for k in raw_model.get_weights([d]))
-    resumed = Engine(_model(), tiny_config("gan", training__ema_decay=0.9), device=torch.device("cpu"))
+    again = _model(training__ema_decay=0.9)
+    resumed = Engine(again, again.config, device=torch.device("cpu"))
     resumed.resume(path)
     assert resumed.ema is not None and float(abs(resumed.ema.weights[key]).max()) == 0.0
 
