@@ -207,10 +207,6 @@ def main(argv: list[str] | None = None) -> int:
             return lines
 
         def federated_section() -> list[str]:
-            if args.quick:
-                return ["## Federated vs centralized vs single-site (held-out)", "",
-                        "- skipped in --quick (real Flower federations and DP training take minutes); run "
-                        "`python benchmarks/run.py --only federated`.", ""]
             return q.bench_federated(work, budget, q.prepare(work, budget, budget.fed_image_size))
 
         steps = [("engine", lambda: bench_engine(data, args.quick, work)),
