@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from fedsynth.data.brains import resize as _resize
 from fedsynth.data.images import save_image
 from fedsynth.data.manifest import write_manifest
 from fedsynth.errors import DataError
@@ -46,15 +47,6 @@ def _brain_box(volume: np.ndarray) -> tuple[slice, ...]:
     idx = np.argwhere(mask)
     lo, hi = idx.min(0), idx.max(0) + 1
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
-def _resize(array: np.ndarray, size: list[int]) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(array))[None, None]
-    mode = "bilinear" if array.ndim == 2 else "trilinear"
-    return F.interpolate(t, size=size, mode=mode, align_corners=False, antialias=array.ndim == 2)[0, 0].numpy()
 
 
 def write_slices(volume_name: str, out_dir: Path, *, image_size: int = 32, count: int = 24,

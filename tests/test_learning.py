@@ -60,3 +60,21 @@ def test_diffusion_recipe_learns_brain_slices(brains32: dict[str, Path], tmp_pat
     before, after = _train_and_score("diffusion", brains32, tmp_path, 400, channels=[16, 32], sampling_steps=20,
                                      num_head_channels=16)
     assert after < 0.5 * before, f"held-out FRD untrained {before:.1f} -> trained {after:.1f}"
+
+
+def test_held_out_slices_never_neighbour_training_slices(brains32: dict[str, Path]) -> None:
+    import csv
+
+    from fedsynth.data.brains import split_of
+    from fedsynth.data.manifest import read_manifest
+
+    rows = list(csv.DictReader(brains32["slices"].open(encoding="utf-8")))
+    assert {r["plane"] for r in rows} == {"axial", "coronal", "sagittal"}
+    for plane in ("axial", "coronal", "sagittal"):
+        train = np.array([float(r["position_mm"]) for r in rows if r["plane"] == plane and r["split"] == "train"])
+        held = np.array([float(r["position_mm"]) for r in rows if r["plane"] == plane and r["split"] == "held_out"])
+        assert len(train) and len(held)
+        assert np.abs(held[:, None] - train[None, :]).min() >= 4.0 - 1e-6
+    assert split_of(13.9) == "train" and split_of(15.0) is None and split_of(17.0) == "held_out" and split_of(22.0) is None
+    n_train, n_held = len(read_manifest(brains32["train"])), len(read_manifest(brains32["held_out"]))
+    assert n_train == sum(r["split"] == "train" for r in rows) and n_held == sum(r["split"] == "held_out" for r in rows)

@@ -9,9 +9,10 @@ Sources (T1-weighted, all in MNI-like world space, read in RAS+ orientation with
 **Split rule (no held-out slice neighbours a training slice).** Along each plane's axis the world
 coordinate ``c`` (mm) is cut into 24 mm cycles, ``p = c mod 24``: ``p < 14`` train, ``17 <= p < 21``
 held-out, the 3 mm gaps on both sides of each held-out slab are dropped. The rule uses world
-coordinates, so the same anatomy of ch2/ch2bet/ch2better lands in the same split. Gap slices are
-written too (``slices.csv`` lists them with split ``gap``) but are in no training or held-out CSV. At 64x64 one pixel
-is about 3 mm, so every held-out slice is at least 4 mm (more than a pixel) from any training slice.
+coordinates, so the same anatomy of ch2/ch2bet/ch2better lands in the same split. At 64x64 one
+pixel is about 3 mm, so every held-out slice is at least 4 mm (more than a pixel) from any training
+slice. Gap slices are written too (``slices.csv`` lists them with split ``gap``) but are in no
+training or held-out CSV.
 
 **Brain-containing slices only:** a slice is kept when its brain area (voxels above 15 % of the
 volume's 99.5th percentile) is at least 15 % of the largest area along that axis.
@@ -100,7 +101,8 @@ def _normalise(volume: np.ndarray) -> np.ndarray:
     return np.clip(volume / max(hi, 1e-6), 0.0, 1.0).astype(np.float32)
 
 
-def _resize(array: np.ndarray, size: list[int]) -> np.ndarray:
+def resize(array: np.ndarray, size: list[int]) -> np.ndarray:
+    """Resize a 2D (antialiased bilinear) or 3D (trilinear) array to ``size``."""
     import torch
     import torch.nn.functional as F
 
@@ -142,7 +144,7 @@ def volume_slices(name: str, out_dir: Path, image_size: int = 64) -> list[SliceR
             index = int(lo[axis] + i)
             position = float(affine[axis, axis] * index + affine[axis, 3])
             split = split_of(position) or "gap"
-            img = np.clip(_resize(_square(_view(brain, axis, int(i))), [image_size, image_size]), 0, 1)
+            img = np.clip(resize(_square(_view(brain, axis, int(i))), [image_size, image_size]), 0, 1)
             path = out_dir / f"{name}_{plane}_{position:+06.1f}mm.nii.gz".replace("+", "p").replace("-", "m")
             save_image(img[None].astype(np.float32), path)
             rows.append(SliceRow(path, name, VOLUMES[name], plane, position, split))
@@ -190,7 +192,7 @@ def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: l
             lo, hi = idx.min(0), idx.max(0) + 1
             crop = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             for flip in (False, True):
-                arr = np.clip(_resize(crop[::-1] if flip else crop, [size] * 3), 0, 1)
+                arr = np.clip(resize(crop[::-1] if flip else crop, [size] * 3), 0, 1)
                 path = out / f"volumes_{size}" / f"{name}{'_mirrored' if flip else ''}.nii.gz"
                 save_image(arr[None].astype(np.float32), path)
                 vol_rows.append((path.name.split(".")[0], [path], None))
