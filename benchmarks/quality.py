@@ -109,8 +109,7 @@ def family_config(name: str, budget: Budget, size: int | None = None, **override
         cfg["training"].update(max_steps=budget.encoder_steps)
     else:
         raise ValueError(name)
-    cfg["training"].update(epochs=10**6, progress=False, tensorboard=False, sample_every=10**6, ema_decay=
-                           cfg["training"]["ema_decay"])
+    cfg["training"].update(epochs=10**6, progress=False, tensorboard=False, sample_every=10**6)
     for key, value in overrides.items():
         section, _, sub = key.partition("__")
         if sub:
@@ -323,7 +322,6 @@ def bench_federated(work: Path, budget: Budget, data: Data) -> list[str]:
     s = budget.fed_steps
     batch = 32
     fed = family_config("gan", budget, size, training__max_steps=None)
-    fed["training"]["max_steps"] = None
     fed["federation"].update(rounds=budget.fed_rounds, local_steps=max(1, s // (2 * budget.fed_rounds)), local_epochs=1000,
                              min_sites=2)
     epochs_dp = max(1, round(s * batch / len(data.train)))

@@ -109,6 +109,7 @@ def run_demo(out_dir: str | Path, *, family: str = "gan", steps: int = 1500, ima
 
     Uses MNI152 and, when installed, Colin27's brain-extracted T1 (``ch2bet``) so it runs in minutes.
     """
+    import contextlib
     import json
 
     import torch
@@ -133,7 +134,7 @@ def run_demo(out_dir: str | Path, *, family: str = "gan", steps: int = 1500, ima
     atomic_write_text(config_path, render_yaml(config))
     run_dir = out / "run"
     engine = run_training(TrainRequest(str(config_path), str(csvs["train"]), str(run_dir), resume=(run_dir / "last.ckpt").is_file()))
-    with engine.ema.applied(engine.model) if engine.ema is not None else _nothing():
+    with engine.ema.applied(engine.model) if engine.ema is not None else contextlib.nullcontext():
         images = sample(engine.model, num_images, seed=0)
     write_images(images, out / "generated", image_format="png")
     held_out = load_real(csvs["held_out"], config)
@@ -146,8 +147,3 @@ def run_demo(out_dir: str | Path, *, family: str = "gan", steps: int = 1500, ima
     return {"config": config_path, "train_csv": csvs["train"], "held_out_csv": csvs["held_out"], "run_dir": run_dir,
             "generated": out / "generated", "grid": out / "generated" / "grid.png", "report": out / "demo_report.json"}
 
-
-def _nothing():  # type: ignore[no-untyped-def]
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -33,11 +33,8 @@ class WeightAverage:
         self.weights: dict[str, torch.Tensor] = self._current(model)
 
     def _current(self, model: SynthesisModel) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for group in self.groups:
-            for key, tensor in model.group_module(group).state_dict().items():
-                out[f"{group}{GROUP_SEP}{key}"] = tensor.detach().clone()
-        return out
+        """A copy of the model's current weights of the averaged groups."""
+        return {k: v.clone() for k, v in self._current_views(model).items()}
 
     def current_decay(self) -> float:
         return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
