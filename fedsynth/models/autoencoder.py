@@ -17,6 +17,7 @@ from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 
 from fedsynth.config import AutoencoderConfig, ExperimentConfig
 from fedsynth.models.base import Batch, FrozenParameters, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.models.losses import discriminator_loss, generator_loss, kl_loss, patch_logits, reconstruction_loss
 
 
 class AutoencoderModel(SynthesisModel):
@@ -95,23 +96,30 @@ class AutoencoderModel(SynthesisModel):
 
     # ------------------------------------------------------------------ losses
 
-    def _reconstruct(self, images: torch.Tensor, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (reconstruction in model range, per-batch regulariser: KL or VQ loss)."""
-        x = to_model_range(images)
+    def codec_losses(self, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, L1 reconstruction loss, regulariser) from the network's outputs on ``x``.
+
+        ``x`` is in model range; ``outputs`` is the network's forward: ``(recon, mu, sigma)`` for
+        KL, whose regulariser is the weighted KL, or ``(recon, quant_loss)`` for VQ.
+        """
         if self.cfg.architecture == "kl":
-            recon, mu, sigma = net(x)
-            # KL summed over latent elements per sample, then averaged over the batch.
-            kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1)
-            reg = self.cfg.kl_weight * kl.flatten(1).sum(1).mean()
+            recon, mu, sigma = outputs
+            reg = self.cfg.kl_weight * kl_loss(mu, sigma)
         else:
-            recon, quant_loss = net(x)
+            recon, quant_loss = outputs
             reg = quant_loss.mean()
-        return recon, reg
+        return recon, reconstruction_loss(recon, x), reg
+
+    def discriminator_objective(self, discriminator: torch.nn.Module, real: torch.Tensor,
+                                recon: torch.Tensor) -> torch.Tensor:
+        """Patch D's loss: real images and reconstructions in one forward, one mean logit per image."""
+        n = real.shape[0]
+        logits = patch_logits(discriminator(torch.cat([real, recon]))[-1])
+        return discriminator_loss(logits[:n], logits[n:])
 
     def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
         x = to_model_range(batch.images)
-        recon, reg = self._reconstruct(batch.images, self.net("autoencoder"))
-        rec_loss = F.l1_loss(recon, x)
+        recon, rec_loss, reg = self.codec_losses(x, self.net("autoencoder")(x))
         loss = rec_loss + reg
         metrics: dict[str, float] = {"recon_loss": float(rec_loss.detach()), "reg_loss": float(reg.detach())}
         # the patch adversarial loss starts after a warm-up of reconstruction + KL only
@@ -121,8 +129,7 @@ class AutoencoderModel(SynthesisModel):
         frozen = FrozenParameters(self.net("discriminator")) if use_adv else contextlib.nullcontext()
         with frozen:
             if use_adv:
-                logits = self.plain_net("discriminator")(recon)[-1]
-                g_adv = F.softplus(-logits).mean()
+                g_adv = generator_loss(self.plain_net("discriminator")(recon)[-1])
                 loss = loss + self.cfg.adversarial_weight * g_adv
                 metrics["g_adv"] = float(g_adv.detach())
             for group in ("encoder", "decoder"):
@@ -131,9 +138,7 @@ class AutoencoderModel(SynthesisModel):
             for group in ("encoder", "decoder"):
                 optimizers[group].step()
         if use_adv:
-            n = x.shape[0]
-            logits = self.net("discriminator")(torch.cat([x, recon.detach()]))[-1].flatten(1).mean(1)
-            d_loss = F.softplus(-logits[:n]).mean() + F.softplus(logits[n:]).mean()
+            d_loss = self.discriminator_objective(self.net("discriminator"), x, recon.detach())
             optimizers["discriminator"].zero_grad(set_to_none=True)
             d_loss.backward()
             optimizers["discriminator"].step()
@@ -144,8 +149,7 @@ class AutoencoderModel(SynthesisModel):
     @torch.no_grad()
     def validation_step(self, batch: Batch) -> dict[str, float]:
         x = to_model_range(batch.images)
-        recon, reg = self._reconstruct(batch.images, self.plain_net("autoencoder"))
-        rec = F.l1_loss(recon, x)
+        recon, rec, reg = self.codec_losses(x, self.plain_net("autoencoder")(x))
         mse = F.mse_loss(to_data_range(recon), batch.images.clamp(0, 1))
         psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
         return {"loss": float(rec + reg), "recon_loss": float(rec), "psnr": float(psnr)}
@@ -155,8 +159,8 @@ class AutoencoderModel(SynthesisModel):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Encode and decode data-range images; returns data-range reconstructions."""
-        recon, _ = self._reconstruct(images.to(self.device), self.plain_net("autoencoder"))
-        return to_data_range(recon)
+        x = to_model_range(images.to(self.device))
+        return to_data_range(self.plain_net("autoencoder")(x)[0])
 
     @torch.no_grad()
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from torch import nn
 
 from fedsynth.config import DiffusionConfig, ExperimentConfig
 from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.models.losses import denoising_loss
 
 
 class LatentCodec(nn.Module):
@@ -120,15 +120,23 @@ class DiffusionModel(SynthesisModel):
         n = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
         t = torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator, device=x0.device)
+        return self.denoising_objective(unet, x0, noise, t, self._class_inputs(batch.labels, drop))
+
+    def denoising_objective(self, unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                            class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The DDPM loss for clean samples ``x0`` noised with ``noise`` at timesteps ``t``.
+
+        The target is the noise, the clean sample or the velocity, after ``prediction_type``.
+        """
         x_t = self.train_scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-        pred = unet(x_t, timesteps=t, class_labels=self._class_inputs(batch.labels, drop))
+        pred = unet(x_t, timesteps=t, class_labels=class_labels)
         if self.cfg.prediction_type == "epsilon":
             target = noise
         elif self.cfg.prediction_type == "sample":
             target = x0
         else:
             target = self.train_scheduler.get_velocity(x0, noise, t)
-        return F.mse_loss(pred.float(), target.float())
+        return denoising_loss(pred, target)
 
     def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
         loss = self._loss(self.net("unet"), batch, self.cfg.class_dropout)

@@ -22,6 +22,7 @@ from torch import nn
 
 from fedsynth.config import ExperimentConfig, GanConfig
 from fedsynth.models.base import Batch, FrozenParameters, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.models.losses import discriminator_loss, generator_loss
 from fedsynth.recipes import diff_augment, r1_penalty
 
 
@@ -159,15 +160,17 @@ class GanModel(SynthesisModel):
     def _noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.cfg.latent_dim, generator=generator, device=self.device if generator is None else generator.device)
 
-    def _d_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-        if self.cfg.loss == "hinge":
-            return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    def discriminator_objective(self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                                labels: torch.Tensor | None) -> torch.Tensor:
+        """D's training loss: real and fake (augmented) through D in one forward, as one batch.
 
-    def _g_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
-        if self.cfg.loss == "hinge":
-            return -fake_logits.mean()
-        return F.softplus(-fake_logits).mean()
+        One forward keeps per-sample DP accounting to one pass per real image (the privacy plugin
+        folds rows ``i`` and ``n + i`` into example ``i``'s gradient before clipping).
+        """
+        n = real.shape[0]
+        both_labels = torch.cat([labels, labels]) if labels is not None else None
+        logits = discriminator(self.augment(torch.cat([real, fake])), both_labels)
+        return discriminator_loss(logits[:n], logits[n:], self.cfg.loss)
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """DiffAugment with the configured policy (identity when ``augment: []``)."""
@@ -179,15 +182,11 @@ class GanModel(SynthesisModel):
         labels = batch.labels if self.num_classes else None
         discriminator = self.net("discriminator")
 
-        # Discriminator: real and fake through D in ONE forward/backward (fake batch sized like
-        # the real one), so per-sample DP accounting sees each real image exactly once (under DP
-        # rows i and n+i are folded into example i's gradient before clipping). Both halves get
-        # the same augmentation policy (DiffAugment), per-sample random parameters.
+        # Discriminator: a fake batch sized like the real one; both halves get the same
+        # augmentation policy (DiffAugment), per-sample random parameters.
         with torch.no_grad():
             fake = self.plain_net("generator")(self._noise(n), labels)
-        both_labels = torch.cat([labels, labels]) if labels is not None else None
-        logits = discriminator(self.augment(torch.cat([real, fake])), both_labels)
-        d_loss = self._d_loss(logits[:n], logits[n:])
+        d_loss = self.discriminator_objective(discriminator, real, fake, labels)
         metrics: dict[str, float] = {}
         total = d_loss
         # R1 on (augmented) reals, lazily every r1_every steps; not under DP (double backprop
@@ -217,7 +216,7 @@ class GanModel(SynthesisModel):
             labels = torch.randint(0, self.num_classes, (n,), device=self.device) if self.num_classes else None
         fake = self.net("generator")(self._noise(n), labels)
         with self.discriminator_frozen():
-            g_loss = self._g_loss(self.plain_net("discriminator")(self.augment(fake), labels))
+            g_loss = generator_loss(self.plain_net("discriminator")(self.augment(fake), labels), self.cfg.loss)
             optimizers["generator"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["generator"].step()
@@ -234,8 +233,8 @@ class GanModel(SynthesisModel):
         labels = batch.labels if self.num_classes else None
         fake = self.net("generator")(self._noise(real.shape[0]), labels)
         disc = self.net("discriminator")
-        d_loss = self._d_loss(disc(real, labels), disc(fake, labels))
-        g_loss = self._g_loss(disc(fake, labels))
+        d_loss = discriminator_loss(disc(real, labels), disc(fake, labels), self.cfg.loss)
+        g_loss = generator_loss(disc(fake, labels), self.cfg.loss)
         # Lower is "better" only loosely for GANs; the engine uses it to pick `best`.
         return {"loss": float(g_loss + d_loss), "d_loss": float(d_loss), "g_loss": float(g_loss)}
 
