@@ -3,7 +3,9 @@
 Opacus computes per-sample gradients with hooks (or functorch); a wrong layout gives wrong
 per-sample gradients while ``.grad`` still looks fine, so each family's private network is
 checked against plain autograd on one real example at a time (after the plugin's own folding
-of ``[real; fake]`` rows for discriminators).
+of ``[real; fake]`` rows for discriminators). The losses are the model's own objectives, the
+ones its ``training_step`` minimises; only the sampled noise is fixed so that a batch and its
+examples one at a time see the same draw.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tiny_config
 from fedsynth.data.dataset import load_datasets, make_loader
@@ -67,16 +68,17 @@ def _check(model: SynthesisModel, optimizers: dict, groups: list[str], net_name:
 
 
 def test_gan_discriminator_per_sample_grads_fold_real_and_fake(mri2d) -> None:
-    cfg = tiny_config("gan", privacy={"enabled": True, "noise_multiplier": 1.0})
+    # DiffAugment draws per-row parameters, so a batch and its rows alone differ: off here
+    model_cfg = {"family": "gan", "latent_dim": 16, "generator_channels": 32, "discriminator_channels": 16,
+                 "augment": []}
+    cfg = tiny_config("gan", model=model_cfg, privacy={"enabled": True, "noise_multiplier": 1.0})
     model, _, optimizers, images = _private(cfg, mri2d["mni152"])
     real = to_model_range(images)
     with torch.no_grad():
         fake = model.plain_net("generator")(torch.randn(N, cfg.model.latent_dim))
 
     def loss_of(net, rows):
-        r, f = real[rows], fake[rows]
-        logits = net(torch.cat([r, f]))
-        return model._d_loss(logits[: len(r)], logits[len(r):])
+        return model.discriminator_objective(net, real[rows], fake[rows], None)
 
     _check(model, optimizers, ["discriminator"], "discriminator", loss_of)
 
@@ -92,10 +94,9 @@ def test_autoencoder_kl_per_sample_grads(mri2d, attention: bool) -> None:
     def loss_of(net, rows):
         x = to_model_range(images[rows])
         inner = net._module if hasattr(net, "_module") else net
-        mu, sigma = inner.encode(x)
-        recon = inner.decode(mu + sigma * eps[rows])
-        kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1)
-        return F.l1_loss(recon, x) + model.cfg.kl_weight * kl.flatten(1).sum(1).mean()
+        mu, sigma = inner.encode(x)  # AutoencoderKL.forward with its sampling noise fixed
+        _, rec_loss, kl = model.codec_losses(x, (inner.decode(mu + eps[rows] * sigma), mu, sigma))
+        return rec_loss + kl
 
     # the GradSampleModule's hooks sit on the inner modules, so calling encode/decode runs them
     _check(model, optimizers, ["encoder", "decoder"], "autoencoder", loss_of)
@@ -103,9 +104,7 @@ def test_autoencoder_kl_per_sample_grads(mri2d, attention: bool) -> None:
         recon = model.plain_net("autoencoder")(to_model_range(images))[0]
 
     def d_loss_of(net, rows):
-        x, r = to_model_range(images[rows]), recon[rows]
-        logits = net(torch.cat([x, r]))[-1].flatten(1).mean(1)
-        return F.softplus(-logits[: len(x)]).mean() + F.softplus(logits[len(x):]).mean()
+        return model.discriminator_objective(net, to_model_range(images[rows]), recon[rows])
 
     _check(model, optimizers, ["discriminator"], "discriminator", d_loss_of)
 
@@ -118,8 +117,8 @@ def test_vqvae_per_sample_grads_and_frozen_codebook(mri2d) -> None:
 
     def loss_of(net, rows):
         x = to_model_range(images[rows])
-        recon, quant_loss = net(x)
-        return F.l1_loss(recon, x) + quant_loss.mean()
+        _, rec_loss, quant_loss = model.codec_losses(x, net(x))
+        return rec_loss + quant_loss
 
     _check(model, optimizers, ["encoder", "decoder"], "autoencoder", loss_of)
     after = model.plain_net("autoencoder").quantizer.quantizer.embedding.weight
@@ -135,10 +134,9 @@ def test_diffusion_unet_per_sample_grads(mri2d, mri3d, spatial_dims: int) -> Non
     x0 = to_model_range(images)
     noise = torch.randn_like(x0)
     t = torch.tensor([3, 50, 97])
-    x_t = model.train_scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
 
     def loss_of(net, rows):
-        return F.mse_loss(net(x_t[rows], timesteps=t[rows]), noise[rows])
+        return model.denoising_objective(net, x0[rows], noise[rows], t[rows])
 
     _check(model, optimizers, ["unet"], "unet", loss_of)
 
@@ -152,6 +150,7 @@ def test_autoencoder_3d_attention_functorch(mri3d) -> None:
         x = to_model_range(images[rows])
         inner = net._module if hasattr(net, "_module") else net
         mu, sigma = inner.encode(x)
-        return F.l1_loss(inner.decode(mu + 0.1 * sigma), x)
+        _, rec_loss, kl = model.codec_losses(x, (inner.decode(mu + 0.1 * sigma), mu, sigma))
+        return rec_loss + kl
 
     _check(model, optimizers, ["encoder", "decoder"], "autoencoder", loss_of)
