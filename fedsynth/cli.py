@@ -47,7 +47,14 @@ def _init_config(args: argparse.Namespace) -> None:
     _at_least("--image-size", args.image_size, 8)
     _at_least("--channels", args.channels, 1)
     _at_least("--num-classes", args.num_classes, 0)
-    cfg = default_config(args.family, args.spatial_dims, args.image_size, args.channels, args.num_classes, args.latent)
+    if args.conditioning == "class" and args.num_classes < 2:
+        raise FedsynthError("--conditioning class needs --num-classes N (N >= 2: the number of Label values)")
+    if args.conditioning != "class" and args.num_classes:
+        if args.conditioning == "text":
+            raise FedsynthError("--conditioning text and --num-classes exclude each other (put the class into the prompt)")
+        args.conditioning = "class"
+    cfg = default_config(args.family, args.spatial_dims, args.image_size, args.channels, args.num_classes,
+                         args.latent, text=args.conditioning == "text")
     atomic_write_text(out, render_yaml(cfg))
     print(f"wrote {args.output}")
 
@@ -94,18 +101,39 @@ def _generate(args: argparse.Namespace) -> None:
         ckpt = run / BEST if (run / BEST).is_file() else run / LAST
         if not ckpt.is_file():
             raise CheckpointError(f"no checkpoint in run folder {run} (looked for {BEST} and {LAST}); train first or pass --checkpoint")
+    prompts = _prompts(args)
     model = model_from_checkpoint(ckpt, device=resolve_device(args.device), weights=args.weights)
     labels = torch.tensor([args.label]) if args.label is not None else None
     if args.format == "png" and model.spatial_dims != 2:
         raise FedsynthError(f"--format png: {ckpt} is a {model.spatial_dims}D model; PNG holds 2D images, use nii.gz")
     try:
-        images = sample(model, args.num_images, seed=args.seed, labels=labels, sampler=args.sampler,
+        images = sample(model, args.num_images, seed=args.seed, labels=labels, prompts=prompts, sampler=args.sampler,
                         steps=args.steps, guidance_scale=args.guidance_scale)
     except ValueError as err:
         raise FedsynthError(f"cannot generate from {ckpt}: {err}") from None
     fmt = args.format or ("png" if model.spatial_dims == 2 else "nii.gz")
-    paths = write_images(images, args.output, image_format=fmt, labels=labels)
+    paths = write_images(images, args.output, image_format=fmt, labels=labels, prompts=prompts)
     print(f"wrote {len(paths)} images and grid.png to {args.output}")
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """``--prompt`` (repeatable) or ``--prompts-file`` (one prompt per line; blank lines skipped)."""
+    if args.prompts_file is None:
+        return args.prompt
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FedsynthError(f"--prompts-file {path}: file not found")
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+    except UnicodeDecodeError:
+        raise FedsynthError(f"--prompts-file {path}: not UTF-8 text") from None
+    prompts = [ln for ln in lines if ln]
+    if not prompts:
+        raise FedsynthError(f"--prompts-file {path}: no prompts (one per line)")
+    if len(prompts) not in (1, args.num_images):
+        raise FedsynthError(f"--prompts-file {path}: {len(prompts)} prompts for -n {args.num_images} images; "
+                            "give one prompt, or one per image")
+    return prompts
 
 
 @command("info")
@@ -148,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=0)
+    p.add_argument("--conditioning", choices=["none", "class", "text"], default="none",
+                   help="class: on the CSV's Label (with --num-classes); text: on its Prompt column (diffusion)")
     p.add_argument("--latent", action="store_true", help="diffusion: latent diffusion (first-stage autoencoder "
                                                          "trained first, from the same config)")
     p.add_argument("-o", "--output", required=True)
@@ -177,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-images", type=int, default=16)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--label", type=int, default=None, help="class to generate (conditional models)")
+    texts = p.add_mutually_exclusive_group()
+    texts.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                       help="text-conditional models: the prompt (repeat it for one prompt per image)")
+    texts.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion)")
     p.add_argument("--guidance-scale", type=float, default=None)

@@ -111,6 +111,28 @@ class DiffusionConfig(_Strict):
         return self
 
 
+class TextConfig(_Strict):
+    """Text conditioning (diffusion): prompts from the CSV's Prompt column, cross-attention in the UNet."""
+
+    encoder: Literal["transformer", "pretrained"] = Field(
+        "transformer", description="transformer: hashed words + a small transformer trained jointly (its own group); "
+                                   "pretrained: a frozen local Hugging Face text model (text.pretrained_dir)")
+    pretrained_dir: str | None = Field(None, description="folder of a local pretrained text model (never downloaded)")
+    vocab_size: int = Field(4096, ge=16, description="hash buckets for words (transformer encoder)")
+    max_tokens: int = Field(16, ge=2, description="prompt length in tokens, longer prompts are cut")
+    width: int = Field(64, ge=8, description="embedding width = the UNet's cross-attention dim")
+    layers: int = Field(2, ge=1, description="transformer blocks")
+    heads: int = Field(4, ge=1, description="attention heads (width must be divisible by heads)")
+    prompt_dropout: float = Field(0.1, ge=0, le=1, description="share of training prompts replaced by the empty "
+                                                               "prompt, for classifier-free guidance")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TextConfig":
+        if self.width % self.heads:
+            raise ValueError(f"field 'text.width': {self.width} must be divisible by text.heads ({self.heads})")
+        return self
+
+
 ModelConfig = Annotated[Union[AutoencoderConfig, GanConfig, DiffusionConfig], Field(discriminator="family")]
 
 
@@ -252,6 +274,7 @@ class ExperimentConfig(_Strict):
     image_size: list[int] = Field([64, 64], description="one size per spatial dimension")
     channels: int = Field(1, ge=1, description="image channels = number of Channel_* columns")
     num_classes: int = Field(0, ge=0, description="> 0: class-conditional on the CSV's Label")
+    text: TextConfig | None = Field(None, description="text-conditional on the CSV's Prompt column (diffusion)")
     seed: int = 42
     model: ModelConfig = Field(default_factory=GanConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -282,6 +305,11 @@ class ExperimentConfig(_Strict):
     @property
     def family(self) -> str:
         return self.model.family
+
+    @property
+    def conditioning(self) -> Literal["none", "class", "text"]:
+        """What generation is conditioned on: nothing, the CSV's Label, or its Prompt."""
+        return "text" if self.text is not None else "class" if self.num_classes else "none"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (YAML/JSON/checkpoint safe)."""
@@ -387,17 +415,22 @@ def recipe(family: str, spatial_dims: int, size: list[int], latent: bool = False
 
 
 def default_config(family: str, spatial_dims: int, image_size: int | list[int], channels: int = 1,
-                   num_classes: int = 0, latent: bool = False) -> ExperimentConfig:
-    """A complete config that trains as is, sized for the given geometry, with the family's recipe."""
+                   num_classes: int = 0, latent: bool = False, text: bool = False) -> ExperimentConfig:
+    """A complete config that trains as is, sized for the given geometry, with the family's recipe.
+
+    ``text`` makes it text-conditional (diffusion only; latent diffusion is the recipe for it)."""
     known = {"autoencoder", "gan", "diffusion"}
     if family not in known:
         raise ConfigError(f"unknown family '{family}': expected one of {sorted(known)}")
     if latent and family != "diffusion":
         raise ConfigError(f"--latent is for the diffusion family, not '{family}'")
     size = image_size if isinstance(image_size, list) else [image_size] * spatial_dims
+    if text and family != "diffusion":
+        raise ConfigError(f"text conditioning is for the diffusion family, not '{family}'")
     r = recipe(family, spatial_dims, size, latent)
     return config_from_dict({
         "spatial_dims": spatial_dims, "image_size": size, "channels": channels, "num_classes": num_classes,
+        **({"text": {}} if text else {}),
         "model": r["model"],
         "data": {"augmentations": [{"name": "flip", "prob": 0.5, "spatial_axis": spatial_dims - 1}]},
         "training": {"batch_size": (32 if family == "gan" else 16) if spatial_dims == 2 else 4, **r["training"]},

@@ -30,25 +30,34 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 
 
 def sample(model: SynthesisModel, num_images: int, *, seed: int = 0, labels: torch.Tensor | None = None,
-           sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
-           batch_size: int = 16) -> torch.Tensor:
-    """Generate ``num_images`` reproducibly from ``seed``, in batches; returns CPU images in [0, 1]."""
+           prompts: list[str] | None = None, sampler: str | None = None, steps: int | None = None,
+           guidance_scale: float | None = None, batch_size: int = 16) -> torch.Tensor:
+    """Generate ``num_images`` reproducibly from ``seed``, in batches; returns CPU images in [0, 1].
+
+    ``labels`` and ``prompts`` hold one condition for all images or one per image."""
     model.eval()
     generator = torch.Generator(device=model.device).manual_seed(seed)
+    if prompts is not None and len(prompts) not in (1, num_images):
+        raise ValueError(f"{len(prompts)} prompts for {num_images} images: give one prompt, or one per image")
     out = []
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
         lab = None
         if labels is not None:
             lab = labels if labels.numel() == 1 else labels[start:start + n]
-        out.append(model.generate(n, generator=generator, labels=lab, sampler=sampler, steps=steps,
+        texts = None
+        if prompts is not None:
+            texts = prompts if len(prompts) == 1 else prompts[start:start + n]
+        out.append(model.generate(n, generator=generator, labels=lab, prompts=texts, sampler=sampler, steps=steps,
                                   guidance_scale=guidance_scale).float().cpu())
     return torch.cat(out)
 
 
 def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str = "nii.gz",
-                 labels: torch.Tensor | None = None, prefix: str = "synthetic") -> list[Path]:
-    """Write each image as ``<prefix>_<i>.<format>``, a ``grid.png`` and a ``manifest.csv``.
+                 labels: torch.Tensor | None = None, prompts: list[str] | None = None,
+                 prefix: str = "synthetic") -> list[Path]:
+    """Write each image as ``<prefix>_<i>.<format>``, a ``grid.png`` and a ``manifest.csv``
+    (with each image's ``Label`` and ``Prompt`` when it was generated from one).
 
     The manifest (then ``generation.json``) is written last, so a folder without one is an
     interrupted generation. A re-used folder first loses the previous generation's images,
@@ -75,6 +84,8 @@ def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str
     save_image(image_grid(arrays), out / "grid.png")
     label_list = [int(labels[i]) if labels is not None and labels.numel() > 1 else (int(labels) if labels is not None else None)
                   for i in range(len(paths))]
-    write_manifest(out / "manifest.csv", [(p.stem.split(".")[0], [p.resolve()], lab) for p, lab in zip(paths, label_list)])
+    prompt_list = None if prompts is None else (list(prompts) * len(paths) if len(prompts) == 1 else list(prompts))
+    write_manifest(out / "manifest.csv", [(p.stem.split(".")[0], [p.resolve()], lab) for p, lab in zip(paths, label_list)],
+                   prompts=prompt_list)
     atomic_write_text(out / "generation.json", json.dumps({"count": len(paths), "format": image_format}, indent=2))
     return paths

@@ -121,6 +121,13 @@ _RULES: dict[str, Callable[[Any], None]] = {"gan": _check_gan, "autoencoder": _c
 
 def check_geometry(config: Any) -> None:
     """Raise ``ValueError`` naming the field when ``config``'s model cannot be built or trained."""
+    if config.text is not None:
+        if config.model.family != "diffusion":
+            _fail("text", "set", f"is text conditioning, which the diffusion family has and the {config.model.family} "
+                  "family does not", "text: null, or model.family: diffusion")
+        if config.num_classes:
+            _fail("num_classes", config.num_classes, "and text conditioning exclude each other (write the class "
+                  "into the Prompt column instead)", "0")
     rule = _RULES.get(config.model.family)
     if rule is not None:
         rule(config)

@@ -106,6 +106,7 @@ def first_stage_config(config: ExperimentConfig) -> ExperimentConfig:
 
     data = config.to_dict()
     data["model"] = data["model"]["first_stage"]
+    data["text"] = None  # the first stage learns images only; prompts condition the UNet
     data["training"]["max_steps"] = config.model.first_stage_steps  # type: ignore[union-attr]
     data["training"]["epochs"] = 10**6
     data["privacy"] = config.privacy.model_dump(mode="json")

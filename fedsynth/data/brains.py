@@ -18,6 +18,11 @@ training or held-out CSV.
 volume's 99.5th percentile) is at least 15 % of the largest area along that axis.
 
 **Sites:** one site per brain (non-IID): ``mni152`` and ``colin27`` (its three versions).
+
+**Prompts** (the CSVs' ``Prompt`` column, for text-conditional models) are written from each
+slice's real metadata: its plane, which third of the brain along that plane's axis it lies in
+(left/middle/right, posterior/middle/anterior, inferior/middle/superior) and its volume, e.g.
+``"coronal T1 slice, posterior, Colin27 skull-stripped"``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ MRICRON = Path("/usr/share/mricron/templates")
 VOLUMES = {"mni152": "mni152", "ch2": "colin27", "ch2bet": "colin27", "ch2better": "colin27"}
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS+ array axis that each plane cuts
 CYCLE_MM, TRAIN_MM, HELD_OUT_MM = 24.0, (0.0, 14.0), (17.0, 21.0)
+#: words for the thirds of the brain along each plane's (RAS+) axis, in increasing coordinate
+THIRDS = {"sagittal": ("left", "middle", "right"), "coronal": ("posterior", "middle", "anterior"),
+          "axial": ("inferior", "middle", "superior")}
+#: how each volume is named in prompts
+DESCRIPTIONS = {"mni152": "MNI152 template", "ch2": "Colin27 with skull", "ch2bet": "Colin27 skull-stripped",
+                "ch2better": "Colin27 high resolution"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,12 @@ class SliceRow:
     plane: str
     position_mm: float
     split: str
+    third: str = ""
+
+    @property
+    def prompt(self) -> str:
+        """The slice described in words, from its metadata."""
+        return f"{self.plane} T1 slice, {self.third}, {DESCRIPTIONS[self.volume]}"
 
 
 def split_of(position_mm: float) -> str | None:
@@ -140,14 +157,16 @@ def volume_slices(name: str, out_dir: Path, image_size: int = 64) -> list[SliceR
     for plane, axis in PLANES.items():
         areas = bmask.sum(axis=tuple(a for a in range(3) if a != axis))
         keep = areas >= 0.15 * areas.max()
-        for i in np.flatnonzero(keep):
+        kept = np.flatnonzero(keep)
+        for i in kept:
+            third = THIRDS[plane][min(2, int(3 * (i - kept[0]) / max(1, kept[-1] - kept[0] + 1)))]
             index = int(lo[axis] + i)
             position = float(affine[axis, axis] * index + affine[axis, 3])
             split = split_of(position) or "gap"
             img = np.clip(resize(_square(_view(brain, axis, int(i))), [image_size, image_size]), 0, 1)
             path = out_dir / f"{name}_{plane}_{position:+06.1f}mm.nii.gz".replace("+", "p").replace("-", "m")
             save_image(img[None].astype(np.float32), path)
-            rows.append(SliceRow(path, name, VOLUMES[name], plane, position, split))
+            rows.append(SliceRow(path, name, VOLUMES[name], plane, position, split, third))
     return rows
 
 
@@ -171,17 +190,25 @@ def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: l
     def write(key: str, selected: list[SliceRow]) -> None:
         if selected:
             csvs[key] = out / f"{key}.csv"
-            write_manifest(csvs[key], [(r.path.name.split(".")[0], [r.path], None) for r in selected])
+            write_manifest(csvs[key], [(r.path.name.split(".")[0], [r.path], None) for r in selected],
+                           prompts=[r.prompt for r in selected])
 
     for split in ("train", "held_out"):
         write(split, [r for r in rows if r.split == split])
         for brain in sorted({r.brain for r in rows}):
             write(f"{brain}_{split}", [r for r in rows if r.split == split and r.brain == brain])
     index = out / "slices.csv"
+    import csv
+    import io
+
     from fedsynth.io import atomic_write_text
 
-    atomic_write_text(index, "path,volume,brain,plane,position_mm,split\n" + "".join(
-        f"{r.path.relative_to(out)},{r.volume},{r.brain},{r.plane},{r.position_mm:.1f},{r.split}\n" for r in rows))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "volume", "brain", "plane", "position_mm", "split", "third", "prompt"])
+    writer.writerows([str(r.path.relative_to(out)), r.volume, r.brain, r.plane, f"{r.position_mm:.1f}", r.split,
+                      r.third, r.prompt] for r in rows)
+    atomic_write_text(index, text.getvalue())
     csvs["slices"] = index
     for size in volume_sizes:
         vol_rows = []

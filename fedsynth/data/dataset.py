@@ -80,22 +80,25 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str | None]:
         image = self._cache[index] if index in self._cache else self._load(index)
         if self.aug is not None:
             image = self.aug(image)
-        label = self.records[index].label
-        return image, -1 if label is None else label
+        rec = self.records[index]
+        return image, -1 if rec.label is None else rec.label, rec.prompt
 
     @property
     def labels(self) -> list[int | None]:
         return [r.label for r in self.records]
 
 
-def collate(items: list[tuple[torch.Tensor, int]]) -> Batch:
-    images = torch.stack([i for i, _ in items])
-    labels = torch.tensor([l for _, l in items], dtype=torch.long)
-    return Batch(images, labels if (labels >= 0).all() else None)
+def collate(items: list[tuple[torch.Tensor, int, str | None]]) -> Batch:
+    """Stack ``(image, label, prompt)`` items into a :class:`Batch` (labels/prompts only when every item has one)."""
+    images = torch.stack([i for i, _, _ in items])
+    labels = torch.tensor([l for _, l, _ in items], dtype=torch.long)
+    prompts = [p for _, _, p in items]
+    return Batch(images, labels if (labels >= 0).all() else None,
+                 prompts if all(p is not None for p in prompts) else None)  # type: ignore[arg-type]
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0,
@@ -107,10 +110,11 @@ def make_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: 
 
 def load_datasets(config: ExperimentConfig, train_csv: str, val_csv: str | None = None) -> tuple[ImageDataset, ImageDataset | None]:
     """Read manifests, split by subject if needed, and build train/validation datasets."""
-    records = read_manifest(train_csv, expected_channels=config.channels, num_classes=config.num_classes)
+    checks = dict(expected_channels=config.channels, num_classes=config.num_classes, require_prompt=config.text is not None)
+    records = read_manifest(train_csv, **checks)  # type: ignore[arg-type]
     if val_csv is not None:
         train_records = records
-        val_records = read_manifest(val_csv, expected_channels=config.channels, num_classes=config.num_classes)
+        val_records = read_manifest(val_csv, **checks)  # type: ignore[arg-type]
     else:
         train_records, val_records = split_by_subject(records, config.data.val_fraction, config.seed)
     train = ImageDataset(train_records, config, train=True)

@@ -1,4 +1,6 @@
-"""GaNDLF-style CSV manifests: ``SubjectID, Channel_0..N[, Label]``, one row per image.
+"""GaNDLF-style CSV manifests: ``SubjectID, Channel_0..N[, Label][, Prompt]``, one row per image.
+
+``Prompt`` is free text describing the image (text-conditional models train on it).
 
 Several rows may share a SubjectID (e.g. slices of one volume): train/validation splits are
 made by subject so no subject appears on both sides. Relative paths are resolved against the
@@ -38,14 +40,19 @@ class Record:
     label: int | None
     row: int  # 1-based data row number in the CSV (the header is row 0)
     source: str  # the CSV path, for messages
+    prompt: str | None = None  # the Prompt column (free text), if the CSV has one
 
     def where(self) -> str:
         return f"{self.source}, row {self.row} (SubjectID '{self.subject_id}')"
 
 
 def read_manifest(path: str | Path, *, expected_channels: int | None = None, num_classes: int = 0,
-                  check_files: bool = True) -> list[Record]:
-    """Parse and validate a CSV manifest; every problem raises :class:`DataError` naming the row."""
+                  check_files: bool = True, require_prompt: bool = False) -> list[Record]:
+    """Parse and validate a CSV manifest; every problem raises :class:`DataError` naming the row.
+
+    ``require_prompt`` (text-conditional configs): the CSV must have a ``Prompt`` column with a
+    non-empty prompt in every row.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data CSV not found: {path}")
@@ -70,6 +77,10 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
         if expected_channels is not None and len(channel_cols) != expected_channels:
             raise DataError(f"{path}: has {len(channel_cols)} Channel_* column(s) but the config says channels: {expected_channels}")
         has_label = "Label" in header
+        has_prompt = "Prompt" in header
+        if require_prompt and not has_prompt:
+            raise DataError(f"{path}: the config is text-conditional (a text block) but the CSV has no 'Prompt' column "
+                            f"(header is {header}); add one with a description of each image")
         if num_classes > 0 and not has_label:
             raise DataError(f"{path}: the config is class-conditional (num_classes: {num_classes}) but the CSV has no 'Label' column")
         records: list[Record] = []
@@ -95,7 +106,11 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
                     raise DataError(f"{where} (SubjectID '{subject}'): {col} file not found: {file}")
                 files.append(file)
             label = _parse_label(row.get("Label", ""), num_classes, where, subject) if has_label else None
-            rec = Record(subject, tuple(files), label, row_no, str(path))
+            prompt = row.get("Prompt", "") if has_prompt else None
+            if require_prompt and not prompt:
+                raise DataError(f"{where} (SubjectID '{subject}'): empty Prompt; a text-conditional model needs a "
+                                "description of every image")
+            rec = Record(subject, tuple(files), label, row_no, str(path), prompt or None)
             for file in files:
                 if (other := seen_files.get(file)) is not None and other.row != row_no:
                     same = "repeats" if other.subject_id == subject else "lists under another SubjectID"
@@ -192,22 +207,27 @@ def construct_csv(input_dir: str | Path, output: str | Path, *, channel_ids: Seq
     return len(rows)
 
 
-def write_manifest(path: str | Path, rows: Sequence[tuple[str, Sequence[str | Path], int | None]]) -> None:
-    """Write ``(subject_id, channel_paths, label)`` rows as a manifest, atomically.
+def write_manifest(path: str | Path, rows: Sequence[tuple[str, Sequence[str | Path], int | None]],
+                   prompts: Sequence[str] | None = None) -> None:
+    """Write ``(subject_id, channel_paths, label)`` rows (and a ``Prompt`` per row) as a manifest, atomically.
 
     Paths are written relative to the CSV's folder (how :func:`read_manifest` resolves them), so
     the CSV and its images can move together.
     """
+    if prompts is not None and len(prompts) != len(rows):
+        raise ValueError(f"{len(prompts)} prompts for {len(rows)} manifest rows")
     base = Path(path).parent.resolve()
     n = len(rows[0][1])
     with_label = any(label is not None for _, _, label in rows)
-    header = ["SubjectID", *[f"Channel_{i}" for i in range(n)]] + (["Label"] if with_label else [])
+    header = (["SubjectID", *[f"Channel_{i}" for i in range(n)]] + (["Label"] if with_label else [])
+              + (["Prompt"] if prompts is not None else []))
     with atomic_path(Path(path)) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
-        for subject, files, label in rows:
+        for i, (subject, files, label) in enumerate(rows):
             rel = [os.path.relpath(Path(f).resolve(), base) for f in files]
-            writer.writerow([subject, *rel] + ([label if label is not None else ""] if with_label else []))
+            writer.writerow([subject, *rel] + ([label if label is not None else ""] if with_label else [])
+                            + ([prompts[i]] if prompts is not None else []))
 
 
 def _is_image(p: Path) -> bool:

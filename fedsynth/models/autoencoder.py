@@ -183,10 +183,12 @@ class AutoencoderModel(SynthesisModel):
 
     @torch.no_grad()
     def generate(self, num_images: int, *, generator: torch.Generator, labels: torch.Tensor | None = None,
-                 sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+                 prompts: list[str] | None = None, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None) -> torch.Tensor:
         """Decode latents drawn from the prior (KL: N(0, I); VQ: uniform codebook entries)."""
         if labels is not None:
             raise ValueError("autoencoders are unconditional: do not pass a label")
+        self.check_prompts(prompts, num_images)
         shape = self.latent_shape()
         net = self.plain_net("autoencoder")
         if self.cfg.architecture == "kl":

@@ -52,14 +52,16 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 @dataclass
 class Batch:
-    """One mini-batch: images in the model's data range and optional integer class labels."""
+    """One mini-batch: images in the model's data range and its condition record, i.e. optional
+    integer class labels (the CSV's ``Label``) and optional prompts (its ``Prompt``)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
+    prompts: list[str] | None = None
 
     def to(self, device: torch.device) -> "Batch":
         labels = self.labels.to(device) if self.labels is not None else None
-        return Batch(self.images.to(device), labels)
+        return Batch(self.images.to(device), labels, self.prompts)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -207,6 +209,7 @@ class SynthesisModel(nn.Module):
         *,
         generator: torch.Generator,
         labels: torch.Tensor | None = None,
+        prompts: list[str] | None = None,
         sampler: str | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
@@ -234,6 +237,20 @@ class SynthesisModel(nn.Module):
         if labels.numel() != num_images or labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must be {num_images} integers in [0, {self.num_classes - 1}]")
         return labels
+
+    def check_prompts(self, prompts: list[str] | None, num_images: int) -> list[str] | None:
+        """Validate prompts for text-conditional generation: one per image, or one for all."""
+        if self.config.text is None:
+            if prompts is not None:
+                raise ValueError("this model is not text-conditional (no text block in its config): do not pass a prompt")
+            return None
+        if not prompts:
+            raise ValueError("this model is text-conditional: give a prompt (generate --prompt TEXT or --prompts-file)")
+        if len(prompts) == 1:
+            return list(prompts) * num_images
+        if len(prompts) != num_images:
+            raise ValueError(f"{len(prompts)} prompts for {num_images} images: give one prompt, or one per image")
+        return list(prompts)
 
 
 class FrozenParameters:

@@ -1,8 +1,10 @@
 """Diffusion family: MONAI ``DiffusionModelUNet`` trained as DDPM, sampled with DDPM or DDIM.
 
-Groups: ``unet`` and, for latent diffusion, a frozen ``autoencoder`` (the networks of a trained
-autoencoder run plus the latent scale factor). Class-conditional models learn a label embedding
-with one extra "null" class used for classifier-free guidance.
+Groups: ``unet``; for latent diffusion a frozen ``autoencoder`` (the networks of a trained
+autoencoder run plus the latent scale factor); for text conditioning a ``text_encoder`` whose
+output the UNet's cross-attention reads. Class-conditional models learn a label embedding with
+one extra "null" class, text-conditional ones the empty prompt: the inputs that classifier-free
+guidance contrasts with.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from fedsynth.config import DiffusionConfig, ExperimentConfig
 from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
 from fedsynth.models.losses import denoising_loss
+from fedsynth.models.text import TransformerTextEncoder, build_text_encoder
 
 
 class LatentCodec(nn.Module):
@@ -43,8 +46,8 @@ class DiffusionModel(SynthesisModel):
     """DDPM training objective; DDPM or DDIM sampling with optional classifier-free guidance."""
 
     family = "diffusion"
-    default_federation_policy = {"unet": "shared", "autoencoder": "shared"}
-    generating = ("unet",)
+    default_federation_policy = {"unet": "shared", "autoencoder": "shared", "text_encoder": "shared"}
+    generating = ("unet", "text_encoder")
 
     def __init__(self, config: ExperimentConfig, autoencoder: SynthesisModel | None = None) -> None:
         super().__init__(config)
@@ -57,6 +60,10 @@ class DiffusionModel(SynthesisModel):
         else:
             sample_shape = (self.in_channels, *self.image_size)
         self.sample_shape: tuple[int, ...] = sample_shape
+        context_dim = None
+        if config.text is not None:
+            self.nets["text_encoder"] = build_text_encoder(config.text)
+            context_dim = self.nets["text_encoder"].width
         levels = len(cfg.channels)
         attention = cfg.attention_levels or [False] * (levels - 1) + [True]
         for s in sample_shape[1:]:
@@ -72,6 +79,8 @@ class DiffusionModel(SynthesisModel):
             num_head_channels=cfg.num_head_channels,
             norm_num_groups=cfg.norm_num_groups,
             num_class_embeds=self.num_classes + 1 if self.num_classes else None,
+            with_conditioning=context_dim is not None,
+            cross_attention_dim=context_dim,
         )
         self.train_scheduler = self.make_scheduler("ddpm")
 
@@ -83,6 +92,9 @@ class DiffusionModel(SynthesisModel):
         specs = {"unet": GroupSpec("unet")}
         if self.is_latent:
             specs["autoencoder"] = GroupSpec("autoencoder", trainable=False, sees_real_data=False)
+        if "text_encoder" in self.nets:
+            trained = isinstance(self.plain_net("text_encoder"), TransformerTextEncoder)
+            specs["text_encoder"] = GroupSpec("text_encoder", trainable=trained, sees_real_data=trained)
         return specs
 
     def make_scheduler(self, sampler: str) -> Scheduler:
@@ -115,21 +127,42 @@ class DiffusionModel(SynthesisModel):
             labels = torch.where(mask, torch.full_like(labels, self.num_classes), labels)
         return labels
 
-    def _loss(self, unet: nn.Module, batch: Batch, drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def _text_context(self, prompts: list[str] | None, drop: float, text_net: nn.Module | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Cross-attention context of ``prompts``; with ``drop`` > 0 that share becomes the empty prompt."""
+        if self.config.text is None:
+            return None
+        assert prompts is not None, "a text-conditional diffusion model needs prompts"
+        if drop > 0:
+            keep = torch.rand(len(prompts), generator=generator) >= drop
+            prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
+        encoder = self.plain_net("text_encoder")
+        if not isinstance(encoder, TransformerTextEncoder):
+            return encoder.encode(prompts, self.device)  # type: ignore[operator]
+        ids, mask = encoder.tokenizer(prompts)
+        net = text_net if text_net is not None else encoder
+        return net(ids.to(self.device), mask.to(self.device))
+
+    def _loss(self, unet: nn.Module, batch: Batch, drop: float, generator: torch.Generator | None = None,
+              text_net: nn.Module | None = None, prompt_drop: float = 0.0) -> torch.Tensor:
         x0 = self._to_sample_space(batch.images)
         n = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device) if generator is not None else torch.randn_like(x0)
         t = torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator, device=x0.device)
-        return self.denoising_objective(unet, x0, noise, t, self._class_inputs(batch.labels, drop))
+        context = self._text_context(batch.prompts, prompt_drop, text_net)
+        return self.denoising_objective(unet, x0, noise, t, self._class_inputs(batch.labels, drop), context)
 
     def denoising_objective(self, unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                            class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                            class_labels: torch.Tensor | None = None,
+                            context: torch.Tensor | None = None) -> torch.Tensor:
         """The DDPM loss for clean samples ``x0`` noised with ``noise`` at timesteps ``t``.
+
+        ``class_labels`` and the text ``context`` condition the UNet where the model is conditional.
 
         The target is the noise, the clean sample or the velocity, after ``prediction_type``.
         """
         x_t = self.train_scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-        pred = unet(x_t, timesteps=t, class_labels=class_labels)
+        pred = unet(x_t, timesteps=t, context=context, class_labels=class_labels)
         if self.cfg.prediction_type == "epsilon":
             target = noise
         elif self.cfg.prediction_type == "sample":
@@ -139,10 +172,16 @@ class DiffusionModel(SynthesisModel):
         return denoising_loss(pred, target)
 
     def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
-        loss = self._loss(self.net("unet"), batch, self.cfg.class_dropout)
-        optimizers["unet"].zero_grad(set_to_none=True)
+        trained_text = "text_encoder" in optimizers
+        loss = self._loss(self.net("unet"), batch, self.cfg.class_dropout,
+                          text_net=self.net("text_encoder") if trained_text else None,
+                          prompt_drop=self.config.text.prompt_dropout if self.config.text is not None else 0.0)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         optimizers["unet"].step()
+        if trained_text:
+            optimizers["text_encoder"].step()
         return {"loss": float(loss.detach())}
 
     @torch.no_grad()
@@ -154,26 +193,32 @@ class DiffusionModel(SynthesisModel):
 
     @torch.no_grad()
     def generate(self, num_images: int, *, generator: torch.Generator, labels: torch.Tensor | None = None,
-                 sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+                 prompts: list[str] | None = None, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None) -> torch.Tensor:
         """Reverse diffusion from Gaussian noise, one visible loop, seeded by ``generator``."""
         labels = self.check_labels(labels, num_images)
+        prompts = self.check_prompts(prompts, num_images)
+        context = self._text_context(prompts, 0.0)
+        null_context = self._text_context([""] * num_images, 0.0) if context is not None else None
         sampler = sampler or self.cfg.sampler
         steps = steps or (self.cfg.sampling_steps if sampler == "ddim" else self.cfg.num_train_timesteps)
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         scheduler = self.make_scheduler(sampler)
         scheduler.set_timesteps(num_inference_steps=steps, device=self.device)
         unet = self.plain_net("unet")
-        guided = labels is not None and scale != 1.0
+        guided = (labels is not None or context is not None) and scale != 1.0
         x = torch.randn((num_images, *self.sample_shape), generator=generator, device=generator.device).to(self.device)
         for t in scheduler.timesteps:
             t_batch = torch.full((num_images,), int(t), device=self.device, dtype=torch.long)
             if guided:
-                null = torch.full_like(labels, self.num_classes)
-                out = unet(torch.cat([x, x]), timesteps=torch.cat([t_batch, t_batch]), class_labels=torch.cat([labels, null]))
+                both_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if labels is not None else None
+                both_context = torch.cat([context, null_context]) if context is not None else None  # type: ignore[list-item]
+                out = unet(torch.cat([x, x]), timesteps=torch.cat([t_batch, t_batch]), context=both_context,
+                           class_labels=both_labels)
                 cond, uncond = out.chunk(2)
                 model_output = uncond + scale * (cond - uncond)
             else:
-                model_output = unet(x, timesteps=t_batch, class_labels=labels)
+                model_output = unet(x, timesteps=t_batch, context=context, class_labels=labels)
             x, _ = scheduler.step(model_output, int(t), x, generator=generator)  # type: ignore[call-arg]
         if self.is_latent:
             return self.plain_net("autoencoder").decode(x).clamp(0, 1)  # type: ignore[operator]

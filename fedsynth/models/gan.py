@@ -240,7 +240,9 @@ class GanModel(SynthesisModel):
 
     @torch.no_grad()
     def generate(self, num_images: int, *, generator: torch.Generator, labels: torch.Tensor | None = None,
-                 sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+                 prompts: list[str] | None = None, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None) -> torch.Tensor:
         labels = self.check_labels(labels, num_images)
+        self.check_prompts(prompts, num_images)
         z = torch.randn(num_images, self.cfg.latent_dim, generator=generator, device=generator.device).to(self.device)
         return to_data_range(self.plain_net("generator")(z, labels))

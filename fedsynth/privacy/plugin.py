@@ -311,11 +311,13 @@ class _EmptySafeCollate:
     def __init__(self, config: ExperimentConfig) -> None:
         self.shape = (0, config.channels, *config.image_size)
         self.conditional = config.num_classes > 0
+        self.text = config.text is not None
 
-    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> Batch:
+    def __call__(self, items: list[tuple[torch.Tensor, int, str | None]]) -> Batch:
         if items:
             return collate(items)
-        return Batch(torch.zeros(self.shape), torch.zeros(0, dtype=torch.long) if self.conditional else None)
+        return Batch(torch.zeros(self.shape), torch.zeros(0, dtype=torch.long) if self.conditional else None,
+                     [] if self.text else None)
 
 
 def _contiguous_inputs(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
