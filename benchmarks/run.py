@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--external-quick", action="store_true", help="in the full suite, run the other scripts with "
                                                                       "their --quick (when time is short)")
     parser.add_argument("--external-timeout", type=int, default=900, help="seconds per external script")
-    parser.add_argument("--only", nargs="*", choices=["engine", "quality", "federated", "external"],
+    parser.add_argument("--only", nargs="*", choices=["engine", "quality", "federated", "text", "external"],
                         default=None)
     parser.add_argument("--work", default=None, help="keep runs and data here (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     header = machine()
-    only = set(args.only or ["engine", "quality", "federated", "external"])
+    only = set(args.only or ["engine", "quality", "federated", "text", "external"])
     sections: list[str] = []
     budget = q.Budget.quick() if args.quick else q.Budget()
     grids = HERE / "quality" if not args.quick else Path(args.output).resolve().parent / "quality"
@@ -197,21 +197,23 @@ def main(argv: list[str] | None = None) -> int:
         data = build_demo_dataset(work / "demo-data", image_size=32, count=24, spatial_dims=2)
         shared: dict[str, Any] = {}
 
-        def quality_data() -> Any:
-            if "data" not in shared:
-                shared["data"] = q.prepare(work, budget)
-            return shared["data"]
+        def quality_data(size: int | None = None) -> Any:
+            key = f"data{size or budget.image_size}"
+            if key not in shared:
+                shared[key] = q.prepare(work, budget, size)
+            return shared[key]
 
         def quality_section() -> list[str]:
             lines, shared["encoder"] = q.bench_quality(work, budget, quality_data(), grids)
             return lines
 
         def federated_section() -> list[str]:
-            return q.bench_federated(work, budget, q.prepare(work, budget, budget.fed_image_size))
+            return q.bench_federated(work, budget, quality_data(budget.fed_image_size))
 
         steps = [("engine", lambda: bench_engine(data, args.quick, work)),
                  ("quality", quality_section),
                  ("federated", federated_section),
+                 ("text", lambda: q.bench_text(work, budget, quality_data(budget.text_image_size), grids)),
                  ("external", lambda: bench_external(args.quick or args.external_quick, args.external or not args.quick,
                                                     args.external_timeout))]
         for name, fn in steps:
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {header}  ", f"Total time: {time.perf_counter() - started:.0f} s", "",
         "Every figure in bold is a ratio of two measurements taken in this same run. Absolute seconds depend on the "
         "machine and its load; compare ratios. Data: real brain MRI (MNI152 via nilearn, Colin27 via mricron-data); "
-        "section 1 uses 24 axial slices per brain at 32x32, sections 2-3 the held-out split of `fedsynth build-dataset`.",
+        "section 1 uses 24 axial slices per brain at 32x32, sections 2-4 the held-out split of `fedsynth build-dataset`.",
         "", *sections])
     atomic_write_text(Path(args.output), text + "\n")
     print(f"wrote {args.output}")

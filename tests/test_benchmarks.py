@@ -21,13 +21,15 @@ def test_benchmark_suite_quick(tmp_path: Path) -> None:
     assert "Command: `python benchmarks/run.py --quick" in text and "Machine:" in text
     # each measured section has its own bold ratios (a section present only as a "skipped" line fails)
     for title, ratios in (("Engine step vs hand-written PyTorch loop", 1), ("Quality: each family", 6),
-                          ("Federated vs centralized vs single-site", 4)):
+                          ("Federated vs centralized vs single-site", 4), ("Text conditioning: prompt adherence", 3)):
         body = _section(text, title)
         assert body.count("**") >= 2 * ratios, f"section '{title}' has no measured ratios:\n{body}"
         assert "| nan" not in body and "| inf" not in body
     quality = _section(text, "Quality: each family")
     assert "| real train vs real held-out (floor) |" in quality  # every quality table starts with the floor
     assert quality.count("| real train vs real held-out (floor) |") == 1 and "held-out" in quality
+    text_section = _section(text, "Text conditioning: prompt adherence")
+    assert "| real held-out slices (reader ceiling" in text_section and "shuffled prompts" in text_section
     # --quick runs no external script: each is listed as skipped, none is claimed as measured
     external = _section(text, "other scripts")
     for what in ("Flower overhead", "OpenFL overhead", "DP overhead"):
