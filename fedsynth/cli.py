@@ -147,6 +147,9 @@ def _info(args: argparse.Namespace) -> None:
 def _build_dataset(args: argparse.Namespace) -> None:
     from fedsynth.data.brains import build_brain_dataset, summary
 
+    _at_least("--image-size", args.image_size, 8)
+    for size in args.volume_sizes:
+        _at_least("--volume-sizes", size, 8)
     csvs = build_brain_dataset(args.output, image_size=args.image_size, volume_sizes=tuple(args.volume_sizes))
     print(summary(csvs))
 
@@ -157,6 +160,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     import json
 
+    _at_least("--steps", args.steps, 1)
     paths = run_demo(args.output, family=args.family, steps=args.steps)
     for k, v in paths.items():
         print(f"{k}: {v}")
