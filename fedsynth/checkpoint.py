@@ -138,8 +138,12 @@ def save_checkpoint(
     rng: bool = True,
     extra: Mapping[str, Any] | None = None,
     ema: Mapping[str, Any] | None = None,
+    rank_rng: list[Any] | None = None,
 ) -> Path:
-    """Write ``model`` (all groups) and ``state`` to ``path`` atomically; returns the path."""
+    """Write ``model`` (all groups) and ``state`` to ``path`` atomically; returns the path.
+
+    ``rank_rng``: under DDP, every rank's RNG and augmentation states (rank order), so each rank
+    of a resumed run draws exactly what it would have drawn."""
     path = Path(path)
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -162,6 +166,7 @@ def save_checkpoint(
         "epoch_sums": {k: float(v) for k, v in state.epoch_sums.items()},
         "data_rng": state.data_rng,
         "rng": capture_rng() if rng else None,
+        "rank_rng": rank_rng,
         "extra": dict(extra or {}),
         "ema": dict(ema) if ema else None,
     }

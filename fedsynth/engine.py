@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedsynth.checkpoint import (TrainingState, capture_augmentation_state, config_changes, load_checkpoint, preserved_rng,
+from fedsynth.checkpoint import (TrainingState, capture_augmentation_state, capture_rng, config_changes, load_checkpoint, preserved_rng,
                                  restore_augmentation_state, restore_rng, save_checkpoint)
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, make_loader
@@ -262,9 +262,11 @@ class Engine:
                 if self.privacy is not None:
                     post.update({k: f"{v:.3g}" for k, v in self.privacy.report().items()})
                 bar.set_postfix(post)
-            if every and self.writes and state.step % every == 0 and state.batch_in_epoch < total:
-                assert self.run_dir is not None
-                self.save(self.run_dir / LAST)  # mid-epoch: resumable from this very step
+            if every and state.step % every == 0 and state.batch_in_epoch < total:
+                rank_rng = self._gather_rank_rng()  # every rank takes part; rank 0 writes
+                if self.writes:
+                    assert self.run_dir is not None
+                    self.save(self.run_dir / LAST, rank_rng=rank_rng)  # mid-epoch: resumable from this very step
         if bar is not None:
             bar.close()
         steps = state.batch_in_epoch
@@ -311,6 +313,7 @@ class Engine:
 
     def _end_of_epoch(self, metrics: dict[str, float], *, complete: bool = True) -> None:
         """Checkpoint, then log (a partial epoch's row is replaced once that epoch completes)."""
+        rank_rng = self._gather_rank_rng()
         if not self.writes:
             return
         assert self.run_dir is not None
@@ -319,9 +322,9 @@ class Engine:
         improved = val_loss is not None and math.isfinite(val_loss) and (self.state.best_metric is None or val_loss < self.state.best_metric)
         if improved:
             self.state.best_metric = val_loss
-        self.save(self.run_dir / LAST)  # checkpoint first: after a crash metrics.csv is never ahead of it
+        self.save(self.run_dir / LAST, rank_rng=rank_rng)  # checkpoint first: after a crash metrics.csv is never ahead of it
         if improved:
-            self.save(self.run_dir / BEST)
+            self.save(self.run_dir / BEST, rank_rng=rank_rng)
         self._log_csv(row)
         self._log_tensorboard(metrics)
         if complete and self.state.epoch % self.config.training.sample_every == 0:
@@ -372,14 +375,29 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-        """Checkpoint model, optimizers, state and RNG to ``path`` (atomic)."""
+    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None,
+             rank_rng: list[Any] | None = None) -> Path:
+        """Checkpoint model, optimizers, state and RNG to ``path`` (atomic); ``rank_rng`` from
+        :meth:`_gather_rank_rng` under DDP."""
         if self.privacy is not None:
             self.state.privacy = self.privacy.state_dict()
         dataset = getattr(self, "_train_dataset", None)
         self.state.data_rng = capture_augmentation_state(dataset.aug) if dataset is not None else None
         ema = self.ema.state_dict() if self.ema is not None else None
-        return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, ema=ema)
+        return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, ema=ema, rank_rng=rank_rng)
+
+    def _gather_rank_rng(self) -> list[Any] | None:
+        """DDP: every rank's RNG and augmentation states, in rank order (a collective call: every
+        rank must make it at the same point). ``None`` for a single process."""
+        if self.dist.world_size == 1:
+            return None
+        import torch.distributed as torch_dist
+
+        dataset = getattr(self, "_train_dataset", None)
+        mine = {"rng": capture_rng(), "data_rng": capture_augmentation_state(dataset.aug) if dataset is not None else None}
+        gathered: list[Any] = [None] * self.dist.world_size
+        torch_dist.all_gather_object(gathered, mine)
+        return gathered
 
     def resume(self, path: str | Path) -> TrainingState:
         """Continue exactly where ``path`` stopped: weights, optimizer states, counters, RNG."""
@@ -412,8 +430,19 @@ class Engine:
             restore_rng(payload["rng"])  # for callers that act before fit (e.g. sampling)
             self._pending_rng = payload["rng"]  # fit restores it again where the loop stood
         elif self.dist.world_size > 1:
-            torch.manual_seed(self.config.seed + 7919 * self.dist.rank + self.state.epoch)
-            np.random.seed((self.config.seed + self.dist.rank + self.state.epoch) % 2**32)
+            ranks = payload.get("rank_rng")
+            if ranks is not None and len(ranks) == self.dist.world_size:  # each rank where it stood
+                mine = ranks[self.dist.rank]
+                restore_rng(mine["rng"])
+                self._pending_rng = mine["rng"]
+                self.state.data_rng = mine["data_rng"]
+            else:
+                written = len(ranks) if ranks is not None else 1
+                self.log_message(f"resume: {path} was written by {written} process(es), this run has "
+                                 f"{self.dist.world_size}: training goes on from step {self.state.step} with fresh "
+                                 "per-rank random streams (not bit-identical to an uninterrupted run)")
+                torch.manual_seed(self.config.seed + 7919 * self.dist.rank + self.state.epoch)
+                np.random.seed((self.config.seed + self.dist.rank + self.state.epoch) % 2**32)
         return self.state
 
 
