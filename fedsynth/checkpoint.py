@@ -139,11 +139,13 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     ema: Mapping[str, Any] | None = None,
     rank_rng: list[Any] | None = None,
+    extension_states: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (all groups) and ``state`` to ``path`` atomically; returns the path.
 
     ``rank_rng``: under DDP, every rank's RNG and augmentation states (rank order), so each rank
-    of a resumed run draws exactly what it would have drawn."""
+    of a resumed run draws exactly what it would have drawn. ``extension_states``: the engine
+    extensions' states by their ``state_key`` (``privacy``, ``ema``), stored under those keys."""
     path = Path(path)
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -170,6 +172,7 @@ def save_checkpoint(
         "extra": dict(extra or {}),
         "ema": dict(ema) if ema else None,
     }
+    payload.update(extension_states or {})
     first_stage = getattr(model, "is_latent", False) and model.plain_net("autoencoder").autoencoder
     if first_stage:
         payload["extra"]["autoencoder_config"] = first_stage.config.to_dict()

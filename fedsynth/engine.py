@@ -2,20 +2,21 @@
 drive a model through :class:`Engine`; none of them writes a loop of its own.
 
 The engine owns: epochs/steps, validation, checkpoints (``last``/``best``), resume, logging
-(progress bar, ``metrics.csv``, TensorBoard), PNG sample grids, and the optional privacy
-plugin, which swaps the optimizers and loader for private ones without changing the loop.
+(progress bar, ``metrics.csv``, TensorBoard) and PNG sample grids. Everything optional runs
+through :mod:`fedsynth.extensions` hooks (differential privacy swaps the optimizers and loader
+for private ones; the EMA updates after each step and supplies the sampling weights), so the
+loop has no branch for any of them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, make_loader
 from fedsynth.data.images import save_image
 from fedsynth.errors import CheckpointError, WeightsError
+from fedsynth.extensions import EmaExtension, Extension, sampling_weights
 from fedsynth.generation import image_grid, sample
 from fedsynth.models.base import Batch, SynthesisModel
 from fedsynth.recipes import WeightAverage, lr_factor
@@ -47,26 +49,6 @@ class Distributed:
         return self.rank == 0
 
 
-class PrivacyPlugin(Protocol):
-    """What the engine needs from a differential-privacy implementation (see fedsynth.privacy)."""
-
-    def make_private(self, model: SynthesisModel, optimizers: dict[str, torch.optim.Optimizer],
-                     loader: DataLoader) -> tuple[dict[str, torch.optim.Optimizer], DataLoader]: ...
-
-    def can_step(self) -> str | None:
-        """``None`` if one more step stays within budget, else the reason to stop."""
-
-    def report(self) -> dict[str, float]:
-        """Metrics to log (e.g. ``{"epsilon": 1.2}``)."""
-
-    def wrap_training_step(self, model: SynthesisModel) -> Callable[[Batch, Mapping[str, torch.optim.Optimizer]], dict[str, float]]:
-        """The training step to call once the model is private (bookkeeping around ``model.training_step``)."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
 def resolve_device(choice: str, rank: int = 0) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
@@ -84,25 +66,27 @@ class Engine:
         run_dir: str | Path | None = None,
         dist: Distributed = Distributed(),
         device: torch.device | None = None,
-        privacy: PrivacyPlugin | None = None,
+        privacy: Extension | None = None,
+        extensions: list[Extension] | None = None,
     ) -> None:
+        """``privacy`` (e.g. :func:`fedsynth.privacy.make_privacy_plugin`) and ``extensions`` run
+        through the loop's hooks in that order, then the EMA of ``training.ema_decay``."""
         self.config = config
         self.dist = dist
         self.device = device or resolve_device(config.training.device, dist.rank)
         self.model = model.to(self.device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.privacy = privacy
         self.state = TrainingState()
         self.optimizers = model.configure_optimizers(config.training)
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
         self._clip_hooks: dict[str, Any] = {}
-        self.ema: WeightAverage | None = None
+        self.extensions: list[Extension] = [*([privacy] if privacy is not None else []), *(extensions or [])]
         if config.training.ema_decay > 0 and model.generating_groups():
-            self.ema = WeightAverage(self.model, model.generating_groups(), config.training.ema_decay)
+            self.extensions.append(EmaExtension(WeightAverage(self.model, model.generating_groups(),
+                                                              config.training.ema_decay)))
         self.planned_steps: int | None = None
-        self._private_loader: DataLoader | None = None
         self._pending_rng: Mapping[str, Any] | None = None  # RNG of a resumed checkpoint, restored by fit
         self._training_step = model.training_step
         self._tb: Any = None
@@ -115,6 +99,21 @@ class Engine:
             remove_stale_temps(self.run_dir)  # left by a killed process's atomic writes
 
     # ------------------------------------------------------------------ setup
+
+    def extension(self, state_key: str) -> Extension | None:
+        """The extension keeping its state under ``state_key`` (``"privacy"``, ``"ema"``), if any."""
+        return next((e for e in self.extensions if e.state_key == state_key), None)
+
+    @property
+    def privacy(self) -> Any:
+        """The privacy extension (``None`` without DP)."""
+        return self.extension("privacy")
+
+    @property
+    def ema(self) -> WeightAverage | None:
+        """The weight average of the generating groups (``None`` when ``training.ema_decay`` is 0)."""
+        ext = self.extension("ema")
+        return ext.average if isinstance(ext, EmaExtension) else None
 
     @property
     def writes(self) -> bool:
@@ -131,11 +130,12 @@ class Engine:
             return make_loader(dataset, t.batch_size, shuffle=False, seed=self.config.seed, num_workers=t.num_workers)
         loader = make_loader(dataset, t.batch_size, shuffle=True, seed=self.config.seed, rank=self.dist.rank,
                              world_size=self.dist.world_size, num_workers=t.num_workers)
-        if self.privacy is not None:
-            if self._private_loader is None or self._private_loader.dataset is not dataset:
-                self.optimizers, self._private_loader = self.privacy.make_private(self.model, self.optimizers, loader)
-                self._training_step = self.privacy.wrap_training_step(self.model)
-            loader = self._private_loader
+        for ext in self.extensions:
+            self.optimizers, loader = ext.prepare_loader(self.model, self.optimizers, loader)
+        step = self.model.training_step
+        for ext in self.extensions:
+            step = ext.wrap_training_step(self.model, step)
+        self._training_step = step
         self._attach_grad_clipping()
         return loader
 
@@ -193,9 +193,8 @@ class Engine:
             metrics = {f"train_{k}": v for k, v in train_metrics.items()}
             if val_loader is not None and (not complete or self.state.epoch % t.validate_every == 0 or self.state.epoch == target_epochs):
                 metrics.update({f"val_{k}": v for k, v in self.validate(val_loader).items()})
-            if self.privacy is not None:
-                metrics.update(self.privacy.report())
-                self.state.privacy = self.privacy.state_dict()
+            for ext in self.extensions:
+                metrics.update(ext.report())
             self.state.metrics = metrics
             self._end_of_epoch(metrics, complete=complete)
             if not complete or (max_steps is not None and self.state.step >= max_steps):
@@ -239,7 +238,8 @@ class Engine:
         while True:
             if max_steps is not None and state.step >= max_steps:
                 break
-            if self.privacy is not None and (stop := self.privacy.can_step()) is not None:
+            stop = next((reason for reason in (ext.stop_reason() for ext in self.extensions) if reason), None)
+            if stop is not None:
                 break
             batch = next(batches, None)  # drawn only once the step will be taken (a Poisson draw uses the RNG)
             if batch is None:
@@ -247,8 +247,8 @@ class Engine:
             self._set_learning_rates()
             self.model.global_step = state.step
             out = self.train_step(batch, autocast)
-            if self.ema is not None:
-                self.ema.update(self.model)
+            for ext in self.extensions:
+                ext.after_step(self.model)
             state.step += 1
             state.batch_in_epoch += 1
             images += len(batch)
@@ -259,8 +259,8 @@ class Engine:
                 bar.update(1)
                 rate = images * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
                 post = {"loss": f"{out.get('loss', float('nan')):.4f}", "img/s": f"{rate:.1f}"}
-                if self.privacy is not None:
-                    post.update({k: f"{v:.3g}" for k, v in self.privacy.report().items()})
+                for ext in self.extensions:
+                    post.update({k: f"{v:.3g}" for k, v in ext.report().items()})
                 bar.set_postfix(post)
             if every and state.step % every == 0 and state.batch_in_epoch < total:
                 rank_rng = self._gather_rank_rng()  # every rank takes part; rank 0 writes
@@ -362,7 +362,7 @@ class Engine:
 
     def write_sample_grid(self, path: Path) -> None:
         n = self.config.training.num_sample_images
-        with preserved_rng(), (self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()):
+        with preserved_rng(), sampling_weights(self.extensions, self.model):
             images = sample(self.model, n, seed=self.config.seed, batch_size=min(n, 16))
         save_image(image_grid(images.numpy()), path)
         self.model.train()
@@ -379,12 +379,11 @@ class Engine:
              rank_rng: list[Any] | None = None) -> Path:
         """Checkpoint model, optimizers, state and RNG to ``path`` (atomic); ``rank_rng`` from
         :meth:`_gather_rank_rng` under DDP."""
-        if self.privacy is not None:
-            self.state.privacy = self.privacy.state_dict()
         dataset = getattr(self, "_train_dataset", None)
         self.state.data_rng = capture_augmentation_state(dataset.aug) if dataset is not None else None
-        ema = self.ema.state_dict() if self.ema is not None else None
-        return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, ema=ema, rank_rng=rank_rng)
+        states = {ext.state_key: ext.state_dict() for ext in self.extensions if ext.state_key}
+        return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, rank_rng=rank_rng,
+                               extension_states=states)
 
     def _gather_rank_rng(self) -> list[Any] | None:
         """DDP: every rank's RNG and augmentation states, in rank order (a collective call: every
@@ -419,13 +418,9 @@ class Engine:
                                    best_metric=payload.get("best_metric"), metrics=dict(payload.get("metrics", {})),
                                    privacy=payload.get("privacy"), batch_in_epoch=int(payload.get("batch_in_epoch", 0)),
                                    epoch_sums=dict(payload.get("epoch_sums", {})), data_rng=payload.get("data_rng"))
-        if self.privacy is not None and self.state.privacy:
-            self.privacy.load_state_dict(self.state.privacy)
-        if self.ema is not None:
-            if payload.get("ema"):
-                self.ema.load_state_dict(payload["ema"])
-            else:
-                self.ema.reset(self.model)
+        for ext in self.extensions:
+            if ext.state_key:
+                ext.load_state_dict(payload.get(ext.state_key), self.model)
         if payload.get("rng") is not None and self.dist.world_size == 1:
             restore_rng(payload["rng"])  # for callers that act before fit (e.g. sampling)
             self._pending_rng = payload["rng"]  # fit restores it again where the loop stood

@@ -110,7 +110,7 @@ def test_empty_poisson_batch_is_a_noise_only_accounted_step(mri2d) -> None:
     images = next(iter(make_loader(train, 3, shuffle=False, seed=0))).images
     out = engine.train_step(Batch(images))  # the step after an empty one works
     assert math.isfinite(out["loss"]) and engine.privacy.ledger.steps == 2
-    collate = engine._private_loader.collate_fn
+    collate = engine.privacy._private_loader.collate_fn
     assert len(collate([])) == 0
 
 

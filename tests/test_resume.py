@@ -116,8 +116,8 @@ def test_checkpoint_every_steps_writes_mid_epoch_and_resumes_exactly(data: dict[
     straight = build_engine(config, tmp_path / "straight")
     plain_save = straight.save
 
-    def save_and_keep(path, extra=None):  # keep a copy of every checkpoint the run writes
-        out = plain_save(path, extra)
+    def save_and_keep(path, extra=None, **kwargs):  # keep a copy of every checkpoint the run writes
+        out = plain_save(path, extra, **kwargs)
         shutil.copy(out, tmp_path / f"step{straight.state.step}.ckpt")
         return out
 

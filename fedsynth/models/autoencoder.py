@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 
 from fedsynth.config import AutoencoderConfig, ExperimentConfig
@@ -93,6 +95,17 @@ class AutoencoderModel(SynthesisModel):
         if "discriminator" in self.nets:
             specs["discriminator"] = GroupSpec("discriminator")
         return specs
+
+    def prepare_private(self, nets: list[str]) -> list[str]:
+        """The VQ codebook's EMA update reads raw images outside DP: frozen (the codebook keeps its entries)."""
+        said = []
+        for name in nets:
+            for module in self.nets[name].modules():
+                if type(module).__name__ == "EMAQuantizer":
+                    module.register_forward_pre_hook(_no_codebook_update)
+                    said.append(f"network '{name}': the VQ codebook's EMA update is frozen under DP "
+                                "(it is computed from raw images outside DP); the codebook keeps its current entries")
+        return said
 
     # ------------------------------------------------------------------ losses
 
@@ -198,3 +211,7 @@ class AutoencoderModel(SynthesisModel):
                                 device=generator.device).to(self.device)
             z = net.quantizer.embed(idx).contiguous()
         return self.decode_latent(z)
+
+
+def _no_codebook_update(module: nn.Module, _args: tuple[Any, ...]) -> None:
+    module.training = False  # MONAI's EMAQuantizer updates its codebook only in training mode

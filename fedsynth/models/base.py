@@ -191,6 +191,27 @@ class SynthesisModel(nn.Module):
             )
         return optimizers
 
+    # ------------------------------------------------------------------ privacy hooks (fedsynth.privacy)
+
+    def prepare_private(self, nets: list[str]) -> list[str]:
+        """Make networks ``nets`` trainable under example-level DP, before optimizers exist.
+
+        Returns what was changed, in words (logged and kept with the run). The privacy plugin
+        handles what every family shares (Opacus' layer fixes, contiguous inputs); a family
+        overrides this for what only it knows. Default: nothing to change.
+        """
+        return []
+
+    def on_private_sampling(self, expected_batch: int, private_groups: list[str]) -> None:
+        """Told once DP wraps the model: Poisson batches of ``expected_batch`` examples on average
+        will train ``private_groups``. Default: nothing to do."""
+
+    def empty_batch_step(self, optimizers: Mapping[str, torch.optim.Optimizer],
+                         private_groups: list[str]) -> dict[str, float]:
+        """The non-private part of a step whose Poisson batch is empty (the private groups take a
+        noise-only step in the plugin). Default: nothing else trains."""
+        return {}
+
     # ------------------------------------------------------------------ family hooks
 
     def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:

@@ -97,6 +97,15 @@ class DiffusionModel(SynthesisModel):
             specs["text_encoder"] = GroupSpec("text_encoder", trainable=trained, sees_real_data=trained)
         return specs
 
+    def prepare_private(self, nets: list[str]) -> list[str]:
+        """Latent diffusion: the latent scale factor would be computed from the first real batch
+        (outside DP), so it is fixed to 1."""
+        codec = self.nets["autoencoder"] if self.is_latent else None
+        if codec is not None and float(codec.scale) == 0.0:  # type: ignore[arg-type]
+            codec.scale.fill_(1.0)  # type: ignore[operator]
+            return ["latent diffusion: latent scale factor fixed to 1.0 (computing it from the data would leak)"]
+        return []
+
     def make_scheduler(self, sampler: str) -> Scheduler:
         """Build a fresh scheduler from the config (rebuildable on any host)."""
         kwargs = dict(

@@ -223,6 +223,36 @@ class GanModel(SynthesisModel):
         optimizers["discriminator"].zero_grad(set_to_none=True)
         return float(g_loss.detach())
 
+    # ------------------------------------------------------------------ privacy hooks
+
+    def prepare_private(self, nets: list[str]) -> list[str]:
+        """BatchNorm mixes examples, which per-example DP forbids: a BatchNorm discriminator is
+        rebuilt with GroupNorm (and the stored config says so)."""
+        if "discriminator" not in nets or self.cfg.discriminator_norm != "batch":
+            return []
+        from fedsynth.errors import ConfigError
+
+        try:
+            self.cfg.discriminator_norm = "group"
+            self.nets["discriminator"] = ConditionalDiscriminator(self.cfg, self.spatial_dims, self.in_channels,
+                                                                  self.image_size, self.num_classes)
+        except ValueError as err:
+            raise ConfigError(f"privacy needs GroupNorm in the discriminator: {err}") from None
+        return ["network 'discriminator': BatchNorm replaced by GroupNorm (model.discriminator_norm set to 'group' "
+                "in the stored config; BatchNorm mixes examples, which per-example DP forbids)"]
+
+    def on_private_sampling(self, expected_batch: int, private_groups: list[str]) -> None:
+        """A public generator steps on a fixed number of fakes, independent of the real batch."""
+        if "generator" not in private_groups:
+            self.private_fake_batch = expected_batch
+
+    def empty_batch_step(self, optimizers: Mapping[str, torch.optim.Optimizer],
+                         private_groups: list[str]) -> dict[str, float]:
+        """The generator still takes its (data-independent) step, so an empty batch reveals nothing."""
+        if "generator" in optimizers and "generator" not in private_groups:
+            return {"g_loss": self.generator_step(optimizers, 0, None)}
+        return {}
+
     def discriminator_frozen(self) -> FrozenParameters:
         """Context in which D computes no parameter gradients (and no per-sample gradients under DP)."""
         return FrozenParameters(self.net("discriminator"))

@@ -1,4 +1,4 @@
-"""Example-level differential privacy (DP-SGD with Opacus) behind the engine's ``PrivacyPlugin`` seam.
+"""Example-level differential privacy (DP-SGD with Opacus) as an engine extension (:mod:`fedsynth.extensions`).
 
 What happens, and why:
 
@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import collate
 from fedsynth.errors import ConfigError
+from fedsynth.extensions import Extension, TrainingStep
 from fedsynth.models.base import GROUP_SEP, Batch, SynthesisModel
 from fedsynth.privacy.ledger import PrivacyLedger
 
@@ -112,8 +113,15 @@ class PairedDPOptimizer(DPOptimizer):
             return super().pre_step(closure)
 
 
-class OpacusPrivacy:
-    """The engine's privacy plugin: Opacus on the private groups, one ledger for the site's data."""
+class OpacusPrivacy(Extension):
+    """The engine's privacy extension: Opacus on the private groups, one ledger for the site's data.
+
+    Hooks: ``prepare_loader`` makes the model private (once per dataset), ``wrap_training_step``
+    accounts one mechanism per batch, ``stop_reason`` stops before the budget is exceeded,
+    ``report`` gives epsilon, the ledger is the checkpoint state under ``privacy``.
+    """
+
+    state_key = "privacy"
 
     def __init__(self, config: ExperimentConfig, model: SynthesisModel) -> None:
         self.config = config
@@ -130,6 +138,7 @@ class OpacusPrivacy:
         self._model: SynthesisModel | None = None
         self._dp_optimizers: dict[str, PairedDPOptimizer] = {}
         self._released: set[str] = set()
+        self._private_loader: DataLoader | None = None
         self._prepare(model)
 
     # ------------------------------------------------------------------ model preparation
@@ -139,9 +148,9 @@ class OpacusPrivacy:
         log.warning("privacy: %s", message)
 
     def _prepare(self, model: SynthesisModel) -> None:
+        for message in model.prepare_private(self.net_names):  # what only the family knows
+            self._say(message)
         for name in self.net_names:
-            if _is_gan_batchnorm(model, name):
-                self._gan_groupnorm(model)
             net = model.nets[name]
             if ModuleValidator.validate(net, strict=False):
                 before = {k: type(m).__name__ for k, m in net.named_modules()}
@@ -154,29 +163,18 @@ class OpacusPrivacy:
             for module in model.nets[name].modules():
                 if any(p.requires_grad for p in module.parameters(recurse=False)):
                     module.register_forward_pre_hook(_contiguous_inputs)
-                if type(module).__name__ == "EMAQuantizer":
-                    module.register_forward_pre_hook(_no_ema_update)
-                    self._say(f"network '{name}': the VQ codebook's EMA update is frozen under DP "
-                              "(it is computed from raw images outside DP); the codebook keeps its current entries")
-        codec = model.nets["autoencoder"] if getattr(model, "is_latent", False) else None
-        if codec is not None and hasattr(codec, "scale") and float(codec.scale) == 0.0:
-            codec.scale.fill_(1.0)
-            self._say("latent diffusion: latent scale factor fixed to 1.0 (computing it from the data would leak)")
 
-    def _gan_groupnorm(self, model: SynthesisModel) -> None:
-        from fedsynth.models.gan import ConditionalDiscriminator
+    # ------------------------------------------------------------------ extension hooks
 
-        cfg = self.config.model
-        try:
-            cfg.discriminator_norm = "group"  # type: ignore[union-attr]
-            model.nets["discriminator"] = ConditionalDiscriminator(
-                cfg, model.spatial_dims, model.in_channels, model.image_size, model.num_classes)  # type: ignore[arg-type]
-        except ValueError as err:
-            raise ConfigError(f"privacy needs GroupNorm in the discriminator: {err}") from None
-        self._say("network 'discriminator': BatchNorm replaced by GroupNorm (model.discriminator_norm set to 'group' "
-                  "in the stored config; BatchNorm mixes examples, which per-example DP forbids)")
+    def prepare_loader(self, model: SynthesisModel, optimizers: dict[str, torch.optim.Optimizer],
+                       loader: DataLoader) -> tuple[dict[str, torch.optim.Optimizer], DataLoader]:
+        """Private optimizers and a Poisson loader; a dataset already made private is reused."""
+        if self._private_loader is None or self._private_loader.dataset is not loader.dataset:
+            optimizers, self._private_loader = self.make_private(model, optimizers, loader)
+        return optimizers, self._private_loader
 
-    # ------------------------------------------------------------------ PrivacyPlugin
+    def stop_reason(self) -> str | None:
+        return self.can_step()
 
     def make_private(self, model: SynthesisModel, optimizers: dict[str, torch.optim.Optimizer],
                      loader: DataLoader) -> tuple[dict[str, torch.optim.Optimizer], DataLoader]:
@@ -207,8 +205,7 @@ class OpacusPrivacy:
             out[group] = dp
         self._model = model
         self._check_keys(model)
-        if hasattr(model, "private_fake_batch") and "generator" not in self.groups:
-            model.private_fake_batch = expected  # GAN: generator step independent of the real batch
+        model.on_private_sampling(expected, list(self.groups))
         sampler = UniformWithReplacementSampler(num_samples=n_data, sample_rate=self.sample_rate)
         private_loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(self.config),
                                     num_workers=loader.num_workers)
@@ -241,7 +238,9 @@ class OpacusPrivacy:
                      grad_sample_mode=self.grad_sample_mode)
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any] | None, model: SynthesisModel | None = None) -> None:
+        if not state:
+            return
         self.ledger.load_state_dict(state)
         if self.cfg.noise_multiplier is None and state.get("noise_multiplier"):
             self.noise_multiplier = float(state["noise_multiplier"])  # keep the calibrated noise of the run
@@ -266,10 +265,10 @@ class OpacusPrivacy:
 
         return hook
 
-    def wrap_training_step(self, model: SynthesisModel) -> Callable[[Batch, Mapping[str, torch.optim.Optimizer]], dict[str, float]]:
-        """The step the engine calls under DP: ``model.training_step`` plus the per-batch bookkeeping
-        (one accounted mechanism per batch, noise-only steps on empty Poisson batches)."""
-        plain_step = model.training_step
+    def wrap_training_step(self, model: SynthesisModel, step: TrainingStep | None = None) -> TrainingStep:
+        """The step the engine calls under DP: ``step`` (default ``model.training_step``) plus the
+        per-batch bookkeeping (one accounted mechanism per batch, noise-only steps on empty Poisson batches)."""
+        plain_step = step or model.training_step
 
         def private_step(batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
             self._released.clear()
@@ -285,18 +284,15 @@ class OpacusPrivacy:
         return private_step
 
     def _noise_only_step(self, model: SynthesisModel, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
-        """An empty Poisson batch: every private group takes a zero-gradient, noised step (accounted);
-        a GAN's generator still takes its (data-independent) step, so skipping reveals nothing."""
+        """An empty Poisson batch: every private group takes a zero-gradient, noised step (accounted),
+        then the model's own non-private work (:meth:`SynthesisModel.empty_batch_step`)."""
         for opt in self._dp_optimizers.values():
             opt.zero_grad(set_to_none=True)
             for p in opt.params:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step = getattr(model, "generator_step", None)
-        if callable(step) and "generator" in optimizers and "generator" not in self.groups:
-            return {"g_loss": step(optimizers, 0, None)}
-        return {}
+        return model.empty_batch_step(optimizers, list(self.groups))
 
     def _check_keys(self, model: SynthesisModel) -> None:
         for group in model.groups():
@@ -323,10 +319,3 @@ class _EmptySafeCollate:
 def _contiguous_inputs(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
-
-def _no_ema_update(module: nn.Module, _args: tuple[Any, ...]) -> None:
-    module.training = False  # EMAQuantizer updates its codebook only in training mode
-
-
-def _is_gan_batchnorm(model: SynthesisModel, name: str) -> bool:
-    return model.family == "gan" and name == "discriminator" and getattr(model.config.model, "discriminator_norm", "") == "batch"
