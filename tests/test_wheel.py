@@ -7,13 +7,14 @@ folders, among them an editable install's finder for the checkout, are *not* run
 scripts of the dependencies (``fx``, ``flower-superlink``, ``flwr-clientapp``, ...) are re-pointed at
 the new venv's Python, as pip would have written them there, so every process the federations
 start imports the wheel. Every command runs with its working directory outside the checkout and
-without ``PYTHONPATH``.
+without ``PYTHONPATH``; a ``.pth`` probe records which fedsynth each of those processes imported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,16 +86,19 @@ def _site_packages() -> list[str]:
 def _repoint_console_scripts(venv: Venv) -> None:
     """Copy this environment's console scripts (not fedsynth's) into the venv, run by its Python."""
     here = Path(sys.executable).parent
+    interpreter = re.compile(re.escape(str(here)) + r"/python[\d.]*")
     for script in sorted(here.iterdir()):
         if not script.is_file() or script.name == "fedsynth" or (venv.bin / script.name).exists():
             continue
         try:
-            first, rest = script.read_text(encoding="utf-8").split("\n", 1)
-        except (UnicodeDecodeError, ValueError):
+            lines = script.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError:
             continue
-        if first.startswith("#!") and Path(first[2:].strip()).parent == here and "python" in first:
+        # pip writes "#!/env/bin/python" (or "#!/bin/sh" + an exec line naming it, for long paths)
+        header = [interpreter.sub(str(venv.python), line) for line in lines[:2]]
+        if lines[0].startswith("#!") and header != lines[:2]:
             target = venv.bin / script.name
-            target.write_text(f"#!{venv.python}\n{rest}", encoding="utf-8")
+            target.write_text("\n".join(header + lines[2:]), encoding="utf-8")
             target.chmod(0o755)
 
 
