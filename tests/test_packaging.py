@@ -133,3 +133,15 @@ def test_missing_nilearn_names_the_demo_extra(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "nilearn.datasets", None)
     with pytest.raises(DataError, match=r"fedsynth\[demo\]"):
         load_canonical("mni152")
+
+
+@pytest.mark.parametrize("backend, module, extra", [("flower", "flwr", "flower"), ("openfl", "openfl", "openfl")])
+def test_a_missing_backend_names_its_extra(backend: str, module: str, extra: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsynth.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    rc = main(["federate", backend, "-c", str(tmp_path / "c.yaml"), "--site", f"site1={tmp_path / 'a.csv'}",
+               "-o", str(tmp_path / "run")])
+    assert rc == 2 and f"pip install 'fedsynth[{extra}]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
