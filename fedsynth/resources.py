@@ -4,11 +4,12 @@
 - ``collaborator/flower/``: a hospital site's ``start-supernode.sh`` and ``data.yaml``;
 - ``aggregator/flower/``: the aggregator host's ``start-superlink.sh``.
 
-In the repository these folders stay at the top level (the layout operators read); the wheel ships
-them as the data packages ``fedsynth.plans``, ``fedsynth.collaborator`` and ``fedsynth.aggregator``
-(``package_dir`` in setup.py), found here with :func:`importlib.resources.files`. When fedsynth is
-imported straight from a source checkout (``PYTHONPATH``, or an editable install made before these
-packages existed) the checkout's own folders are used.
+In the repository these folders stay where operators look for them; the wheel ships them as the
+data packages ``fedsynth.plans``, ``fedsynth.templates.flower_site`` and
+``fedsynth.templates.flower_aggregator`` (``package_dir`` in setup.py), found here with
+:func:`importlib.resources.files`. When fedsynth is imported straight from a source checkout
+(``PYTHONPATH``, or an editable install made before these packages existed) the checkout's own
+folders are used.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from pathlib import Path
 
 from fedsynth.errors import FedsynthError
 
-#: folder name (at the top of the repository) -> the data package the wheel ships it as
-DATA_PACKAGES = {"plans": "fedsynth.plans", "collaborator": "fedsynth.collaborator", "aggregator": "fedsynth.aggregator"}
-#: ``fedsynth templates NAME`` -> (folder, sub-folder copied out)
+#: shipped folder -> (the data package the wheel ships it as, its folder in the repository)
+DATA_PACKAGES = {
+    "plans": ("fedsynth.plans", "plans"),
+    "flower-site": ("fedsynth.templates.flower_site", "collaborator/flower"),
+    "flower-aggregator": ("fedsynth.templates.flower_aggregator", "aggregator/flower"),
+}
+#: ``fedsynth templates NAME`` -> (shipped folder, sub-folder copied out)
 TEMPLATES = {
-    "flower-site": ("collaborator", "flower"),
-    "flower-aggregator": ("aggregator", "flower"),
+    "flower-site": ("flower-site", "."),
+    "flower-aggregator": ("flower-aggregator", "."),
     "openfl-gan": ("plans", "gan"),
     "openfl-autoencoder": ("plans", "autoencoder"),
     "openfl-diffusion": ("plans", "diffusion"),
@@ -33,30 +38,28 @@ TEMPLATES = {
 _COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "__init__.py")
 
 
-def _checkout_dir(name: str) -> Path | None:
-    """``name/`` of the source checkout this fedsynth is imported from, if it is one."""
+def _checkout_dir(folder: str) -> Path | None:
+    """``folder`` of the source checkout this fedsynth is imported from, if it is one."""
     root = Path(__file__).resolve().parents[1]
-    folder = root / name
-    if (root / "pyproject.toml").is_file() and (folder / "__init__.py").is_file():
-        return folder
+    path = root / folder
+    if (root / "pyproject.toml").is_file() and (path / "__init__.py").is_file():
+        return path
     return None
 
 
 def resource_dir(name: str) -> Path:
-    """The shipped folder ``name`` (``plans``, ``collaborator`` or ``aggregator``) as a real path."""
-    if name not in DATA_PACKAGES:
-        raise KeyError(name)
-    checkout = _checkout_dir(name)
+    """The shipped folder ``name`` (a key of :data:`DATA_PACKAGES`) as a real path."""
+    package, folder = DATA_PACKAGES[name]
+    checkout = _checkout_dir(folder)
     if checkout is not None:  # a source tree: its own folder, whatever else is installed
         return checkout
-    package = DATA_PACKAGES[name]
     try:
         root = importlib.resources.files(package)
     except ModuleNotFoundError:
         root = None
     if isinstance(root, Path) and root.is_dir():
         return root
-    raise FedsynthError(f"fedsynth's {name}/ files are missing (no package {package}): reinstall fedsynth "
+    raise FedsynthError(f"fedsynth's {folder}/ files are missing (no package {package}): reinstall fedsynth "
                         "from its wheel or checkout (pip install fedsynth)")
 
 

@@ -88,27 +88,40 @@ def test_torch_is_a_range_and_extras_split_the_backends() -> None:
 
 def test_shipped_folders_resolve_and_carry_their_files() -> None:
     from fedsynth.federated.openfl.workspace import plans_dir, template_dir
-    from fedsynth.resources import resource_dir
+    from fedsynth.resources import DATA_PACKAGES, resource_dir
 
     assert (ROOT / "fedsynth" / "py.typed").is_file()
     assert plans_dir() == ROOT / "plans"  # a checkout reads its own plans/ (the source of truth)
     for family in ("gan", "autoencoder", "diffusion"):
         assert (template_dir(family) / ".workspace").is_file()
-    assert (resource_dir("collaborator") / "flower" / "start-supernode.sh").is_file()
-    assert (resource_dir("collaborator") / "flower" / "data.yaml").is_file()
-    assert (resource_dir("aggregator") / "flower" / "start-superlink.sh").is_file()
+    assert (resource_dir("flower-site") / "start-supernode.sh").is_file()
+    assert (resource_dir("flower-site") / "data.yaml").is_file()
+    assert (resource_dir("flower-aggregator") / "start-superlink.sh").is_file()
     # every file of a shipped folder matches a package_data pattern of setup.py (else the wheel lacks it)
     setup = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
     call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
     package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
-    for folder, package in (("plans", "fedsynth.plans"), ("collaborator", "fedsynth.collaborator"),
-                            ("aggregator", "fedsynth.aggregator")):
+    mapping = ast.literal_eval(next(n.value for n in setup.body if isinstance(n, ast.Assign)
+                                    and getattr(n.targets[0], "id", "") == "DATA_PACKAGES"))
+    assert set(mapping) == {package for package, _ in DATA_PACKAGES.values()}
+    for package, folder in mapping.items():
+        assert {package: folder} == {p: f for p, f in DATA_PACKAGES.values() if p == package}
         for path in (ROOT / folder).rglob("*"):
             rel = path.relative_to(ROOT / folder)
             if not path.is_file() or "__pycache__" in rel.parts or rel.name == "__init__.py":
                 continue
             assert any(rel.match(pattern) for pattern in package_data[package]), \
                 f"{folder}/{rel} matches no package_data pattern of {package} in setup.py"
+
+
+def test_no_top_level_package_shadows_openfl_commands() -> None:
+    """``fx`` imports its command modules by bare name (aggregator, collaborator, plan, ...), so a
+    top-level package of that name in the checkout breaks it whenever the checkout is on sys.path."""
+    openfl = pytest.importorskip("openfl")
+
+    commands = {p.stem for p in (Path(openfl.__file__).parent / "interface").glob("*.py")}
+    shadowing = [d.name for d in ROOT.iterdir() if d.name in commands and (d / "__init__.py").exists()]
+    assert not shadowing, f"top-level packages {shadowing} shadow OpenFL's fx commands: remove their __init__.py"
 
 
 def test_templates_command_copies_a_site_kit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -128,10 +128,9 @@ def test_wheel_ships_plans_templates_and_py_typed(wheel: Path) -> None:
         for item in (".workspace", "requirements.txt", "plan/plan.yaml", "plan/fedsynth.yaml", "plan/cols.yaml",
                      "plan/data.yaml", "src/README.md"):
             assert f"fedsynth/plans/{family}/{item}" in names
-    for item in ("collaborator/flower/start-supernode.sh", "collaborator/flower/data.yaml",
-                 "aggregator/flower/start-superlink.sh"):
-        assert f"fedsynth/{item}" in names
-    assert not any(n.startswith(("tests/", "plans/", "benchmarks/")) for n in names)
+    for item in ("flower_site/start-supernode.sh", "flower_site/data.yaml", "flower_aggregator/start-superlink.sh"):
+        assert f"fedsynth/templates/{item}" in names
+    assert {n.split("/")[0] for n in names} == {"fedsynth", next(n for n in names if ".dist-info/" in n).split("/")[0]}
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines() if line.startswith("Requires-Dist:")]
     assert any(line.startswith("Requires-Dist: torch<2.14,>=2.8") or line.startswith("Requires-Dist: torch>=2.8,<2.14")
@@ -146,7 +145,7 @@ def test_installed_wheel_runs_and_finds_its_files(venv: Venv) -> None:
              "from fedsynth.federated.openfl.workspace import plans_dir, template_dir\n"
              "from fedsynth.resources import resource_dir\n"
              "print(json.dumps({'fedsynth': fedsynth.__file__, 'plans': str(plans_dir()),\n"
-             "  'gan': str(template_dir('gan')), 'site': str(resource_dir('collaborator')),\n"
+             "  'gan': str(template_dir('gan')), 'site': str(resource_dir('flower-site')),\n"
              "  'typed': r.files('fedsynth').joinpath('py.typed').is_file()}))")
     done = venv.run(venv.python, "-c", probe)
     assert done.returncode == 0, done.stderr
