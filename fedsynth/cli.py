@@ -17,7 +17,7 @@ from fedsynth.errors import FedsynthError
 Handler = Callable[[argparse.Namespace], int | None]
 _COMMANDS: dict[str, Handler] = {}
 #: modules that add sub-commands: each defines ``add_commands(subparsers)`` and uses ``@command``
-_EXTENSIONS: list[str] = ["fedsynth.pki", "fedsynth.federated.cli", "fedsynth.metrics.cli"]
+_EXTENSIONS: list[str] = ["fedsynth.pki", "fedsynth.federated.cli", "fedsynth.metrics.cli", "fedsynth.resources"]
 
 
 def command(name: str) -> Callable[[Handler], Handler]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from fedsynth.data.brains import mni152_template
 from fedsynth.data.brains import resize as _resize
 from fedsynth.data.images import save_image
 from fedsynth.data.manifest import write_manifest
@@ -26,9 +27,7 @@ COLIN27 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 def load_volume(name: str) -> np.ndarray:
     """A real T1 brain volume as a float32 ``(z, y, x)`` array."""
     if name == "mni152":
-        from nilearn.datasets import load_mni152_template
-
-        img = load_mni152_template(resolution=1)
+        img = mni152_template()
         return np.asarray(img.get_fdata(), dtype=np.float32).transpose(2, 1, 0)
     if name == "colin27":
         if not COLIN27.is_file():

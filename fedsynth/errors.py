@@ -33,3 +33,19 @@ class PolicyRefused(ConfigError):
 class SiteFailure(FedsynthError):
     """What a site tells the coordinator when a round failed: the error's type, never its details
     (they may hold paths or subject ids and stay in the site's own log)."""
+
+
+class MissingExtra(FedsynthError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, what: str) -> None:
+    """Raise :class:`MissingExtra` (``pip install 'fedsynth[extra]'``) unless ``module`` can be imported."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingExtra(f"{what} needs {module}, which is not installed: pip install 'fedsynth[{extra}]'")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +78,16 @@ def split_of(position_mm: float) -> str | None:
     return None
 
 
+def mni152_template() -> Any:
+    """nilearn's MNI ICBM152 2009 T1 template at 1 mm (a nibabel image); needs the ``demo`` extra."""
+    try:
+        from nilearn.datasets import load_mni152_template
+    except ImportError:
+        raise DataError("the MNI152 brain ships inside nilearn, which is not installed: "
+                        "pip install 'fedsynth[demo]'") from None
+    return load_mni152_template(resolution=1)
+
+
 def available_volumes() -> list[str]:
     """Volumes present on this machine (MNI152 always, the Colin27 versions if mricron-data is installed)."""
     return ["mni152"] + [n for n in ("ch2", "ch2bet", "ch2better") if (MRICRON / f"{n}.nii.gz").is_file()]
@@ -87,9 +98,7 @@ def load_canonical(name: str) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     if name == "mni152":
-        from nilearn.datasets import load_mni152_template
-
-        img = load_mni152_template(resolution=1)
+        img = mni152_template()
     elif name in VOLUMES:
         path = MRICRON / f"{name}.nii.gz"
         if not path.is_file():

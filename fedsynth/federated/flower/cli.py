@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedsynth.errors import ConfigError
+from fedsynth.errors import ConfigError, require
 
 
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -68,6 +68,7 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
 
     @command("federate flower")
     def _trial(args: argparse.Namespace) -> None:
+        require("flwr", "flower", "fedsynth federate flower")
         from fedsynth.federated.flower.trial import TrialRequest, run_trial
 
         request = TrialRequest(args.config, _pairs(args.site, "--site"), Path(args.output).resolve(), args.rounds,
@@ -79,6 +80,7 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
 
     @command("federate flower-app")
     def _app(args: argparse.Namespace) -> None:
+        require("flwr", "flower", "fedsynth federate flower-app")
         from fedsynth.config import load_config
         from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
 

@@ -56,7 +56,7 @@ def _bin(name: str) -> str:
     local = Path(sys.executable).with_name(name)
     found = str(local) if local.is_file() else shutil.which(name)
     if not found:
-        raise FederationError(f"'{name}' not found: install the federated extra (pip install 'fedsynth[federated]')")
+        raise FederationError(f"'{name}' not found: install the flower extra (pip install 'fedsynth[flower]')")
     return found
 
 

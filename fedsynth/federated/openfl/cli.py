@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedsynth.errors import ConfigError
+from fedsynth.errors import ConfigError, require
 
 
 def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,6 +43,7 @@ def parse_sites(values: list[str]) -> dict[str, tuple[Path, Path | None]]:
 
 
 def run_openfl_command(args: argparse.Namespace) -> int:
+    require("openfl", "openfl", "fedsynth federate openfl")
     from fedsynth.config import load_config
     from fedsynth.federated.openfl.trial import run_trial
 

@@ -75,7 +75,7 @@ class ProcessGroup:
                                          env={**os.environ, **(env or {})}, start_new_session=True)
             except FileNotFoundError:
                 raise ProcessFailed(f"cannot start {name}: command not found: {cmd[0]} "
-                                    "(install OpenFL with `pip install 'fedsynth[federated]'`)") from None
+                                    "(install OpenFL with `pip install 'fedsynth[openfl]'`)") from None
         managed = Managed(name, popen, log)
         self.procs.append(managed)
         return managed

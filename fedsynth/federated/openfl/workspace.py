@@ -28,11 +28,10 @@ WORKSPACE_DIRS = ("cert", "data", "logs", "save", "local_state", "src")
 
 
 def plans_dir() -> Path:
-    """``plans/`` of this fedsynth checkout (next to the ``fedsynth`` package)."""
-    here = Path(__file__).resolve().parents[3] / "plans"
-    if not here.is_dir():
-        raise FedsynthError(f"OpenFL templates not found at {here}: run from a fedsynth checkout (plans/ ships with the repository)")
-    return here
+    """The OpenFL templates, ``plans/`` (the package ``fedsynth.plans`` once installed from a wheel)."""
+    from fedsynth.resources import resource_dir
+
+    return resource_dir("plans")
 
 
 def template_dir(family: str, plans: Path | None = None) -> Path:

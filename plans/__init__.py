@@ -1,0 +1,4 @@
+"""OpenFL workspace templates, one folder per family (``gan``, ``autoencoder``, ``diffusion``).
+
+The wheel ships this folder as ``fedsynth.plans``; see :mod:`fedsynth.resources`.
+"""
