@@ -31,7 +31,8 @@ def test_manifest_reads_real_slices(mri2d: dict[str, Path]) -> None:
     assert all(r.label in (0, 1) for r in records)
     cfg = tiny_config("gan")
     train, val = load_datasets(cfg, str(mri2d["mni152"]))
-    image, label = train[0]
+    image, label, prompt = train[0]
+    assert prompt is None  # no Prompt column
     assert tuple(image.shape) == (1, 32, 32) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert val is None
 
