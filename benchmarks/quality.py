@@ -459,7 +459,7 @@ def bench_text(work: Path, budget: Budget, data: Data, grids_dir: Path) -> list[
 
 
 def _grid_prompts(prompts: list[str], k: int) -> list[str]:
-    """``k`` distinct prompts spread over the sorted list (every plane and volume where possible)."""
+    """``k`` distinct prompts spread evenly over the list sorted by plane (every plane appears)."""
     distinct = sorted(set(prompts), key=lambda p: (p.split(",")[0], p))
     step = max(1, len(distinct) // k)
     return distinct[::step][:k]
