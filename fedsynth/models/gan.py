@@ -147,7 +147,7 @@ class GanModel(SynthesisModel):
         cfg = config.model
         assert isinstance(cfg, GanConfig)
         self.cfg = cfg
-        self.private_fake_batch: int | None = None  # set by fedsynth.privacy (see generator_step)
+        self.private_fake_batch: int | None = None  # set under DP by on_private_sampling (see generator_step)
         self.nets["generator"] = ConditionalGenerator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
         self.nets["discriminator"] = ConditionalDiscriminator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
 
@@ -190,7 +190,7 @@ class GanModel(SynthesisModel):
         metrics: dict[str, float] = {}
         total = d_loss
         # R1 on (augmented) reals, lazily every r1_every steps; not under DP (double backprop
-        # through per-sample-gradient hooks), where the privacy plugin sets private_fake_batch.
+        # through per-sample-gradient hooks), where on_private_sampling sets private_fake_batch.
         if self.cfg.r1_gamma > 0 and self.private_fake_batch is None and self.global_step % self.cfg.r1_every == 0:
             r1 = r1_penalty(lambda x: discriminator(x, labels), self.augment(real))
             total = d_loss + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
@@ -207,7 +207,7 @@ class GanModel(SynthesisModel):
         """One generator step on ``n`` fakes; returns the generator loss.
 
         Gradients flow through D (unwrapped: no DDP sync, no DP per-sample hooks) but D's
-        parameters get no gradient and only G's optimizer steps. Under DP the privacy plugin sets
+        parameters get no gradient and only G's optimizer steps. Under DP on_private_sampling sets
         ``private_fake_batch``: the step then uses that many fakes with random labels, so it
         depends only on the (private) discriminator, never on the real batch's size or labels.
         """
