@@ -27,7 +27,7 @@ from fedsynth.checkpoint import (TrainingState, capture_augmentation_state, capt
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, make_loader
 from fedsynth.data.images import save_image
-from fedsynth.errors import CheckpointError, WeightsError
+from fedsynth.errors import CheckpointError, TrainingDiverged, WeightsError
 from fedsynth.extensions import EmaExtension, Extension, sampling_weights
 from fedsynth.generation import image_grid, sample
 from fedsynth.models.base import Batch, SynthesisModel
@@ -265,6 +265,7 @@ class Engine:
             if every and state.step % every == 0 and state.batch_in_epoch < total:
                 rank_rng = self._gather_rank_rng()  # every rank takes part; rank 0 writes
                 if self.writes:
+                    self.check_finite()
                     assert self.run_dir is not None
                     self.save(self.run_dir / LAST, rank_rng=rank_rng)  # mid-epoch: resumable from this very step
         if bar is not None:
@@ -317,6 +318,7 @@ class Engine:
         if not self.writes:
             return
         assert self.run_dir is not None
+        self.check_finite()  # a diverged model is never checkpointed: last.ckpt stays the last good state
         row = {"epoch": self.state.epoch + (0 if complete else 1), "step": self.state.step, **({"round": self.state.round} if self.state.round is not None else {}), **metrics}
         val_loss = metrics.get("val_loss")
         improved = val_loss is not None and math.isfinite(val_loss) and (self.state.best_metric is None or val_loss < self.state.best_metric)
@@ -384,6 +386,16 @@ class Engine:
         states = {ext.state_key: ext.state_dict() for ext in self.extensions if ext.state_key}
         return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, rank_rng=rank_rng,
                                extension_states=states)
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if any weight is NaN or Inf (checked before every checkpoint)."""
+        for group in self.model.groups():
+            for name, tensor in self.model.group_module(group).state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise TrainingDiverged(
+                        f"training diverged by step {self.state.step}: weight "
+                        f"'{group}/{name}' is not finite; nothing was saved (lower training.learning_rate, set "
+                        "training.grad_clip_norm, or resume from the last good checkpoint)")
 
     def _gather_rank_rng(self) -> list[Any] | None:
         """DDP: every rank's RNG and augmentation states, in rank order (a collective call: every

@@ -35,6 +35,10 @@ class SiteFailure(FedsynthError):
     (they may hold paths or subject ids and stay in the site's own log)."""
 
 
+class TrainingDiverged(FedsynthError):
+    """Training produced non-finite weights; nothing was written (the last good checkpoint stays)."""
+
+
 class MissingExtra(FedsynthError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 

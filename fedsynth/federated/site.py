@@ -23,7 +23,7 @@ import numpy as np
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, load_datasets
 from fedsynth.engine import LAST, Engine
-from fedsynth.errors import WeightsError
+from fedsynth.errors import TrainingDiverged, WeightsError
 from fedsynth.federated.aggregation import group_of, resolve_group_policy, select_groups, shared_groups
 from fedsynth.federated.site_config import SitePolicy
 
@@ -90,11 +90,25 @@ class Site:
             self.policy_rules.check_noise(privacy.planned_noise_multiplier(len(train)), self.site_id)
         partial = 1 if fed.local_steps and state.batch_in_epoch else 0
         per_round = fed.local_steps or fed.local_epochs * math.ceil(len(train) / self.config.training.batch_size)
-        self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs + partial, max_steps=max_steps,
-                        planned_steps=fed.rounds * per_round)
+        try:
+            self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs + partial, max_steps=max_steps,
+                            planned_steps=fed.rounds * per_round)
+            self.engine.check_finite()
+        except TrainingDiverged:
+            self._restore_last_good()
+            raise
         self.engine.save(self.state_dir / LAST)
         metrics = self.policy_rules.outbound(self.engine.state.metrics)
         return RoundResult(select_groups(self.engine.model.get_weights(), self.shared), len(train), metrics)
+
+    def _restore_last_good(self) -> None:
+        """After a diverged round: rebuild the engine from the site's last good state (or its
+        initial state), so the site is not poisoned in later rounds; nothing non-finite was saved."""
+        from fedsynth.local import build_engine
+
+        self.engine = build_engine(self.config, self.state_dir)
+        if (self.state_dir / LAST).is_file():
+            self.engine.resume(self.state_dir / LAST)
 
     def evaluate(self, global_weights: Mapping[str, np.ndarray]) -> tuple[float | None, int, dict[str, float]]:
         """Validation loss of the global model on this site's validation data (else its training data).
