@@ -90,3 +90,11 @@ def test_group_policy_defaults_and_errors() -> None:
         resolve_group_policy(model, tiny_config("gan", federation__groups={"critic": "local"}).federation)
     with pytest.raises(ConfigError, match="every group is 'local'"):
         resolve_group_policy(model, tiny_config("gan", federation__groups={"generator": "local", "discriminator": "local"}).federation)
+
+
+def test_metric_means_count_only_sites_that_reported_a_finite_value() -> None:
+    from fedsynth.federated.aggregation import mean_metrics
+
+    out = mean_metrics([(100, {"loss": 1.0, "fid": 3.0}), (300, {"loss": float("nan")}), (100, {"loss": 3.0})])
+    assert out == {"loss": 2.0, "fid": 3.0}  # the NaN site's 300 samples are not in the denominator
+    assert mean_metrics([(10, {"loss": float("inf")})]) == {}

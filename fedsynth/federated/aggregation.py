@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -198,17 +199,8 @@ class FedAvg:
         return from_transport(out, self.reference)
 
     def metrics(self) -> dict[str, float]:
-        """Sample-weighted mean of each metric over accepted sites, plus counts."""
-        agg: dict[str, float] = {}
-        weight: dict[str, float] = {}
-        for m in self.site_metrics.values():
-            n = m.get("num_samples", 0.0)
-            for k, v in m.items():
-                if k == "num_samples":
-                    continue
-                agg[k] = agg.get(k, 0.0) + n * float(v)
-                weight[k] = weight.get(k, 0.0) + n
-        out = {k: agg[k] / weight[k] for k in agg if weight[k] > 0}
+        """Sample-weighted mean of each metric over accepted sites (see :func:`mean_metrics`), plus counts."""
+        out = mean_metrics([(m.get("num_samples", 0.0), m) for m in self.site_metrics.values()])
         out.update(sites_accepted=float(len(self.accepted)), sites_rejected=float(len(self.rejected)),
                    num_samples=float(self._total))
         return out
@@ -236,3 +228,21 @@ def weighted_mean(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> np.
     mean = acc / sum(weights)
     dtype = np.asarray(arrays[0]).dtype
     return np.rint(mean).astype(dtype) if np.issubdtype(dtype, np.integer) else mean.astype(dtype)
+
+
+def mean_metrics(reports: Iterable[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
+    """Sample-weighted mean of each metric over the sites that reported it with a finite value.
+
+    ``reports`` are ``(num_samples, metrics)`` per site. A site that did not report a metric, or
+    reported NaN/Inf, counts in neither the sum nor the denominator of that metric, so one failed
+    or secretive site cannot pull a mean (e.g. the global validation loss that picks ``best``) down.
+    """
+    total: dict[str, float] = {}
+    weight: dict[str, float] = {}
+    for n, metrics in reports:
+        for k, v in metrics.items():
+            if k == "num_samples" or v is None or not math.isfinite(float(v)) or n <= 0:
+                continue
+            total[k] = total.get(k, 0.0) + n * float(v)
+            weight[k] = weight.get(k, 0.0) + n
+    return {k: total[k] / weight[k] for k in total}

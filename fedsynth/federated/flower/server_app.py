@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import ExperimentConfig, load_config
 from fedsynth.errors import ConfigError, FedsynthError
-from fedsynth.federated.aggregation import NoValidUpdates, SiteUpdate
+from fedsynth.federated.aggregation import NoValidUpdates, SiteUpdate, mean_metrics
 from fedsynth.federated.flower.records import encode, record_groups, record_nbytes, record_to_weights
 from fedsynth.federated.server import GlobalModel
 
@@ -163,20 +163,17 @@ class FlowerFederation:
             yield SiteUpdate(site, record_to_weights(record), num_samples, metrics)
 
     def _evaluate(self, server_round: int, nodes: list[int]) -> dict[str, float]:
-        """Sample-weighted validation metrics of the new global model over the sites that answer."""
+        """Sample-weighted validation metrics of the new global model over the sites that answer
+        (each metric over the sites that reported it finite: :func:`mean_metrics`)."""
         arrays = encode(self.global_model.shared_weights(), self.fed.transport_dtype)
-        totals: dict[str, float] = {}
-        n_total = 0
+        reports: list[tuple[float, dict[str, float]]] = []
         for node, reply in self._exchange(server_round, nodes, MessageType.EVALUATE, arrays):
             if reply.has_error():
                 log(WARNING, "[fedsynth] round %s: node %s failed to evaluate: %s", server_round, node, reply.error.reason)
                 continue
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
-            n = int(metrics.pop("num_samples", 0))
-            n_total += n
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + n * v
-        return {k: v / n_total for k, v in totals.items()} if n_total else {}
+            reports.append((metrics.pop("num_samples", 0.0), metrics))
+        return mean_metrics(reports)
 
 
 app = ServerApp()
