@@ -98,7 +98,7 @@ def test_gan_local_discriminator_with_restart(tmp_path: Path, certs: Path, mri2d
 
     info = checkpoint_info(run / "global" / "last.ckpt")
     assert info["round"] == 2 and info["family"] == "gan"
-    site_states = [load_checkpoint(run / "sites" / s / "state" / "last.ckpt") for s in ("site1", "site2")]
+    site_states = [load_checkpoint(next((run / "sites" / s / "state").glob("*/last.ckpt"))) for s in ("site1", "site2")]
     assert [st["step"] for st in site_states] == [4, 4]  # 2 local steps x 2 rounds: site state survived the restart
     site_d = [{k: v for k, v in st["weights"].items() if k.startswith("discriminator/")} for st in site_states]
     assert any(not torch.equal(site_d[0][k], site_d[1][k]) for k in site_d[0])  # two different local discriminators

@@ -48,13 +48,13 @@ def test_diverged_round_restores_the_last_good_state(tmp_path: Path, mri2d: dict
     cfg = tiny_config("gan", federation={"rounds": 3, "local_steps": 2})
     site = Site(cfg, mri2d["mni152"], tmp_path / "state", site_id="site1")
     first = site.train_round(site.shared_weights(), 1)
-    good = _weights(tmp_path / "state" / "last.ckpt")
+    good = _weights(site.state_dir / "last.ckpt")
     assert all(np.isfinite(v).all() for v in good.values())
 
     _poison(site.engine)
     with pytest.raises(TrainingDiverged):
         site.train_round(first.weights, 2)
-    after = _weights(tmp_path / "state" / "last.ckpt")
+    after = _weights(site.state_dir / "last.ckpt")
     assert after.keys() == good.keys() and all(np.array_equal(after[k], good[k]) for k in good)  # not overwritten
     live = site.engine.model.get_weights()
     assert all(np.array_equal(live[k], good[k]) for k in good)  # the site holds its last good state again
@@ -62,3 +62,17 @@ def test_diverged_round_restores_the_last_good_state(tmp_path: Path, mri2d: dict
 
     third = site.train_round(first.weights, 3)  # the next round trains from it
     assert all(np.isfinite(v).all() for v in third.weights.values()) and site.engine.state.step == 4
+
+
+def test_site_state_is_keyed_by_federation(tmp_path: Path, mri2d: dict[str, Path]) -> None:
+    """A new federation (other config or federation_id) never continues another's local state;
+    the same federation resumed with more rounds does."""
+    cfg = tiny_config("gan", federation={"rounds": 2, "local_steps": 2})
+    site = Site(cfg, mri2d["mni152"], tmp_path / "state", site_id="site1")
+    site.train_round(site.shared_weights(), 1)
+    assert site.state_dir.parent == tmp_path / "state" and (site.state_dir / "last.ckpt").is_file()
+    resumed = Site(tiny_config("gan", federation={"rounds": 5, "local_steps": 2}), mri2d["mni152"], tmp_path / "state")
+    assert resumed.state_dir == site.state_dir and resumed.engine.state.step == 2
+    other = Site(tiny_config("gan", federation={"rounds": 2, "local_steps": 2, "federation_id": "study-2"}),
+                 mri2d["mni152"], tmp_path / "state")
+    assert other.state_dir == tmp_path / "state" / "study-2" and other.engine.state.step == 0

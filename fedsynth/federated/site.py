@@ -1,8 +1,10 @@
 """One hospital's side of a federation, shared by the Flower and OpenFL drivers.
 
 A :class:`Site` keeps everything that must survive between rounds on the site's own disk
-(``state_dir/last.ckpt``: local groups, per-group optimizer states, step/epoch counters,
-RNG, the privacy ledger), because a federation may run each round in a fresh process.
+(``state_dir/<federation id>/last.ckpt``: local groups, per-group optimizer states,
+step/epoch counters, RNG, the privacy ledger), because a federation may run each round in a
+fresh process. The state is keyed by :func:`federation_key`, so a new federation never
+continues another one's local discriminator or optimizers.
 Each round it applies the global shared weights, trains with the one :class:`Engine` for
 ``local_epochs`` (or ``local_steps``) and returns only the shared groups.
 
@@ -14,6 +16,8 @@ allows leave it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,18 @@ class RoundResult:
     metrics: dict[str, float]
 
 
+def federation_key(config: ExperimentConfig) -> str:
+    """The folder a site keeps one federation's state in: ``federation.federation_id``, else a hash
+    of the experiment config without what a resumed federation may change (rounds, timeouts)."""
+    if config.federation.federation_id:
+        return config.federation.federation_id
+    data = config.to_dict()
+    for key in ("rounds", "round_timeout_s", "federation_id"):
+        data["federation"].pop(key, None)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return f"fed-{digest[:12]}"
+
+
 class Site:
     """Train and evaluate one site's model for a federation, state kept in ``state_dir``."""
 
@@ -49,7 +65,7 @@ class Site:
         self.config = config
         self.site_id = site_id
         self.train_csv, self.val_csv = str(train_csv), (str(val_csv) if val_csv else None)
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(state_dir) / federation_key(config)
         self.engine: Engine = build_engine(config, self.state_dir)
         self.policy = resolve_group_policy(self.engine.model, config.federation)
         self.shared = shared_groups(self.policy)

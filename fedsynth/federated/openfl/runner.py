@@ -3,7 +3,7 @@ collaborator process.
 
 Tensors are named by the core group keys (``generator/...``). Only ``shared`` groups ever leave
 the site: :meth:`get_tensor_dict` and the train task return them alone, and ``local`` groups
-stay in the site's state dir (``state_dir/<collaborator>/last.ckpt``) together with one
+stay in the site's state dir (``state_dir/<collaborator>/<federation id>/last.ckpt``) together with one
 optimizer state per group (a GAN has two) and the privacy ledger. OpenFL's own optimizer
 treatment (``opt_treatment``) is therefore ignored.
 
