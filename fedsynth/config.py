@@ -229,6 +229,9 @@ class FederationConfig(_Strict):
     clip_update_norm: float | None = Field(None, gt=0, description="clip each site's update (L2)")
     round_timeout_s: float = Field(3600.0, gt=0)
     ema_decay: float = Field(0.7, ge=0, lt=1, description="server-side EMA of the global generating groups across rounds (0 = off)")
+    weighting: Literal["samples", "equal"] = Field(
+        "samples", description="FedAvg weights: each site's reported sample count, or equal (sites report their own counts)")
+    max_site_samples: int | None = Field(None, ge=1, description="cap on one site's sample count in FedAvg weights")
     federation_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                                       description="names this federation; each site keeps its state under "
                                                   "state_dir/<federation_id> (default: a hash of the config "

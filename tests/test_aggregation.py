@@ -98,3 +98,18 @@ def test_metric_means_count_only_sites_that_reported_a_finite_value() -> None:
     out = mean_metrics([(100, {"loss": 1.0, "fid": 3.0}), (300, {"loss": float("nan")}), (100, {"loss": 3.0})])
     assert out == {"loss": 2.0, "fid": 3.0}  # the NaN site's 300 samples are not in the denominator
     assert mean_metrics([(10, {"loss": float("inf")})]) == {}
+
+
+def test_site_weights_can_be_capped_or_equal() -> None:
+    """Sites report their own sample counts: a site claiming 10^6 samples can be capped or ignored."""
+    ref = {"g/w": np.zeros(2, np.float32)}
+    updates = [SiteUpdate("honest", {"g/w": np.ones(2, np.float32)}, 100),
+               SiteUpdate("inflated", {"g/w": np.full(2, 3.0, np.float32)}, 1_000_000)]
+    results = {}
+    for name, kwargs in (("samples", {}), ("capped", {"max_site_samples": 100}), ("equal", {"weighting": "equal"})):
+        agg = FedAvg(ref, **kwargs)
+        for u in updates:
+            agg.add(u)
+        results[name] = float(agg.result()["g/w"][0])
+        assert agg.metrics()["num_samples"] == 1_000_100  # what the sites reported
+    assert results["samples"] > 2.99 and results["capped"] == pytest.approx(2.0) and results["equal"] == pytest.approx(2.0)

@@ -149,11 +149,17 @@ class FedAvg:
     reference dtypes. Memory is one copy of the weights, whatever the number of sites.
     """
 
-    def __init__(self, reference: Mapping[str, np.ndarray], *, clip_update_norm: float | None = None) -> None:
+    def __init__(self, reference: Mapping[str, np.ndarray], *, clip_update_norm: float | None = None,
+                 weighting: str = "samples", max_site_samples: int | None = None) -> None:
+        """``weighting``: ``samples`` (each site by its reported sample count, capped at
+        ``max_site_samples`` when set) or ``equal`` (every accepted site counts once)."""
         self.reference = {k: np.asarray(v) for k, v in reference.items()}
         self.clip_update_norm = clip_update_norm
+        self.weighting = weighting
+        self.max_site_samples = max_site_samples
         self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in self.reference.items()}
-        self._total = 0
+        self._total = 0  # sum of weights
+        self._samples = 0  # sum of reported sample counts
         self.accepted: list[str] = []
         self.rejected: list[tuple[str, str]] = []
         self.site_metrics: dict[str, dict[str, float]] = {}
@@ -173,17 +179,26 @@ class FedAvg:
             if norm > self.clip_update_norm:
                 scale = self.clip_update_norm / norm
                 self.clipped.append(update.site_id)
+        weight = self.site_weight(update.num_samples)
         for key, ref in self.reference.items():
             delta = np.asarray(update.weights[key], dtype=np.float64) - ref.astype(np.float64)
-            self._sum[key] += update.num_samples * scale * delta
-        self._total += update.num_samples
+            self._sum[key] += weight * scale * delta
+        self._total += weight
+        self._samples += update.num_samples
         self.accepted.append(update.site_id)
         self.site_metrics[update.site_id] = {**update.metrics, "num_samples": float(update.num_samples)}
         return True
 
+    def site_weight(self, num_samples: int) -> int:
+        """A site's weight in the average: sites report their own counts, so they can be capped or ignored."""
+        if self.weighting == "equal":
+            return 1
+        return min(num_samples, self.max_site_samples) if self.max_site_samples is not None else num_samples
+
     @property
     def num_samples(self) -> int:
-        return self._total
+        """Sample count reported by the accepted sites (the weights may be capped or equal)."""
+        return self._samples
 
     def mean_delta(self) -> dict[str, np.ndarray]:
         """Sample-weighted mean update (float64), before it is added to the global weights."""
@@ -202,7 +217,7 @@ class FedAvg:
         """Sample-weighted mean of each metric over accepted sites (see :func:`mean_metrics`), plus counts."""
         out = mean_metrics([(m.get("num_samples", 0.0), m) for m in self.site_metrics.values()])
         out.update(sites_accepted=float(len(self.accepted)), sites_rejected=float(len(self.rejected)),
-                   num_samples=float(self._total))
+                   num_samples=float(self._samples))
         return out
 
 
@@ -216,7 +231,8 @@ def make_aggregator(reference: Mapping[str, np.ndarray], config: ExperimentConfi
 
         return ClientDPFedAvg(reference, clip_update_norm=clip, noise_multiplier=config.privacy.client_noise_multiplier,
                               delta=config.privacy.client_delta, server_round=server_round)
-    return FedAvg(reference, clip_update_norm=clip)
+    fed = config.federation
+    return FedAvg(reference, clip_update_norm=clip, weighting=fed.weighting, max_site_samples=fed.max_site_samples)
 
 
 def weighted_mean(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> np.ndarray:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedsynth.errors import ConfigError
-from fedsynth.federated.aggregation import FedAvg, SiteUpdate
+from fedsynth.federated.aggregation import FedAvg
 
 log = logging.getLogger("fedsynth.central_dp")
 
@@ -47,19 +47,11 @@ class ClientDPFedAvg(FedAvg):
                  rng: np.random.Generator | None = None) -> None:
         if clip_update_norm is None:
             raise ConfigError("privacy.client_noise_multiplier needs federation.clip_update_norm (the clipping bound C)")
-        super().__init__(reference, clip_update_norm=clip_update_norm)
+        super().__init__(reference, clip_update_norm=clip_update_norm, weighting="equal")  # each site's clipped update once
         self.noise_multiplier = float(noise_multiplier)
         self.delta = float(delta)
         self.server_round = int(server_round)
         self.rng = rng if rng is not None else np.random.default_rng()  # fresh OS entropy: noise must not be predictable
-
-    def add(self, update: SiteUpdate) -> bool:
-        """Fold in one update with weight 1 (its real sample count stays in the site's metrics)."""
-        weight = 1 if update.num_samples > 0 else update.num_samples  # non-positive counts are still rejected
-        accepted = super().add(SiteUpdate(update.site_id, update.weights, weight, dict(update.metrics)))
-        if accepted:
-            self.site_metrics[update.site_id]["num_samples"] = float(update.num_samples)
-        return accepted
 
     @property
     def noise_std(self) -> float:
