@@ -160,3 +160,42 @@ def test_untrusted_supernodes_are_refused(tmp_path: Path, certs: Path, mri2d: di
         nodes = flwr_cli(["supernode", "ls", str(fed.app_dir), FEDERATION], fed.env, fed.app_dir)["nodes"]
         assert len([n for n in nodes if n["status"] == "online"]) == 1  # only the legitimate site1
     _assert_no_orphans(fed)
+
+
+def test_a_poisoned_site_fails_alone_and_nothing_identifying_leaves_it(tmp_path: Path, certs: Path,
+                                                                        mri2d: dict[str, Path]) -> None:
+    """site2's CSV holds an image with NaN voxels: its round fails on the site, the round goes on
+    with site1, and no server-side file names site2's CSV, image files or SubjectIDs."""
+    import numpy as np
+
+    from fedsynth.data import read_manifest, save_image, write_manifest
+
+    poisoned = tmp_path / "hospital2"
+    poisoned.mkdir()
+    rows = [(f"patient-{r.subject_id}-x7", [Path(p).resolve() for p in r.channels], None)
+            for r in read_manifest(mri2d["colin27"])]
+    bad = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    bad[0, 3, 4] = np.nan
+    save_image(bad, poisoned / "scan_secret_0042.mha")
+    rows.append(("patient-secret-0042", [poisoned / "scan_secret_0042.mha"], None))
+    write_manifest(poisoned / "site2_private.csv", rows)
+
+    request = _request(tmp_path, certs, mri2d, "gan", rounds=1, min_sites=1, round_timeout_s=60.0)
+    request.sites["site2"] = poisoned / "site2_private.csv"
+    fed = LocalFederation(request)
+    done = fed.run()
+    _assert_no_orphans(fed)
+    run = Path(request.run_dir)
+    assert done["round"] == 1
+    history = json.loads((run / "global" / "history.json").read_text(encoding="utf-8"))
+    assert [h["accepted"] for h in history] == [["site1"]]
+    failures = [r for r in _received(run) if "error" in r]
+    assert failures and all("DataError" in r["error"] for r in failures)
+    secrets = ["site2_private", "scan_secret", "patient-", "hospital2", str(poisoned)]
+    server_side = [p for p in run.rglob("*") if p.is_file() and "sites" not in p.relative_to(run).parts
+                   and p.name not in ("site1.log", "site2.log")]
+    assert server_side
+    for path in server_side:
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        leaked = [s for s in secrets if s in text]
+        assert not leaked, f"{path.relative_to(run)} names {leaked}"
