@@ -161,7 +161,8 @@ def _demo(args: argparse.Namespace) -> None:
     import json
 
     _at_least("--steps", args.steps, 1)
-    paths = run_demo(args.output, family=args.family, steps=args.steps)
+    _at_least("--first-stage-steps", args.first_stage_steps, 1)
+    paths = run_demo(args.output, family=args.family, steps=args.steps, first_stage_steps=args.first_stage_steps)
     for k, v in paths.items():
         print(f"{k}: {v}")
     report = json.loads(paths["report"].read_text(encoding="utf-8"))
@@ -235,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and generate on real brain MRI slices that install offline")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--family", choices=["autoencoder", "gan", "diffusion"], default="gan")
+    p.add_argument("--family", choices=["autoencoder", "gan", "diffusion", "latent-diffusion"], default="gan")
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps (GAN: about 4 minutes on 2 CPU cores)")
+    p.add_argument("--first-stage-steps", type=int, default=600, help="latent-diffusion: autoencoder steps first")
 
     import importlib
 

@@ -102,7 +102,7 @@ def build_demo_dataset(out_dir: str | Path, *, image_size: int = 32, count: int 
 
 
 def run_demo(out_dir: str | Path, *, family: str = "gan", steps: int = 1500, image_size: int = 32,
-             num_images: int = 64) -> dict[str, Path]:
+             num_images: int = 64, first_stage_steps: int = 600) -> dict[str, Path]:
     """Real 2D brain slices (``fedsynth build-dataset`` split), the family's recipe, a short training run,
     samples and their held-out precision; returns the paths made (``grid`` is the PNG to look at).
 
@@ -124,7 +124,10 @@ def run_demo(out_dir: str | Path, *, family: str = "gan", steps: int = 1500, ima
     out = Path(out_dir)
     volumes = [v for v in ("mni152", "ch2bet") if v in available_volumes()]
     csvs = build_brain_dataset(out / "data", image_size=image_size, volumes=volumes, volume_sizes=())
-    config = default_config(family, 2, image_size)
+    latent = family == "latent-diffusion"  # the autoencoder first stage (first_stage_steps), then the UNet (steps)
+    config = default_config("diffusion" if latent else family, 2, image_size, latent=latent)
+    if latent:
+        config.model.first_stage_steps = first_stage_steps  # type: ignore[union-attr]
     config.training.max_steps = steps
     config.training.epochs = 10**6
     config.training.sample_every = 10**6
