@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and generate on real brain MRI slices that install offline")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--family", choices=["autoencoder", "gan", "diffusion", "latent-diffusion"], default="gan")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (GAN: about 4 minutes on 2 CPU cores)")
+    p.add_argument("--family", choices=["autoencoder", "gan", "diffusion", "latent-diffusion"], default="latent-diffusion")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (latent diffusion: of the UNet)")
     p.add_argument("--first-stage-steps", type=int, default=600, help="latent-diffusion: autoencoder steps first")
 
     import importlib

@@ -101,7 +101,7 @@ def build_demo_dataset(out_dir: str | Path, *, image_size: int = 32, count: int 
     return csvs
 
 
-def run_demo(out_dir: str | Path, *, family: str = "gan", steps: int = 1500, image_size: int = 32,
+def run_demo(out_dir: str | Path, *, family: str = "latent-diffusion", steps: int = 1500, image_size: int = 32,
              num_images: int = 64, first_stage_steps: int = 600) -> dict[str, Path]:
     """Real 2D brain slices (``fedsynth build-dataset`` split), the family's recipe, a short training run,
     samples and their held-out precision; returns the paths made (``grid`` is the PNG to look at).
