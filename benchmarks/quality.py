@@ -451,7 +451,7 @@ def bench_text(work: Path, budget: Budget, data: Data, grids_dir: Path) -> list[
     lines += ["", f"- exact adherence / reader ceiling: guidance 1 **{g1.exact / max(ceiling.exact, 1e-9):.2f}**, "
               f"guidance 3 **{g3.exact / max(ceiling.exact, 1e-9):.2f}**; shuffled-prompt control "
               f"**{rows[3][1].exact / max(ceiling.exact, 1e-9):.2f}**.",
-              f"- grid: [quality/text_ldm_prompts.png](quality/text_ldm_prompts.png) — one row per prompt, left 4 real "
+              "- grid: [quality/text_ldm_prompts.png](quality/text_ldm_prompts.png) — one row per prompt, left 4 real "
               "held-out slices with that prompt, right 4 samples (guidance 3). Rows: " +
               "; ".join(f"{i + 1}. `{p}`" for i, p in enumerate(grid_prompts)),
               f"- training wall time: {ldm['seconds'] / 60:.1f} min (first stage + UNet, one thread).", ""]

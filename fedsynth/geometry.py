@@ -96,7 +96,7 @@ def _check_autoencoder(config: Any) -> None:
             fit = [v for v in range(1, 12) if smallest // 2**v >= 3]
             _fail("model.discriminator_layers", m.discriminator_layers,
                   f"halves image_size {list(config.image_size)} below 3 pixels (the patch discriminator)",
-                  str(max(fit)) if fit else f"none: image_size must be >= 6 with adversarial_weight > 0")
+                  str(max(fit)) if fit else "none: image_size must be >= 6 with adversarial_weight > 0")
 
 
 def _check_diffusion(config: Any) -> None:

@@ -21,7 +21,6 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from fedsynth import demo
-from fedsynth.data.images import save_image
 from fedsynth.data.manifest import write_manifest
 from fedsynth.metrics import ImageSet, evaluate_sets, infer_config, load_real
 from fedsynth.metrics import features as feat

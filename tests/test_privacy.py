@@ -100,7 +100,7 @@ def test_empty_poisson_batch_is_a_noise_only_accounted_step(mri2d) -> None:
     cfg = tiny_config("diffusion", privacy=DP)
     engine, train = _engine(cfg, mri2d["mni152"])
     engine.loader(train, train=True)
-    model, opts = engine.model, engine.optimizers
+    model = engine.model
     before = model.get_weights(["unet"])
     empty = Batch(torch.zeros(0, 1, 32, 32))
     assert engine.train_step(empty) == {}
@@ -214,7 +214,7 @@ def test_conditional_dp_gan_generator_step_ignores_the_real_batch(mri2d) -> None
     cfg = tiny_config("gan", num_classes=2, privacy=DP)
     engine, train = _engine(cfg, mri2d["all"])
     engine.loader(train, train=True)
-    model, opts = engine.model, engine.optimizers
+    model = engine.model
     assert model.private_fake_batch == cfg.training.batch_size
     g_before, d_before = model.get_weights(["generator"]), model.get_weights(["discriminator"])
     out = engine.train_step(Batch(torch.zeros(0, 1, 32, 32), torch.zeros(0, dtype=torch.long)))

@@ -76,3 +76,11 @@ def test_site_state_is_keyed_by_federation(tmp_path: Path, mri2d: dict[str, Path
     other = Site(tiny_config("gan", federation={"rounds": 2, "local_steps": 2, "federation_id": "study-2"}),
                  mri2d["mni152"], tmp_path / "state")
     assert other.state_dir == tmp_path / "state" / "study-2" and other.engine.state.step == 0
+
+
+def test_a_round_of_whole_local_epochs(tmp_path: Path, mri2d: dict[str, Path]) -> None:
+    """federation.local_epochs without local_steps: one round is one pass over the site's data."""
+    cfg = tiny_config("gan", federation={"rounds": 2, "local_epochs": 1})
+    site = Site(cfg, mri2d["mni152"], tmp_path / "state", site_id="site1")
+    site.train_round(site.shared_weights(), 1)
+    assert site.engine.state.epoch == 1 and site.engine.state.step == -(-site.num_samples // cfg.training.batch_size)
