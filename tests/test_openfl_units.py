@@ -178,8 +178,14 @@ def test_trial_command_rejects_bad_input_before_starting_anything(tmp_path: Path
     from fedsynth.cli import main
 
     save_config(tiny_config("gan"), tmp_path / "gan.yaml")
-    rc = main(["federate", "openfl", "-c", str(tmp_path / "gan.yaml"), "--site", f"col1={tmp_path / 'missing.csv'}",
-               "-o", str(tmp_path / "run")])
+    two = ["--site", f"col1={tmp_path / 'missing.csv'}", "--site", f"col2={tmp_path / 'missing.csv'}"]
+    rc = main(["federate", "openfl", "-c", str(tmp_path / "gan.yaml"), *two, "-o", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "CSV not found" in err and "missing.csv" in err
+    rc = main(["federate", "openfl", "-c", str(tmp_path / "gan.yaml"), two[0], two[1], "-o", str(tmp_path / "run")])
+    assert rc == 2 and "federation.min_sites is 2 but the trial has only 1 site(s)" in capsys.readouterr().err
+    for field, value in (("fraction_fit", 0.5), ("transport_dtype", "float16")):
+        save_config(tiny_config("gan", **{f"federation__{field}": value}), tmp_path / "x.yaml")
+        rc = main(["federate", "openfl", "-c", str(tmp_path / "x.yaml"), *two, "-o", str(tmp_path / "run")])
+        assert rc == 2 and f"federation.{field}={value!r} is not supported by the openfl backend" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -66,7 +66,7 @@ class TrialRequest:
     runs mTLS: ``tls=False`` is refused there).
     """
 
-    config_path: str | Path
+    config_path: str | Path | ExperimentConfig  # a YAML, or a config object (tests/benchmarks)
     sites: Mapping[str, Any]
     run_dir: str | Path
     rounds: int | None = None
@@ -96,9 +96,12 @@ class TrialRequest:
 
     def load_config(self) -> ExperimentConfig:
         """The experiment config with ``rounds`` and ``overrides`` applied."""
-        from fedsynth.config import load_config
+        from fedsynth.config import config_from_dict, load_config
 
-        config = load_config(self.config_path)
+        if isinstance(self.config_path, ExperimentConfig):
+            config = config_from_dict(self.config_path.to_dict(), "TrialRequest.config_path")
+        else:
+            config = load_config(self.config_path)
         if self.rounds is not None:
             config.federation.rounds = self.rounds
         if self.overrides is not None:
