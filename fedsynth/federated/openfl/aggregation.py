@@ -21,8 +21,8 @@ r's ``val_loss`` (and ``best``) is recorded when round r+1 is aggregated; the la
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,12 +31,18 @@ from openfl.interface.aggregation_functions import AggregationFunction
 
 from fedsynth.engine import seed_everything
 from fedsynth.errors import FedsynthError
-from fedsynth.federated.aggregation import SHARED, SiteUpdate, from_transport, group_of, resolve_group_policy
+from fedsynth.federated.aggregation import SHARED, NoValidUpdates, SiteUpdate, from_transport, group_of, resolve_group_policy
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
 from fedsynth.federated.server import GlobalModel
 from fedsynth.models import build_model
 
 log = logging.getLogger("fedsynth.openfl")
+
+#: set by :func:`fedsynth.federated.openfl.tools.start_aggregator`: a failed round (too few valid
+#: updates) stops the aggregator process with the error (OpenFL would otherwise only fail the RPC
+#: and wait for the round forever), as the Flower server ends its run.
+EXIT_ON_ROUND_FAILURE = False
+ROUND_FAILURE_STATUS = 3
 
 
 class GroupRoutedFedAvg(AggregationFunction):
@@ -69,7 +75,17 @@ class GroupRoutedFedAvg(AggregationFunction):
             )
         key = (fl_round, tuple(sorted(t.col_name for t in local_tensors)))
         if key not in self._rounds:
-            self._rounds = {key: self._aggregate_round(local_tensors, db_iterator, fl_round)}
+            try:
+                self._rounds = {key: self._aggregate_round(local_tensors, db_iterator, fl_round)}
+            except NoValidUpdates as err:
+                if not EXIT_ON_ROUND_FAILURE:
+                    raise
+                import os
+                import sys
+
+                log.error("the federation failed: %s", err)
+                print(f"fedsynth: the federation failed: NoValidUpdates: {err}", file=sys.stderr, flush=True)
+                os._exit(ROUND_FAILURE_STATUS)
         result = self._rounds[key]
         if tensor_name not in result:
             raise FedsynthError(f"tensor '{tensor_name}' is not part of round {fl_round}'s global model")
