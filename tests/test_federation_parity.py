@@ -44,6 +44,22 @@ def _trials():
     return {"flower": flower, "openfl": openfl}
 
 
+def test_one_site_syntax_for_both_trials() -> None:
+    from fedsynth.federated.trial_common import parse_sites
+
+    sites = parse_sites(["site1=a.csv", "site2=b.csv,bv.csv"])
+    assert sites == {"site1": (Path("a.csv"), None), "site2": (Path("b.csv"), Path("bv.csv"))}
+    for bad, message in ((["site1"], "expected ID=TRAIN_CSV or ID=TRAIN_CSV,VAL_CSV"), (["site1=a,b,c"], "expected ID="),
+                         (["site1=a.csv", "site1=b.csv"], "given twice"), (["Site 1=a.csv"], "invalid site id")):
+        with pytest.raises(ConfigError, match=message):
+            parse_sites(bad)
+    # the request takes plain paths or (train, val); the deprecated val_sites folds into sites
+    request = TrialRequest("cfg.yaml", {"site1": "a.csv", "site2": ("b.csv", "bv.csv")}, "run", val_sites={"site1": "av.csv"})
+    assert request.site_csvs == {"site1": (Path("a.csv"), Path("av.csv")), "site2": (Path("b.csv"), Path("bv.csv"))}
+    with pytest.raises(ConfigError, match="--val-site site9"):
+        TrialRequest("cfg.yaml", {"site1": "a.csv"}, "run", val_sites={"site9": "x.csv"})
+
+
 def test_a_config_both_must_refuse_is_refused_with_the_same_message(mri2d: dict[str, Path], tmp_path: Path) -> None:
     messages = {}
     for backend, run_trial in _trials().items():

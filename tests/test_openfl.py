@@ -105,6 +105,9 @@ def test_gan_federation_end_to_end(gan_federation: dict[str, object], tmp_path: 
     checkpoints: dict[str, Path] = gan_federation["checkpoints"]  # type: ignore[assignment]
     from fedsynth.checkpoint import checkpoint_info
 
+    gm_dir = ws.path / "global"  # GlobalModel's layout, written by the aggregator (run_dir defaults to the workspace)
+    assert {p.name for p in gm_dir.iterdir()} >= {"last.ckpt", "history.json", "round_0001.ckpt", f"round_{ROUNDS:04d}.ckpt"}
+    assert checkpoint_info(gm_dir / "last.ckpt")["round"] == ROUNDS
     last, best = checkpoint_info(checkpoints["last"]), checkpoint_info(checkpoints["best"])
     assert last["family"] == "gan" and last["round"] == ROUNDS
     assert best["best_metric"] is not None and np.isfinite(best["best_metric"])
