@@ -100,6 +100,24 @@ def test_too_few_valid_updates_fail_the_round_the_same_way(tmp_path: Path) -> No
         assert not (tmp_path / backend / "global" / "last.ckpt").exists()
 
 
+def test_a_late_validation_makes_that_round_best(tmp_path: Path) -> None:
+    """OpenFL validates a round's global model at the start of the next round: GlobalModel records it late."""
+    from fedsynth.checkpoint import checkpoint_info
+    from fedsynth.federated.server import GlobalModel
+
+    server = GlobalModel(tiny_config("autoencoder"), tmp_path)
+    for rnd in (1, 2):
+        weights = server.shared_weights()
+        server.aggregate(rnd, [SiteUpdate("site1", weights, 1), SiteUpdate("site2", weights, 1)])
+        if rnd == 2:
+            server.record_past_evaluation(1, 0.5)
+        server.save()
+    history = json.loads((tmp_path / "global" / "history.json").read_text(encoding="utf-8"))
+    assert [h["val_loss"] for h in history] == [0.5, None]
+    best = checkpoint_info(tmp_path / "global" / "best.ckpt")
+    assert best["round"] == 1 and best["best_metric"] == 0.5 and best["metrics"]["val_loss"] == 0.5
+
+
 @pytest.mark.slow
 def test_both_backends_write_the_same_layout(mri2d: dict[str, Path], tmp_path: Path) -> None:
     results = {}

@@ -115,12 +115,16 @@ class GlobalModel:
         if self.state.best_metric is None or loss < self.state.best_metric:
             source = self.dir / f"round_{server_round:04d}.ckpt"
             if source.is_file():
-                import shutil
+                import torch
+
+                from fedsynth.io import atomic_path
 
                 self.state.best_metric = float(loss)
-                tmp = self.dir / "best.ckpt.tmp"
-                shutil.copyfile(source, tmp)
-                tmp.replace(self.dir / "best.ckpt")
+                payload = load_checkpoint(source)
+                payload["metrics"] = {**payload.get("metrics", {}), "val_loss": float(loss)}
+                payload["best_metric"] = float(loss)
+                with atomic_path(self.dir / "best.ckpt", durable=True) as tmp:
+                    torch.save(payload, tmp)
 
     def save(self) -> Path:
         """Write ``last`` (+ ``best`` if improved, + a per-round copy) atomically."""

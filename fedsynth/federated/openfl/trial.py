@@ -1,6 +1,7 @@
 """One-machine OpenFL trial (``fedsynth federate openfl``): workspace from ``plans/``, the whole
 ``fx`` flow with certificates and mTLS on 127.0.0.1, one aggregator and one collaborator process
-per site, export of the aggregated model as core checkpoints, and every process stopped at the end,
+per site, the federation's global model in ``RUN/global`` (written by the aggregator through
+:class:`~fedsynth.federated.server.GlobalModel`, the Flower trial's layout), and every process stopped at the end,
 also on failure or timeout (the error names the process that failed and shows its log).
 """
 
