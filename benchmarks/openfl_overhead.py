@@ -47,8 +47,9 @@ def main() -> int:
         config = _config(args.quick)
 
         t0 = time.perf_counter()
-        trial = run_trial(_config(args.quick), {k: (v, None) for k, v in sites.items()}, work / "openfl",
-                          timeout=3600)
+        from fedsynth.federated.trial_common import TrialRequest
+
+        trial = run_trial(TrialRequest(_config(args.quick), sites, work / "openfl", timeout_s=3600))
         openfl_s = time.perf_counter() - t0
 
         seq_s = _sequential(_config(args.quick), sites, work / "sequential")

@@ -114,7 +114,7 @@ def test_openfl_aggregation_applies_client_level_dp(tmp_path) -> None:
                       privacy={"client_noise_multiplier": 1e-9})
     save_config(cfg, tmp_path / "fedsynth.yaml")
     fn = GroupRoutedFedAvg.__new__(GroupRoutedFedAvg)  # OpenFL aggregation functions are singletons
-    fn.__init__(str(tmp_path / "fedsynth.yaml"))
+    fn.__init__(str(tmp_path / "fedsynth.yaml"), run_dir=str(tmp_path / "run"))
     ref = {k: v.astype(np.float32) for k, v in build_model(cfg).get_weights(["generator"]).items()}
     a = {k: v + 1 for k, v in ref.items()}
     b = {k: v + 3 for k, v in ref.items()}
@@ -125,3 +125,8 @@ def test_openfl_aggregation_applies_client_level_dp(tmp_path) -> None:
     local = [LocalTensor("a", a[name], 0.9), LocalTensor("b", b[name], 0.1)]
     out = fn(local, (row for _, row in pd.DataFrame(rows).iterrows()), name, 0, ("trained",))
     np.testing.assert_allclose(out, ref[name] + 2.0, atol=1e-3)  # equal weights, not 0.9 / 0.1
+    # the OpenFL global checkpoint carries the client-level epsilon, as the Flower server's does
+    from fedsynth.checkpoint import checkpoint_info
+
+    info = checkpoint_info(tmp_path / "run" / "global" / "last.ckpt")
+    assert info["round"] == 1 and info["privacy_delta"] == cfg.privacy.client_delta and info["privacy_epsilon"] > 0

@@ -85,7 +85,7 @@ def gan_federation(mri2d: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     }
     timings = run_federation(ws, timeout=FEDERATION_TIMEOUT, extra=extra)
     run_dir = root / "gan_run"
-    checkpoints = export_run(ws, run_dir)
+    checkpoints = export_run(ws, run_dir)  # OpenFL's own models; GlobalModel wrote ws/global
     return {"ws": ws, "run_dir": run_dir, "checkpoints": checkpoints, "pki_root": ws.path / "cert",
             "timings": {"setup_s": setup_s, **timings}}
 
@@ -105,6 +105,9 @@ def test_gan_federation_end_to_end(gan_federation: dict[str, object], tmp_path: 
     checkpoints: dict[str, Path] = gan_federation["checkpoints"]  # type: ignore[assignment]
     from fedsynth.checkpoint import checkpoint_info
 
+    gm_dir = ws.path / "global"  # GlobalModel's layout, written by the aggregator (run_dir defaults to the workspace)
+    assert {p.name for p in gm_dir.iterdir()} >= {"last.ckpt", "history.json", "round_0001.ckpt", f"round_{ROUNDS:04d}.ckpt"}
+    assert checkpoint_info(gm_dir / "last.ckpt")["round"] == ROUNDS
     last, best = checkpoint_info(checkpoints["last"]), checkpoint_info(checkpoints["best"])
     assert last["family"] == "gan" and last["round"] == ROUNDS
     assert best["best_metric"] is not None and np.isfinite(best["best_metric"])
@@ -171,9 +174,11 @@ def test_trial_command_end_to_end(mri2d: dict[str, Path], tmp_path: Path) -> Non
     assert done.returncode == 0, done.stdout + done.stderr
     from fedsynth.checkpoint import checkpoint_info
 
-    assert checkpoint_info(run / "last.ckpt")["round"] == ROUNDS and (run / "best.ckpt").is_file()
-    assert (run / "openfl_summary.json").is_file() and not _processes_in(run / "workspace")
-    assert len(_generate(run / "best.ckpt", tmp_path / "gen")) == 4
+    gdir = run / "global"  # the layout of the Flower trial (GlobalModel)
+    assert checkpoint_info(gdir / "last.ckpt")["round"] == ROUNDS and (gdir / "best.ckpt").is_file()
+    assert (gdir / "history.json").is_file() and (gdir / f"round_{ROUNDS:04d}.ckpt").is_file()
+    assert not _processes_in(run / "workspace")
+    assert len(_generate(gdir / "best.ckpt", tmp_path / "gen")) == 4
 
 
 @pytest.mark.parametrize("family", ["diffusion"])

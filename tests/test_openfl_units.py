@@ -19,7 +19,7 @@ from openfl.utilities import LocalTensor  # noqa: E402
 
 from fedsynth.config import save_config  # noqa: E402
 from fedsynth.errors import ConfigError, FedsynthError  # noqa: E402
-from fedsynth.federated.openfl.cli import parse_sites  # noqa: E402
+from fedsynth.federated.trial_common import parse_sites  # noqa: E402
 from fedsynth.federated.openfl.common import file_sha256, load_pinned_config  # noqa: E402
 from fedsynth.federated.openfl.processes import ProcessFailed, ProcessGroup  # noqa: E402
 
@@ -45,7 +45,8 @@ def test_config_pin_mismatch_names_the_file(tmp_path: Path) -> None:
 def test_parse_sites() -> None:
     sites = parse_sites(["col1=a.csv", "col2=b.csv,bv.csv"])
     assert sites["col1"] == (Path("a.csv"), None) and sites["col2"] == (Path("b.csv"), Path("bv.csv"))
-    for bad in (["col1"], ["=a.csv"], ["col1=a.csv", "col1=b.csv"]):
+    for bad in (["col1"], ["=a.csv"], ["col1=a.csv", "col1=b.csv"], ["col1=a.csv,b.csv,c.csv"], ["Col1=a.csv"],
+                ["col1=,b.csv"]):
         with pytest.raises(ConfigError):
             parse_sites(bad)
 
@@ -59,7 +60,7 @@ def routed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     cfg = tiny_config("gan", federation__groups={"discriminator": "local"})
     save_config(cfg, tmp_path / "fedsynth.yaml")
     fn = GroupRoutedFedAvg.__new__(GroupRoutedFedAvg)  # OpenFL aggregation functions are singletons:
-    fn.__init__(str(tmp_path / "fedsynth.yaml"))  # re-run __init__ for this config
+    fn.__init__(str(tmp_path / "fedsynth.yaml"), run_dir=str(tmp_path / "run"))  # re-run __init__ for this config
     ref = {k: v.astype(np.float32) for k, v in build_model(cfg).get_weights(["generator"]).items()}
     return fn, ref
 
@@ -80,6 +81,24 @@ def test_aggregation_is_sample_weighted_and_rejects_a_nan_site(routed) -> None:
     local = [LocalTensor("a", a[name], 0.25), LocalTensor("b", b[name], 0.5), LocalTensor("bad", bad[name], 0.25)]
     out = fn(local, _db(ref, {"a": a, "b": b, "bad": bad}), name, 0, ("trained",))
     np.testing.assert_allclose(out, ref[name] + (0.25 * 1 + 0.5 * 3) / 0.75, rtol=1e-5)
+    # the round went through GlobalModel: the shared layout, with the rejected site in history.json
+    import json
+
+    run = fn.run_dir / "global"
+    assert {p.name for p in run.iterdir()} == {"last.ckpt", "round_0001.ckpt", "history.json"}
+    history = json.loads((run / "history.json").read_text(encoding="utf-8"))
+    assert history[0]["round"] == 1 and history[0]["accepted"] == ["a", "b"] and history[0]["rejected"][0][0] == "bad"
+
+
+def test_too_few_valid_updates_fail_the_round_naming_the_sites(routed) -> None:
+    from fedsynth.federated.aggregation import NoValidUpdates
+
+    fn, ref = routed
+    bad = {k: np.full_like(v, np.nan) for k, v in ref.items()}
+    name = next(iter(ref))
+    local = [LocalTensor("a", ref[name], 0.5), LocalTensor("bad", bad[name], 0.5)]
+    with pytest.raises(NoValidUpdates, match=r"round 1: 1 valid update\(s\), fewer than federation.min_sites=2.*site 'bad'"):
+        fn(local, _db(ref, {"a": ref, "bad": bad}), name, 0, ("trained",))
 
 
 def test_a_local_group_tensor_is_refused(routed) -> None:
@@ -125,11 +144,11 @@ def test_aggregation_clips_each_site_update(tmp_path: Path) -> None:
     from fedsynth.federated.openfl.aggregation import GroupRoutedFedAvg
     from fedsynth.models import build_model
 
-    cfg = tiny_config("gan", federation__clip_update_norm=1.0)
+    cfg = tiny_config("gan", federation__clip_update_norm=1.0, federation__min_sites=1)
     save_config(cfg, tmp_path / "fedsynth.yaml")
     fn = GroupRoutedFedAvg.__new__(GroupRoutedFedAvg)
-    fn.__init__(str(tmp_path / "fedsynth.yaml"))
-    ref = {k: v.astype(np.float32) for k, v in build_model(cfg).get_weights(["generator"]).items()}
+    fn.__init__(str(tmp_path / "fedsynth.yaml"), run_dir=str(tmp_path / "run"))
+    ref = {k: v.astype(np.float32) for k, v in build_model(cfg).get_weights(["generator", "discriminator"]).items()}
     big = {k: v + 100 for k, v in ref.items()}
     name = next(iter(ref))
     out = fn([LocalTensor("a", big[name], 1.0)], _db(ref, {"a": big}), name, 0, ("trained",))
@@ -159,8 +178,14 @@ def test_trial_command_rejects_bad_input_before_starting_anything(tmp_path: Path
     from fedsynth.cli import main
 
     save_config(tiny_config("gan"), tmp_path / "gan.yaml")
-    rc = main(["federate", "openfl", "-c", str(tmp_path / "gan.yaml"), "--site", f"col1={tmp_path / 'missing.csv'}",
-               "-o", str(tmp_path / "run")])
+    two = ["--site", f"col1={tmp_path / 'missing.csv'}", "--site", f"col2={tmp_path / 'missing.csv'}"]
+    rc = main(["federate", "openfl", "-c", str(tmp_path / "gan.yaml"), *two, "-o", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "CSV not found" in err and "missing.csv" in err
+    rc = main(["federate", "openfl", "-c", str(tmp_path / "gan.yaml"), two[0], two[1], "-o", str(tmp_path / "run")])
+    assert rc == 2 and "federation.min_sites is 2 but the trial has only 1 site(s)" in capsys.readouterr().err
+    for field, value in (("fraction_fit", 0.5), ("transport_dtype", "float16")):
+        save_config(tiny_config("gan", **{f"federation__{field}": value}), tmp_path / "x.yaml")
+        rc = main(["federate", "openfl", "-c", str(tmp_path / "x.yaml"), *two, "-o", str(tmp_path / "run")])
+        assert rc == 2 and f"federation.{field}={value!r} is not supported by the openfl backend" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +66,20 @@ class GlobalModel:
         """The weights sent to sites: shared groups only."""
         return self.model.get_weights(self.shared)
 
-    def aggregate(self, server_round: int, updates: Iterable[SiteUpdate]) -> dict[str, object]:
-        """FedAvg this round's updates into the global model; returns a summary for the logs."""
+    def aggregate(self, server_round: int, updates: Iterable[SiteUpdate], failures: Sequence[str] = ()) -> dict[str, object]:
+        """FedAvg this round's updates into the global model; returns a summary for the logs.
+
+        The round policy of both backends (:func:`~fedsynth.federated.trial_common.check_round`):
+        fewer valid updates than ``federation.min_sites`` raises :class:`NoValidUpdates` naming the
+        round and every rejected site (``failures``: extra reasons, read after ``updates`` is consumed);
+        the global model is then unchanged.
+        """
+        from fedsynth.federated.trial_common import check_round
+
         fedavg = make_aggregator(self.shared_weights(), self.config, server_round)
         for update in updates:
             fedavg.add(update)
+        check_round(server_round, fedavg.accepted, fedavg.rejected, self.config.federation.min_sites, failures)
         self.model.set_weights(fedavg.result())
         if self.ema is not None:
             self.ema.update(self.model)
@@ -81,6 +90,7 @@ class GlobalModel:
         summary: dict[str, object] = {
             "round": server_round, "accepted": fedavg.accepted, "rejected": fedavg.rejected,
             "clipped": fedavg.clipped, "site_metrics": fedavg.site_metrics, "metrics": fedavg.metrics(),
+            "val_loss": None,  # set by record_evaluation (the same keys every round, on both backends)
         }
         self.history.append(summary)
         return summary
@@ -92,6 +102,29 @@ class GlobalModel:
             self.state.metrics[f"val_{k}"] = float(v)
         if self.history:
             self.history[-1]["val_loss"] = float(loss)
+
+    def record_past_evaluation(self, server_round: int, loss: float) -> None:
+        """Validation loss of an earlier round's global model, known only later (OpenFL validates the
+        model entering a round): set it in that round's history entry and make that round's
+        checkpoint ``best`` if it improves on the best so far (saved with the next :meth:`save`)."""
+        if not math.isfinite(loss):
+            return
+        for entry in self.history:
+            if entry.get("round") == server_round:
+                entry["val_loss"] = float(loss)
+        if self.state.best_metric is None or loss < self.state.best_metric:
+            source = self.dir / f"round_{server_round:04d}.ckpt"
+            if source.is_file():
+                import torch
+
+                from fedsynth.io import atomic_path
+
+                self.state.best_metric = float(loss)
+                payload = load_checkpoint(source)
+                payload["metrics"] = {**payload.get("metrics", {}), "val_loss": float(loss)}
+                payload["best_metric"] = float(loss)
+                with atomic_path(self.dir / "best.ckpt", durable=True) as tmp:
+                    torch.save(payload, tmp)
 
     def save(self) -> Path:
         """Write ``last`` (+ ``best`` if improved, + a per-round copy) atomically."""

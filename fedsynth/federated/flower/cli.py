@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedsynth.errors import ConfigError, require
-
-
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values or []:
-        site, sep, path = item.partition("=")
-        if not sep or not site or not path:
-            raise ConfigError(f"{flag} {item!r}: expected SITE_ID=path/to/file.csv")
-        if site in out:
-            raise ConfigError(f"{flag}: site '{site}' given twice")
-        out[site] = path
-    return out
 
 
 def _print_event(event: dict[str, Any], _federation: object) -> None:
@@ -45,8 +34,8 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
 
     p = backends.add_parser("flower", help="one-machine trial: real SuperLink + one SuperNode per site, TLS, flwr run")
     p.add_argument("-c", "--config", required=True, help="experiment YAML (its federation block)")
-    p.add_argument("--site", action="append", required=True, metavar="ID=TRAIN_CSV", help="one per site (repeat)")
-    p.add_argument("--val-site", action="append", metavar="ID=VAL_CSV", help="optional validation CSV of a site")
+    p.add_argument("--site", action="append", required=True, metavar="ID=TRAIN_CSV[,VAL_CSV]", help="one per site (repeat)")
+    p.add_argument("--val-site", action="append", metavar="ID=VAL_CSV", help=argparse.SUPPRESS)  # deprecated alias
     p.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
     p.add_argument("-o", "--output", required=True, help="run folder (certs, logs, global checkpoints); rerun to resume")
     p.add_argument("--no-tls", action="store_true", help="plain gRPC (only for debugging)")
@@ -69,14 +58,19 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
     @command("federate flower")
     def _trial(args: argparse.Namespace) -> None:
         require("flwr", "flower", "fedsynth federate flower")
-        from fedsynth.federated.flower.trial import TrialRequest, run_trial
+        from fedsynth.federated.flower.trial import run_trial
+        from fedsynth.federated.trial_common import TrialRequest, parse_sites
 
-        request = TrialRequest(args.config, _pairs(args.site, "--site"), Path(args.output).resolve(), args.rounds,
-                               _pairs(args.val_site, "--val-site"), tls=not args.no_tls,
+        val_sites = {}
+        if args.val_site:
+            print("warning: --val-site is deprecated; give --site ID=TRAIN_CSV,VAL_CSV", file=sys.stderr)
+            val_sites = {k: v[0] for k, v in parse_sites(args.val_site, "--val-site").items()}
+        request = TrialRequest(args.config, parse_sites(args.site), Path(args.output).resolve(), args.rounds,
+                               val_sites, tls=not args.no_tls,
                                node_auth=not args.no_node_auth, evaluate=not args.no_evaluate, timeout_s=args.timeout)
         done = run_trial(request, _print_event)
-        print(f"federation finished at round {done['round']}; global model: {done['checkpoint']}\n"
-              f"try: fedsynth generate --checkpoint {done['checkpoint']} -o {Path(args.output) / 'samples'}")
+        print(f"federation finished at round {done.round}; global model: {done.checkpoint}\n"
+              f"try: fedsynth generate --checkpoint {done.checkpoint} -o {Path(args.output) / 'samples'}")
 
     @command("federate flower-app")
     def _app(args: argparse.Namespace) -> None:

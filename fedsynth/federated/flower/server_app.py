@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import ExperimentConfig, load_config
 from fedsynth.errors import ConfigError, FedsynthError
-from fedsynth.federated.aggregation import NoValidUpdates, SiteUpdate, mean_metrics
+from fedsynth.federated.aggregation import SiteUpdate, mean_metrics
 from fedsynth.federated.flower.records import encode, record_groups, record_nbytes, record_to_weights
 from fedsynth.federated.server import GlobalModel
 
@@ -86,13 +86,8 @@ class FlowerFederation:
         self.event("round_start", round=server_round, sites=len(nodes), sent_bytes_per_site=record_nbytes(record),
                    sent_groups=record_groups(record))
         self._failures = []
-        try:
-            summary = self.global_model.aggregate(server_round, self._train_updates(server_round, nodes, record))
-        except NoValidUpdates as err:
-            raise NoValidUpdates(f"round {server_round}: {err}" + "".join(f"; {f}" for f in self._failures)) from None
-        if len(summary["accepted"]) < self.fed.min_sites:  # type: ignore[arg-type]
-            log(WARNING, "[fedsynth] round %s: only %s valid update(s), fewer than min_sites=%s",
-                server_round, len(summary["accepted"]), self.fed.min_sites)  # type: ignore[arg-type]
+        # the round policy (min_sites, no valid update) lives in GlobalModel.aggregate (both backends)
+        summary = self.global_model.aggregate(server_round, self._train_updates(server_round, nodes, record), self._failures)
         val: dict[str, float] = {}
         if self.evaluate:
             val = self._evaluate(server_round, nodes)

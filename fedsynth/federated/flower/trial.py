@@ -16,41 +16,22 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedsynth import pki
-from fedsynth.config import load_config, save_config
+from fedsynth.config import save_config
 from fedsynth.errors import ConfigError
 from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
 from fedsynth.federated.site_config import write_trial_site_config
+from fedsynth.federated.trial_common import SITE_SYNTAX, TrialRequest, TrialResult, check_site_id, check_trial, read_result
 from fedsynth.federated.flower.launcher import (
     FederationError, Processes, SuperLinkPorts, TLSFiles, flower_env, flwr_cli, follow, free_port, superlink_argv,
     supernode_argv, wait_for_port,
 )
 
 EventHook = Callable[[dict[str, Any], "LocalFederation"], None]
-
-
-@dataclass
-class TrialRequest:
-    """What ``fedsynth federate flower`` was asked to do."""
-
-    config_path: str | Path
-    sites: Mapping[str, str | Path]  # site id -> training CSV
-    run_dir: str | Path
-    rounds: int | None = None
-    val_sites: Mapping[str, str | Path] = field(default_factory=dict)  # site id -> validation CSV
-    tls: bool = True
-    node_auth: bool = True
-    evaluate: bool = True
-    timeout_s: float = 3600.0
-    overrides: Callable[[Any], None] | None = None  # edit the loaded config (tests/benchmarks)
-    #: site id -> {privacy: <floor>, share_metrics: [...]} written into that site's data.yaml;
-    #: a site not named lets every metric out (one operator runs every site of a trial)
-    site_policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class LocalFederation:
@@ -60,13 +41,9 @@ class LocalFederation:
         self.request = request
         self.run_dir = Path(request.run_dir).resolve()
         if not request.sites:
-            raise ConfigError("give at least one --site ID=train.csv")
+            raise ConfigError(f"give at least one --site {SITE_SYNTAX}")
         for site_id in request.sites:
-            if not site_id or "/" in site_id or site_id.startswith("."):
-                raise ConfigError(f"invalid site id '{site_id}': use a plain name such as site1")
-        unknown = sorted(set(request.val_sites) - set(request.sites))
-        if unknown:
-            raise ConfigError(f"--val-site {unknown[0]}: no --site with that id (sites: {sorted(request.sites)})")
+            check_site_id(site_id)
         self.processes = Processes()
         self.ports = SuperLinkPorts.pick()
         self.env = flower_env(self.run_dir / "flwr-home")
@@ -80,24 +57,20 @@ class LocalFederation:
     def prepare(self) -> None:
         """Write config, certificates, site data configs and the app (idempotent: a restart reuses them)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config = load_config(self.request.config_path)
-        if self.request.rounds is not None:
-            config.federation.rounds = self.request.rounds
-        if self.request.overrides is not None:
-            self.request.overrides(config)
+        config = self.request.load_config()
+        check_trial(config, self.request.sites, "flower")
         save_config(config, self.run_dir / "config.yaml")
         self.min_sites = config.federation.min_sites
         if self.request.tls:
             if not (self.certs / pki.CA_CERT).is_file():
                 pki.create_ca(self.certs, "fedsynth trial CA")
             pki.issue_server_cert(self.certs, self.certs, "server", ["127.0.0.1", "localhost"])
-        for site_id, train_csv in self.request.sites.items():
-            csv = Path(train_csv).resolve()
-            if not csv.is_file():
-                raise ConfigError(f"--site {site_id}={train_csv}: file not found")
-            val = self.request.val_sites.get(site_id)
-            write_trial_site_config(self.run_dir / "sites" / site_id, site_id, csv, Path(val) if val else None,
-                                    self.request.site_policies.get(site_id))
+        for site_id, (train_csv, val) in self.request.site_csvs.items():
+            for path in (train_csv, val):
+                if path is not None and not Path(path).is_file():
+                    raise ConfigError(f"--site {site_id}: file not found: {path}")
+            write_trial_site_config(self.run_dir / "sites" / site_id, site_id, Path(train_csv).resolve(),
+                                    Path(val).resolve() if val else None, self.request.site_policies.get(site_id))
             if self.request.tls and not (self.certs / f"{site_id}.auth").is_file():
                 pki.issue_client_cert(self.certs, self.certs, site_id)
         write_app(self.app_dir, AppSpec(config_path=self.run_dir / "config.yaml", run_dir=self.run_dir,
@@ -183,7 +156,8 @@ class LocalFederation:
                         raise FederationError(f"run {self.run_id} ended as {status}:\n{self.processes.tail('superlink')}")
             return False
 
-        for event in follow(self.run_dir / "server" / "progress.jsonl", stop, timeout or self.request.timeout_s, offset=offset):
+        for event in follow(self.run_dir / "server" / "progress.jsonl", stop, timeout or self.request.timeout_s or 24 * 3600.0,
+                            offset=offset):
             if on_event is not None:
                 on_event(event, self)
             if event["event"] == "done":
@@ -229,6 +203,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_trial(request: TrialRequest, on_event: EventHook | None = None) -> dict[str, Any]:
-    """Run the one-machine trial; returns the final ``done`` event (round, checkpoint)."""
-    return LocalFederation(request).run(on_event)
+def run_trial(request: TrialRequest, on_event: EventHook | None = None) -> TrialResult:
+    """Run the one-machine trial; returns the shared :class:`TrialResult` (``RUN/global``)."""
+    t0 = time.monotonic()
+    fed = LocalFederation(request)
+    fed.run(on_event)
+    return read_result("flower", fed.run_dir, timings={"federation_s": time.monotonic() - t0})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedsynth.errors import ConfigError, require
+from fedsynth.errors import require
 
 
 def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -15,10 +15,10 @@ def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argpar
     p = federate_subparsers.add_parser(
         "openfl", help="one-machine OpenFL federation: fx workspace, mTLS on 127.0.0.1, export",
         description="Builds an OpenFL workspace from plans/<family>, runs the fx PKI flow, one aggregator "
-                    "(bound to 127.0.0.1) and one collaborator per --site, then exports RUN_DIR/last.ckpt "
-                    "and best.ckpt. Every process is stopped at the end, also on failure.")
+                    "(bound to 127.0.0.1) and one collaborator per --site, writing RUN_DIR/global/{last,best,round_NNNN}.ckpt "
+                    "and history.json as the Flower trial does. Every process is stopped at the end, also on failure.")
     p.add_argument("-c", "--config", required=True, help="fedsynth experiment YAML")
-    p.add_argument("--site", action="append", required=True, metavar="NAME=TRAIN_CSV[,VAL_CSV]",
+    p.add_argument("--site", action="append", required=True, metavar="ID=TRAIN_CSV[,VAL_CSV]",
                    help="one collaborator (repeat per site)")
     p.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
     p.add_argument("-o", "--output", required=True, help="run folder (workspace, logs, checkpoints)")
@@ -29,32 +29,20 @@ def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argpar
     return p
 
 
-def parse_sites(values: list[str]) -> dict[str, tuple[Path, Path | None]]:
-    sites: dict[str, tuple[Path, Path | None]] = {}
-    for value in values:
-        name, sep, paths = value.partition("=")
-        parts = [x for x in paths.split(",") if x]
-        if not sep or not name or not 1 <= len(parts) <= 2:
-            raise ConfigError(f"--site '{value}': expected NAME=TRAIN_CSV or NAME=TRAIN_CSV,VAL_CSV")
-        if name in sites:
-            raise ConfigError(f"--site: collaborator name '{name}' given twice")
-        sites[name] = (Path(parts[0]), Path(parts[1]) if len(parts) == 2 else None)
-    return sites
-
-
 def run_openfl_command(args: argparse.Namespace) -> int:
     require("openfl", "openfl", "fedsynth federate openfl")
-    from fedsynth.config import load_config
     from fedsynth.federated.openfl.trial import run_trial
+    from fedsynth.federated.trial_common import TrialRequest, parse_sites
 
-    config = load_config(args.config)
-    result = run_trial(config, parse_sites(args.site), Path(args.output), rounds=args.rounds, timeout=args.timeout)
-    for row in result.rounds_metrics:
-        shown = {k.split("/")[-2] + "/" + k.split("/")[-1]: v for k, v in row.items()
-                 if k.startswith("aggregator/") and k.rsplit("/", 1)[-1] in ("score", "train_loss")}
-        print(f"round {row.get('round_number')}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-    for which, path in result.checkpoints.items():
-        print(f"{which}: {path}")
-    print(f"workspace: {result.workspace} (per-round metrics: logs/aggregator_metrics.txt, logs/<site>_metrics.txt)")
+    result = run_trial(TrialRequest(args.config, parse_sites(args.site), Path(args.output).resolve(), args.rounds,
+                                    timeout_s=args.timeout))
+    for row in result.history:
+        m = row.get("metrics", {})
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k in ("train_loss",))
+        val = row.get("val_loss")
+        print(f"round {row['round']}: {shown or 'no metrics'}" + (f", val_loss={val:.4g}" if val is not None else "")
+              + f"; rejected: {'; '.join(r for _, r in row.get('rejected', [])) or 'none'}")
+    print(f"global model: {result.checkpoint}" + (f" (best: {result.best})" if result.best else ""))
+    print(f"workspace: {result.workspace} (OpenFL's logs: logs/aggregator.log, logs/collaborator_<site>.log)")
     print("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     return 0

@@ -58,6 +58,9 @@ def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/
     from openfl.federated import Plan
     from openfl.utilities.logging import setup_logger
 
+    from fedsynth.federated.openfl import aggregation
+
+    aggregation.EXIT_ON_ROUND_FAILURE = True  # a round with too few valid updates ends the federation
     setup_logger("info")
     parsed = Plan.parse(plan_config_path=Path(plan).absolute(), cols_config_path=Path(cols).absolute())
     if not parsed.authorized_cols:

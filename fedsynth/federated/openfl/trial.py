@@ -1,13 +1,13 @@
 """One-machine OpenFL trial (``fedsynth federate openfl``): workspace from ``plans/``, the whole
 ``fx`` flow with certificates and mTLS on 127.0.0.1, one aggregator and one collaborator process
-per site, export of the aggregated model as core checkpoints, and every process stopped at the end,
+per site, the federation's global model in ``RUN/global`` (written by the aggregator through
+:class:`~fedsynth.federated.server.GlobalModel`, the Flower trial's layout), and every process stopped at the end,
 also on failure or timeout (the error names the process that failed and shows its log).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -15,16 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from fedsynth.config import ExperimentConfig
 from fedsynth.engine import BEST, LAST
-from fedsynth.errors import DataError
+from fedsynth.errors import ConfigError, DataError
 from fedsynth.federated.openfl.processes import ProcessGroup
 from fedsynth.federated.openfl.workspace import Workspace, create_workspace, set_up_pki_and_plan
 from fedsynth.federated.site_config import write_trial_site_config
+from fedsynth.federated.trial_common import TrialRequest, TrialResult, check_trial, read_result
 
 BIND = "127.0.0.1"
 
@@ -37,15 +35,6 @@ def free_port() -> int:
 
 def _threads_per_process(n_processes: int) -> str:
     return str(max(1, (os.cpu_count() or 1) // max(1, n_processes)))
-
-
-@dataclass
-class TrialResult:
-    run_dir: Path
-    workspace: Path
-    checkpoints: dict[str, Path] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    rounds_metrics: list[dict[str, float]] = field(default_factory=list)  # OpenFL's aggregated metrics per round
 
 
 def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, ...] | None = None,
@@ -93,56 +82,50 @@ def _fx() -> str:
 
 
 def export_run(ws: Workspace, run_dir: Path) -> dict[str, Path]:
-    """``save/last.pbuf`` and ``save/best.pbuf`` -> ``RUN_DIR/last.ckpt`` / ``best.ckpt``."""
+    """OpenFL's own models (``save/best.pbuf``, the tensor DB's last aggregate) as core checkpoints in
+    ``run_dir/openfl/`` (``last.ckpt``, ``best.ckpt``); the federation's checkpoints are ``RUN/global``."""
     from fedsynth.federated.openfl.tools import export_checkpoint
 
     cwd = os.getcwd()
     os.chdir(ws.path)
     try:
         out = {}
-        out["last"] = export_checkpoint("last", run_dir / LAST)
+        out["last"] = export_checkpoint("last", run_dir / "openfl" / LAST)
         if (ws.path / "save" / "best.pbuf").is_file():
-            out["best"] = export_checkpoint("best", run_dir / BEST)
+            out["best"] = export_checkpoint("best", run_dir / "openfl" / BEST)
         return out
     finally:
         os.chdir(cwd)
 
 
-def run_trial(config: ExperimentConfig, sites: Mapping[str, tuple[Path, Path | None]], run_dir: Path, *,
-              rounds: int | None = None, timeout: float | None = None,
-              site_policies: Mapping[str, Mapping[str, Any]] | None = None) -> TrialResult:
+def run_trial(request: TrialRequest) -> TrialResult:
     """The whole one-machine federation; see the module docstring.
 
     Each site gets ``RUN_DIR/sites/<name>/data.yaml`` (its CSVs, its state in ``state/``, and the
-    privacy floor / metric policy of ``site_policies[name]``; without one every metric is shared).
+    privacy floor / metric policy of ``request.site_policies[name]``; without one every metric is
+    shared). The aggregator writes ``RUN_DIR/global`` through ``GlobalModel``, as the Flower server does.
     """
-    if len(sites) < 1:
-        raise DataError("federate openfl: give at least one --site NAME=TRAIN_CSV")
+    config = request.load_config()
+    sites = request.site_csvs
+    check_trial(config, sites, "openfl")
+    if not request.tls or not request.node_auth:
+        raise ConfigError("the OpenFL trial always runs mTLS: tls/node_auth cannot be turned off")
+    if not request.evaluate:
+        raise ConfigError("the OpenFL plans always validate the global model: evaluate=False is not supported by the openfl backend")
     for name, (train, val) in sites.items():
         for p in (train, val):
             if p is not None and not Path(p).is_file():
                 raise DataError(f"--site {name}: CSV not found: {p}")
-    if rounds is not None:
-        config.federation.rounds = rounds
-    run_dir = Path(run_dir).resolve()
-    result = TrialResult(run_dir, run_dir / "workspace")
+    run_dir = Path(request.run_dir).resolve()
     t0 = time.monotonic()
-    site_configs = {name: write_trial_site_config(run_dir / "sites" / name, name, train, val,
-                                                  (site_policies or {}).get(name))
+    site_configs = {name: write_trial_site_config(run_dir / "sites" / name, name, Path(train).resolve(),
+                                                  Path(val).resolve() if val else None,
+                                                  request.site_policies.get(name))
                     for name, (train, val) in sites.items()}
-    ws = create_workspace(result.workspace, config, sites, agg_port=free_port(), site_configs=site_configs)
+    ws = create_workspace(run_dir / "workspace", config, sites, agg_port=free_port(), site_configs=site_configs,
+                          run_dir=run_dir)
     set_up_pki_and_plan(ws)
-    result.timings["setup_s"] = time.monotonic() - t0
-    budget = timeout if timeout is not None else config.federation.round_timeout_s * config.federation.rounds + 300
-    result.timings.update(run_federation(ws, timeout=budget))
-    result.checkpoints = export_run(ws, run_dir)
-    metrics_log = ws.logs / "aggregator_metrics.txt"
-    if metrics_log.is_file():
-        result.rounds_metrics = [json.loads(x) for x in metrics_log.read_text(encoding="utf-8").splitlines() if x.strip()]
-    from fedsynth.io import atomic_write_text
-
-    atomic_write_text(run_dir / "openfl_summary.json", json.dumps({
-        "workspace": str(ws.path), "collaborators": list(ws.collaborators), "rounds": config.federation.rounds,
-        "checkpoints": {k: str(v) for k, v in result.checkpoints.items()}, "timings": result.timings,
-        "rounds_metrics": result.rounds_metrics}, indent=2))
-    return result
+    timings = {"setup_s": time.monotonic() - t0}
+    budget = request.timeout_s if request.timeout_s is not None else config.federation.round_timeout_s * config.federation.rounds + 300
+    timings.update(run_federation(ws, timeout=budget))
+    return read_result("openfl", run_dir, timings=timings, workspace=ws.path)

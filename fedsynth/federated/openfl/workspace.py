@@ -64,8 +64,11 @@ class Workspace:
 
 def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str, tuple[Path, Path | None]], *,
                      agg_port: int, agg_addr: str = LOCAL_AGGREGATOR_NAME, plans: Path | None = None,
-                     site_configs: Mapping[str, Path] | None = None) -> Workspace:
+                     site_configs: Mapping[str, Path] | None = None, run_dir: Path | None = None) -> Workspace:
     """Copy the family's template to ``prefix`` and fill in config, data.yaml and network settings.
+
+    ``run_dir`` is where the aggregator's :class:`~fedsynth.federated.server.GlobalModel` writes
+    ``global/`` (every task's ``aggregation_type.settings.run_dir``; default: the workspace).
 
     ``site_configs`` (collaborator -> its site data config) makes ``plan/data.yaml`` name each
     site's own ``data.yaml`` (privacy floor, metric policy) instead of its bare CSVs.
@@ -92,6 +95,10 @@ def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str,
     plan_path = prefix / "plan" / "plan.yaml"
     plan = yaml.safe_load(plan_path.read_text(encoding="utf-8"))
     plan["network"]["settings"].update(agg_addr=agg_addr, agg_port=int(agg_port))
+    if run_dir is not None:
+        for task in plan.get("tasks", {}).values():
+            if isinstance(task, dict) and isinstance(task.get("aggregation_type"), dict):
+                task["aggregation_type"].setdefault("settings", {})["run_dir"] = str(Path(run_dir).resolve())
     atomic_write_text(plan_path, yaml.safe_dump(plan, sort_keys=False))
     pin_config_in(prefix)
     return Workspace(prefix, tuple(sites))
