@@ -181,7 +181,7 @@ def test_a_poisoned_site_fails_alone_and_nothing_identifying_leaves_it(tmp_path:
     write_manifest(poisoned / "site2_private.csv", rows)
 
     request = _request(tmp_path, certs, mri2d, "gan", rounds=1, min_sites=1, round_timeout_s=60.0)
-    request.sites["site2"] = poisoned / "site2_private.csv"
+    request.sites["site2"] = (poisoned / "site2_private.csv", None)  # type: ignore[index]
     fed = LocalFederation(request)
     done = fed.run()
     _assert_no_orphans(fed)
