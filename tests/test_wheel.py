@@ -78,9 +78,10 @@ class Venv:
 
 
 def _site_packages() -> list[str]:
-    """The site-packages folders this interpreter imports from (never the checkout)."""
+    """The site-packages folders this interpreter imports from (the checkout itself is never one of
+    them; they may lie inside it, as CI's ``.ci-venv`` does, and their ``.pth`` files are not run)."""
     dirs = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
-    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and not Path(d).resolve().is_relative_to(ROOT)]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and Path(d).resolve() != ROOT]
 
 
 def _repoint_console_scripts(venv: Venv) -> None:
