@@ -186,7 +186,7 @@ def test_federate_openfl_from_the_wheel(venv: Venv, mri2d: dict[str, Path]) -> N
     # the CLI, `fx` (plan initialize, collaborators) and the aggregator (python -m) all ran the wheel
     assert {"fedsynth", "fx", "__main__.py"} <= set(venv.imported_fedsynth(venv.work / "openfl_imports.txt"))
     run = venv.work / "run_openfl"
-    assert checkpoint_info(run / "last.ckpt")["round"] == 1 and (run / "best.ckpt").is_file()
+    assert checkpoint_info(run / "global" / "last.ckpt")["round"] == 1 and (run / "global" / "history.json").is_file()
 
 
 def test_federate_flower_from_the_wheel(venv: Venv, mri2d: dict[str, Path]) -> None:
