@@ -108,12 +108,12 @@ def run_demo(out_dir: str | Path, *, family: str = "latent-diffusion", steps: in
 
     Uses MNI152 and, when installed, Colin27's brain-extracted T1 (``ch2bet``) so it runs in minutes.
     """
-    import contextlib
     import json
 
     import torch
 
     from fedsynth.config import default_config, render_yaml
+    from fedsynth.extensions import sampling_weights
     from fedsynth.data.brains import available_volumes, build_brain_dataset
     from fedsynth.generation import sample, write_images
     from fedsynth.io import atomic_write_text
@@ -136,7 +136,7 @@ def run_demo(out_dir: str | Path, *, family: str = "latent-diffusion", steps: in
     atomic_write_text(config_path, render_yaml(config))
     run_dir = out / "run"
     engine = run_training(TrainRequest(str(config_path), str(csvs["train"]), str(run_dir), resume=(run_dir / "last.ckpt").is_file()))
-    with engine.ema.applied(engine.model) if engine.ema is not None else contextlib.nullcontext():
+    with sampling_weights(engine.extensions, engine.model):  # the EMA weights, as sample grids use
         images = sample(engine.model, num_images, seed=0)
     write_images(images, out / "generated", image_format="png")
     held_out = load_real(csvs["held_out"], config)
