@@ -116,6 +116,9 @@ def test_autoencoder_fp16_with_evaluation(tmp_path: Path, certs: Path, mri2d: di
     info = checkpoint_info(run / "global" / "last.ckpt")
     assert info["round"] == 2 and "val_loss" in info["metrics"]
     assert (run / "global" / "best.ckpt").is_file() and (run / "global" / "round_0001.ckpt").is_file()
+    for site in ("site1", "site2"):  # one long-lived worker per site: built once, reused for the other 3 messages
+        log = (run / "logs" / f"{site}.log").read_text(encoding="utf-8")
+        assert log.count(f"site {site}: engine built") == 1 and log.count(f"site {site}: engine, data and state reused") == 3
     _generates(run / "global" / "last.ckpt", tmp_path / "samples")
 
 

@@ -75,6 +75,9 @@ class TrialRequest:
     node_auth: bool = True
     evaluate: bool = True
     timeout_s: float | None = 3600.0
+    #: Flower: one long-lived site worker per SuperNode (``--isolation process``) keeps each site's
+    #: engine, data and state in memory across rounds; False: a fresh ClientApp process per message
+    long_lived_sites: bool = True
     overrides: Callable[[Any], None] | None = None  # edit the loaded config (tests/benchmarks)
     #: site id -> {privacy: <floor>, share_metrics: [...]} written into that site's data.yaml;
     #: a site not named lets every metric out (one operator runs every site of a trial)

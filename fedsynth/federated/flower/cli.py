@@ -42,7 +42,18 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
     p.add_argument("--no-node-auth", action="store_true", help="do not require registered SuperNode keys")
     p.add_argument("--no-evaluate", action="store_true", help="skip the per-round evaluation of the global model")
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="give up after this many seconds")
+    p.add_argument("--process-per-message", action="store_true",
+                   help="Flower's default isolation: a fresh ClientApp process for every message (slower; "
+                        "default: one long-lived fedsynth site worker per site)")
     p.set_defaults(command="federate flower")
+
+    p = backends.add_parser("flower-site-worker",
+                            help="a site's long-lived ClientApp process, for a SuperNode started with --isolation process")
+    p.add_argument("--clientappio-api-address", default="127.0.0.1:9094", metavar="HOST:PORT",
+                   help="the SuperNode's --clientappio-api-address (default 127.0.0.1:9094)")
+    p.add_argument("--flwr-dir", default=None, help="the SuperNode's --flwr-dir, if it has one")
+    p.add_argument("--supernode-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    p.set_defaults(command="federate flower-site-worker")
 
     p = backends.add_parser("flower-app", help="write the Flower app an operator runs with 'flwr run'")
     p.add_argument("-c", "--config", required=True, help="experiment YAML on the aggregator host")
@@ -67,10 +78,22 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
             val_sites = {k: v[0] for k, v in parse_sites(args.val_site, "--val-site").items()}
         request = TrialRequest(args.config, parse_sites(args.site), Path(args.output).resolve(), args.rounds,
                                val_sites, tls=not args.no_tls,
-                               node_auth=not args.no_node_auth, evaluate=not args.no_evaluate, timeout_s=args.timeout)
+                               node_auth=not args.no_node_auth, evaluate=not args.no_evaluate, timeout_s=args.timeout,
+                               long_lived_sites=not args.process_per_message)
         done = run_trial(request, _print_event)
         print(f"federation finished at round {done.round}; global model: {done.checkpoint}\n"
               f"try: fedsynth generate --checkpoint {done.checkpoint} -o {Path(args.output) / 'samples'}")
+
+    @command("federate flower-site-worker")
+    def _worker(args: argparse.Namespace) -> None:
+        require("flwr", "flower", "fedsynth federate flower-site-worker")
+        import logging
+
+        from fedsynth.federated.flower.worker import run_site_worker
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("fedsynth").setLevel(logging.INFO)
+        run_site_worker(args.clientappio_api_address, args.flwr_dir, supernode_pid=args.supernode_pid)
 
     @command("federate flower-app")
     def _app(args: argparse.Namespace) -> None:

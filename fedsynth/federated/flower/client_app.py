@@ -1,13 +1,18 @@
 """Flower ClientApp: one hospital's side, a thin adapter over :class:`fedsynth.federated.site.Site`.
 
-Flower starts a fresh ``flwr-clientapp`` process for every message, so nothing lives in
-memory between rounds: the experiment config arrives with each message (the server's), the
-site's data, state folder, privacy floor and metric policy come from its own *data config*
+The experiment config arrives with each message (the server's); the site's data, state
+folder, privacy floor and metric policy come from its own *data config*
 (``--node-config 'data-config="/abs/site.yaml"'`` on the SuperNode; see
 :mod:`fedsynth.federated.site_config`): a server config weaker than the site's floor is
 refused before anything is trained, and only the metrics the site allows are sent. Everything
 that must survive between rounds (local groups, optimizers, RNG, privacy ledger) is kept by
 ``Site`` in ``state_dir``.
+
+With Flower's default isolation a fresh ``flwr-clientapp`` process runs every message and
+the ``Site`` is rebuilt from disk each time. In a long-lived ClientApp process
+(:mod:`fedsynth.federated.flower.worker`) the ``Site`` of the last message is kept in memory
+and reused while the server's config and the site's data config are unchanged; a message
+that fails drops it, so the next one starts again from the state on disk.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -44,18 +50,37 @@ def _experiment(msg: Message) -> ExperimentConfig:
     return config_from_dict(json.loads(str(msg.content["config"]["experiment"])), "config sent by the server")
 
 
+#: the site of the last message, for a long-lived ClientApp process: (key, site, data config)
+_cached: tuple[tuple[str, int, str], Any, SiteDataConfig] | None = None
+
+
 def _site(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+    """This message's ``Site``: the cached one when the server config and data config are unchanged."""
+    global _cached
     from fedsynth.federated.site import Site
 
     if DATA_CONFIG_KEY not in context.node_config:
         raise ConfigError(f"this SuperNode has no '{DATA_CONFIG_KEY}' in --node-config; start it with "
                           f"--node-config '{DATA_CONFIG_KEY}=\"/abs/path/site.yaml\"'")
     path = Path(str(context.node_config[DATA_CONFIG_KEY]))
+    experiment = str(msg.content["config"]["experiment"])
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.is_file() else -1, experiment)
+    if _cached is not None and _cached[0] == key:
+        log.info("site %s: engine, data and state reused from memory", _cached[2].site_id)
+        return _cached[1], _cached[2]
+    _cached = None
     data = load_site_config(path)
     state_dir = data.state_dir or path.parent.resolve() / "state"
     site = Site(_experiment(msg), data.train_csv, state_dir, site_id=data.site_id, val_csv=data.val_csv,
                 policy=SitePolicy.of(data))
+    _cached = (key, site, data)
+    log.info("site %s: engine built, state from %s", data.site_id, site.state_dir)
     return site, data
+
+
+def _forget_site() -> None:
+    global _cached
+    _cached = None
 
 
 def _site_id(context: Context) -> str:
@@ -74,8 +99,10 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
         try:
             return handler(msg, context)
         except PolicyRefused:
+            _forget_site()
             raise
         except Exception as err:
+            _forget_site()  # its in-memory state may be half-updated: the next message reloads from disk
             log.exception("site round failed")
             raise SiteFailure(f"site '{_site_id(context)}': {type(err).__name__} during {handler.__name__} "
                               "(details in the site's own log)") from None

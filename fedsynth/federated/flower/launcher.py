@@ -205,10 +205,17 @@ def superlink_argv(ports: SuperLinkPorts, tls: TLSFiles | None, *, database: Pat
 
 
 def supernode_argv(fleet_port: int, clientappio_port: int, data_config: Path | None, flwr_dir: Path, *,
-                   root_cert: Path | None, auth_key: Path | None = None, max_wait_s: float | None = None) -> list[str]:
-    """``flower-supernode`` for one site, bound to 127.0.0.1 only."""
+                   root_cert: Path | None, auth_key: Path | None = None, max_wait_s: float | None = None,
+                   isolation: str = "subprocess") -> list[str]:
+    """``flower-supernode`` for one site, bound to 127.0.0.1 only.
+
+    ``isolation="process"``: the SuperNode runs no ClientApp itself; a :func:`site_worker_argv`
+    process serves its ClientAppIo port.
+    """
     argv = [_bin("flower-supernode"), "--superlink", f"{HOST}:{fleet_port}",
             "--clientappio-api-address", f"{HOST}:{clientappio_port}", "--flwr-dir", str(flwr_dir)]
+    if isolation != "subprocess":
+        argv += ["--isolation", isolation]
     argv += ["--root-certificates", str(root_cert)] if root_cert is not None else ["--insecure"]
     if data_config is not None:
         argv += ["--node-config", f'data-config="{data_config}"']
@@ -217,6 +224,13 @@ def supernode_argv(fleet_port: int, clientappio_port: int, data_config: Path | N
     if max_wait_s is not None:
         argv += ["--max-wait-time", str(max_wait_s)]
     return argv
+
+
+def site_worker_argv(clientappio_port: int, flwr_dir: Path, supernode_pid: int) -> list[str]:
+    """The long-lived ClientApp process of one site (:mod:`fedsynth.federated.flower.worker`)."""
+    return [sys.executable, "-m", "fedsynth", "federate", "flower-site-worker",
+            "--clientappio-api-address", f"{HOST}:{clientappio_port}", "--flwr-dir", str(flwr_dir),
+            "--supernode-pid", str(supernode_pid)]
 
 
 def flwr_cli(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 120.0) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from fedsynth.federated.site_config import write_trial_site_config
 from fedsynth.federated.trial_common import SITE_SYNTAX, TrialRequest, TrialResult, check_site_id, check_trial, read_result
 from fedsynth.federated.flower.launcher import (
     FederationError, Processes, SuperLinkPorts, TLSFiles, flower_env, flwr_cli, follow, free_port, superlink_argv,
-    supernode_argv, wait_for_port,
+    site_worker_argv, supernode_argv, wait_for_port,
 )
 
 EventHook = Callable[[dict[str, Any], "LocalFederation"], None]
@@ -110,12 +110,18 @@ class LocalFederation:
         site_dir = self.run_dir / "sites" / site_id
         ca = self.certs / pki.CA_CERT if self.request.tls else None
         key = self.certs / f"{site_id}.auth" if self.node_auth else None
+        appio_port, flwr_dir = free_port(), site_dir / "flwr"
+        long_lived = self.request.long_lived_sites
         argv = supernode_argv(
-            self.ports.fleet, free_port(), site_dir / "data.yaml" if data_config == "default" else data_config,  # type: ignore[arg-type]
-            site_dir / "flwr", root_cert=ca if root_cert == "default" else root_cert,  # type: ignore[arg-type]
-            auth_key=key if auth_key == "default" else auth_key, max_wait_s=max_wait_s)  # type: ignore[arg-type]
+            self.ports.fleet, appio_port, site_dir / "data.yaml" if data_config == "default" else data_config,  # type: ignore[arg-type]
+            flwr_dir, root_cert=ca if root_cert == "default" else root_cert,  # type: ignore[arg-type]
+            auth_key=key if auth_key == "default" else auth_key, max_wait_s=max_wait_s,  # type: ignore[arg-type]
+            isolation="process" if long_lived else "subprocess")
         name = name or site_id
-        self.processes.start(name, argv, self.run_dir / "logs" / f"{name}.log", self.env, site_dir)
+        supernode = self.processes.start(name, argv, self.run_dir / "logs" / f"{name}.log", self.env, site_dir)
+        if long_lived:  # the site's ClientApp process, alive across rounds; it exits with its SuperNode
+            self.processes.start(f"{name}.worker", site_worker_argv(appio_port, flwr_dir, supernode.pid),
+                                 self.run_dir / "logs" / f"{name}.log", self.env, site_dir)
         return name
 
     def submit(self) -> int:
@@ -143,7 +149,8 @@ class LocalFederation:
                 return True
             if not self.processes.alive("superlink"):
                 raise FederationError(f"the SuperLink exited:\n{self.processes.tail('superlink')}")
-            crashed = [s for s in self.request.sites if self.processes.crashed(s)]
+            crashed = [s for s in self.request.sites if self.processes.crashed(s)
+                       or (self.processes.crashed(f"{s}.worker") and s not in self.processes.stopped)]
             if len(self.request.sites) - len(crashed) < self.min_sites:
                 raise FederationError(f"SuperNode of site '{crashed[0]}' exited; fewer than federation.min_sites="
                                       f"{self.min_sites} sites left:\n{self.processes.tail(crashed[0])}")

@@ -1,0 +1,58 @@
+"""A site's long-lived ClientApp process (``fedsynth federate flower-site-worker``).
+
+By default a Flower SuperNode (``--isolation subprocess``) starts a fresh ``flwr-clientapp``
+process for every message: each round re-imports torch, rebuilds the site's engine, re-reads
+its images and reloads its state from disk. With ``--isolation process`` the SuperNode leaves
+running the ClientApp to an outside process; this is that process. It asks the SuperNode's
+ClientAppIo API (127.0.0.1 only, the same API flwr's own executor uses) for work and runs
+each message with flwr's own :func:`~flwr.supernode.runtime.run_clientapp.run_clientapp`
+*in this process*, so the ClientApp's site cache (:mod:`fedsynth.federated.flower.client_app`)
+keeps the engine, the data and the state in memory between rounds. The site still writes its
+state to ``state_dir`` after every round, so a restarted worker continues where it stopped.
+
+The process isolation is the same: the SuperNode never runs fedsynth code, and the worker
+only talks to its own SuperNode. ``--supernode-pid`` makes the worker exit with its SuperNode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("fedsynth.flower.worker")
+
+
+def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, supernode_pid: int | None = None,
+                    poll_s: float = 0.2, max_messages: int | None = None) -> int:
+    """Serve ClientApp messages of the SuperNode at ``clientappio_address`` until it goes away.
+
+    Returns the number of messages handled (``max_messages`` bounds it, for tests).
+    """
+    from flwr.common.grpc import create_channel
+    from flwr.common.retry_invoker import _make_simple_grpc_retry_invoker, _wrap_stub
+    from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest  # type: ignore[attr-defined]
+    from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    if supernode_pid is not None:
+        start_parent_process_monitor(supernode_pid)  # exits (SIGKILL to itself) when the SuperNode is gone
+    import fedsynth.federated.flower.client_app  # noqa: F401  (torch, MONAI and the app: imported once)
+
+    channel = create_channel(server_address=clientappio_address, insecure=True, root_certificates=None)
+    stub = ClientAppIoStub(channel)
+    _wrap_stub(stub, _make_simple_grpc_retry_invoker())
+    handled = 0
+    log.info("fedsynth site worker: serving the SuperNode at %s", clientappio_address)
+    try:
+        while max_messages is None or handled < max_messages:
+            run_ids = list(stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids)
+            token = stub.RequestToken(RequestTokenRequest(run_id=run_ids[0])).token if run_ids else ""
+            if not token:
+                time.sleep(poll_s)
+                continue
+            run_clientapp(clientappio_address, token, flwr_dir=flwr_dir)  # one message, in this process
+            handled += 1
+    finally:
+        channel.close()
+    return handled
