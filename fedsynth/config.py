@@ -100,6 +100,10 @@ class DiffusionConfig(_Strict):
         None, description="latent diffusion from one config: train this autoencoder first (fedsynth train), then the UNet"
     )
     first_stage_steps: int = Field(2000, ge=1, description="optimiser steps of the first stage (with first_stage)")
+    first_stage_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="set by a federation that ships its first stage: model.first_stage is then its architecture, "
+                    "its weights travel with the global model and every site checks them against this hash")
 
     @model_validator(mode="after")
     def _attention_matches(self) -> "DiffusionConfig":

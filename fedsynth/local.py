@@ -17,7 +17,7 @@ from fedsynth.config import ExperimentConfig, load_config, save_config
 from fedsynth.data.dataset import load_datasets
 from fedsynth.engine import BEST, LAST, Distributed, Engine, resolve_device, seed_everything
 from fedsynth.errors import CheckpointError, ConfigError, OutputError
-from fedsynth.models import build_model
+from fedsynth.models import build_model, first_stage_config
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,10 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
     if dist.is_main:
         prepare_run_dir(request)
     train_data, val_data = load_datasets(config, request.data, request.val_data)
+    if getattr(config.model, "first_stage_sha256", None) and not config.model.autoencoder_checkpoint:
+        raise ConfigError("model.first_stage_sha256 is set: this config's first stage was shipped by a federation "
+                          "and its weights live in the federation's global checkpoint; to train locally, set "
+                          "model.autoencoder_checkpoint to that checkpoint or remove first_stage_sha256 to train a new first stage")
     if getattr(config.model, "first_stage", None) is not None and not config.model.autoencoder_checkpoint:
         config = train_first_stage(config, run_dir, train_data, val_data, dist)
     engine = build_engine(config, run_dir, dist)
@@ -98,19 +102,6 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
         save_config(config, run_dir / "config.yaml")
     engine.fit(train_data, val_data)
     return engine
-
-
-def first_stage_config(config: ExperimentConfig) -> ExperimentConfig:
-    """The autoencoder experiment of a latent-diffusion config's ``model.first_stage``."""
-    from fedsynth.config import config_from_dict
-
-    data = config.to_dict()
-    data["model"] = data["model"]["first_stage"]
-    data["text"] = None  # the first stage learns images only; prompts condition the UNet
-    data["training"]["max_steps"] = config.model.first_stage_steps  # type: ignore[union-attr]
-    data["training"]["epochs"] = 10**6
-    data["privacy"] = config.privacy.model_dump(mode="json")
-    return config_from_dict(data, "model.first_stage")
 
 
 def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data, val_data,  # type: ignore[no-untyped-def]

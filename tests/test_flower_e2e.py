@@ -4,7 +4,7 @@ One federation per family (tiny sizes, 2 local steps a round), sharing one set o
 - GAN, discriminator ``local``: 1 round, then a restarted server resumes for round 2; the
   server never receives a discriminator key; each site keeps its own discriminator on disk.
 - autoencoder: float16 transport, per-round evaluation, best checkpoint.
-- diffusion: 3 rounds, ``min_sites=1``; site2 is killed at the start of round 3 and the
+- latent diffusion (first stage shipped with the model): 3 rounds, ``min_sites=1``; site2 is killed at the start of round 3 and the
   federation still completes.
 - TLS/auth: SuperNodes trusting another CA, without TLS, or with an unregistered key are refused.
 Every process is stopped in ``finally`` blocks (LocalFederation), and the tests check that no
@@ -46,11 +46,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _request(tmp: Path, certs: Path, mri2d: dict[str, Path], family: str, rounds: int, *, evaluate: bool = False,
-             **federation: Any) -> TrialRequest:
+             model: dict[str, Any] | None = None, **federation: Any) -> TrialRequest:
     run = tmp / "run"
     shutil.copytree(certs, run / "certs", dirs_exist_ok=True)
     fed = {"local_steps": 2, "round_timeout_s": 120.0, **federation}
-    cfg = tiny_config(family, **{f"federation__{k}": v for k, v in fed.items()})
+    cfg = tiny_config(family, **{f"federation__{k}": v for k, v in fed.items()},
+                      **{f"model__{k}": v for k, v in (model or {}).items()})
     save_config(cfg, tmp / "cfg.yaml")
     return TrialRequest(tmp / "cfg.yaml", {"site1": mri2d["mni152"], "site2": mri2d["colin27"]}, run, rounds,
                         evaluate=evaluate, timeout_s=300)
@@ -122,8 +123,16 @@ def test_autoencoder_fp16_with_evaluation(tmp_path: Path, certs: Path, mri2d: di
     _generates(run / "global" / "last.ckpt", tmp_path / "samples")
 
 
-def test_diffusion_survives_a_killed_site(tmp_path: Path, certs: Path, mri2d: dict[str, Path]) -> None:
-    request = _request(tmp_path, certs, mri2d, "diffusion", rounds=3, min_sites=1, round_timeout_s=30.0)
+def test_latent_diffusion_survives_a_killed_site(tmp_path: Path, certs: Path, mri2d: dict[str, Path]) -> None:
+    """Latent diffusion: the first stage (an autoencoder run on the server's disk) travels with the
+    model; site2 is SIGKILLed in round 3 and the federation completes without it."""
+    from fedsynth.local import TrainRequest, run_training
+
+    save_config(tiny_config("autoencoder", training__epochs=1, training__max_steps=2), tmp_path / "ae.yaml")
+    run_training(TrainRequest(str(tmp_path / "ae.yaml"), str(mri2d["mni152"]), str(tmp_path / "server-only" / "ae")))
+    request = _request(tmp_path, certs, mri2d, "diffusion", rounds=3, min_sites=1, round_timeout_s=30.0,
+                       model={"autoencoder_checkpoint": str(tmp_path / "server-only" / "ae" / "last.ckpt"),
+                              "channels": [16, 16]})
     killed: list[float] = []
 
     def kill_site2(event: dict[str, Any], fed: LocalFederation) -> None:
@@ -140,6 +149,11 @@ def test_diffusion_survives_a_killed_site(tmp_path: Path, certs: Path, mri2d: di
     history = json.loads((run / "global" / "history.json").read_text(encoding="utf-8"))
     assert [sorted(h["accepted"]) for h in history] == [["site1", "site2"], ["site1", "site2"], ["site1"]]
     assert checkpoint_info(run / "global" / "last.ckpt")["round"] == 3
+    stored = load_checkpoint(run / "global" / "last.ckpt")["config"]["model"]
+    assert stored["autoencoder_checkpoint"] is None and len(stored["first_stage_sha256"]) == 64  # no server path
+    for site in ("site1", "site2"):  # what the sites were sent: architecture and hash, never the server's path
+        assert "server-only" not in (run / "logs" / f"{site}.log").read_text(encoding="utf-8")
+    shutil.rmtree(tmp_path / "server-only")
     _generates(run / "global" / "last.ckpt", tmp_path / "samples")
 
 

@@ -181,22 +181,38 @@ def test_trial_command_end_to_end(mri2d: dict[str, Path], tmp_path: Path) -> Non
     assert len(_generate(gdir / "best.ckpt", tmp_path / "gen")) == 4
 
 
-@pytest.mark.parametrize("family", ["diffusion"])
-def test_other_families_federate_with_the_same_pki(family: str, gan_federation: dict[str, object],
-                                                   mri2d: dict[str, Path], tmp_path: Path) -> None:
-    """Fresh workspace per family from plans/, the module's certificates, fx plan initialize, 2 rounds."""
-    ws = _workspace_with_module_pki(tmp_path, family, _sites(mri2d), gan_federation)
+def test_latent_diffusion_ships_its_first_stage_in_the_workspace(gan_federation: dict[str, object],
+                                                                mri2d: dict[str, Path], tmp_path: Path) -> None:
+    """Fresh diffusion workspace from plans/, the module's certificates, fx plan initialize, 2 rounds.
+
+    Latent diffusion: pinning copies the first stage into ``plan/`` (it travels with the workspace)
+    and pins its hash; the autoencoder run on the authoring host is deleted before the federation.
+    """
+    from fedsynth.checkpoint import checkpoint_info
+    from fedsynth.config import save_config
+    from fedsynth.local import TrainRequest, run_training
+
+    save_config(tiny_config("autoencoder", training__epochs=1, training__max_steps=2), tmp_path / "ae.yaml")
+    run_training(TrainRequest(str(tmp_path / "ae.yaml"), str(mri2d["mni152"]), str(tmp_path / "author-only" / "ae")))
+    config = _config("diffusion")
+    config.model.autoencoder_checkpoint = str(tmp_path / "author-only" / "ae" / "last.ckpt")
+    config.model.channels = [16, 16]
+    ws = _workspace_with_module_pki(tmp_path, "diffusion", _sites(mri2d), gan_federation, config=config)
+    pinned = yaml.safe_load((ws.path / "plan" / "fedsynth.yaml").read_text(encoding="utf-8"))["model"]
+    assert pinned["autoencoder_checkpoint"] == "plan/first_stage.ckpt" and len(pinned["first_stage_sha256"]) == 64
+    assert (ws.path / "plan" / "first_stage.ckpt").is_file()
+    shutil.rmtree(tmp_path / "author-only")
     run_federation(ws, timeout=FEDERATION_TIMEOUT)
     checkpoints = export_run(ws, tmp_path / "run")
-    from fedsynth.checkpoint import checkpoint_info
-
-    assert checkpoint_info(checkpoints["last"])["round"] == ROUNDS
+    info = checkpoint_info(checkpoints["last"])
+    assert info["round"] == ROUNDS and info["latent_diffusion"]
     assert len(_generate(checkpoints["last"], tmp_path / "gen")) == 4
 
 
 def _workspace_with_module_pki(tmp_path: Path, family: str, sites: dict[str, tuple[Path, Path | None]],
-                               gan_federation: dict[str, object], site_configs: dict[str, Path] | None = None) -> Workspace:
-    ws = create_workspace(tmp_path / "ws", _config(family), sites, agg_port=free_port(), site_configs=site_configs)
+                               gan_federation: dict[str, object], site_configs: dict[str, Path] | None = None,
+                               config=None) -> Workspace:  # type: ignore[no-untyped-def]
+    ws = create_workspace(tmp_path / "ws", config or _config(family), sites, agg_port=free_port(), site_configs=site_configs)
     shutil.rmtree(ws.path / "cert")
     shutil.copytree(gan_federation["pki_root"], ws.path / "cert")  # type: ignore[arg-type]
     ws.path.joinpath("plan", "cols.yaml").write_text(yaml.safe_dump({"collaborators": list(ws.collaborators)}), encoding="utf-8")

@@ -57,6 +57,12 @@ def shared_groups(policy: Mapping[str, str]) -> list[str]:
     return [g for g, p in policy.items() if p == SHARED]
 
 
+def frozen_groups(model: object, policy: Mapping[str, str]) -> list[str]:
+    """Shared groups nobody trains (a latent-diffusion first stage): they travel in float32, unchanged."""
+    specs = model.group_specs()  # type: ignore[attr-defined]
+    return [g for g in shared_groups(policy) if not specs[g].trainable]
+
+
 def group_of(key: str) -> str:
     """The group of a weight key ``"<group>/<name>"``."""
     return key.split("/", 1)[0]
@@ -71,12 +77,18 @@ def select_groups(weights: Mapping[str, np.ndarray], groups: Iterable[str]) -> d
 # --------------------------------------------------------------------------- transport
 
 
-def to_transport(weights: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Cast floating arrays to the transport dtype; integer buffers travel unchanged."""
-    target = np.dtype(dtype)
-    # np.require keeps 0-d buffers 0-d (np.ascontiguousarray would make them shape (1,))
-    return {k: np.require(v, dtype=target if np.issubdtype(v.dtype, np.floating) else v.dtype, requirements="C")
-            for k, v in weights.items()}
+def to_transport(weights: Mapping[str, np.ndarray], dtype: str = "float32",
+                 exact_groups: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Cast floating arrays to the transport dtype; integer buffers and ``exact_groups``
+    (frozen groups, whose bytes are checked by hash) travel unchanged."""
+    target, exact = np.dtype(dtype), set(exact_groups)
+
+    def cast(key: str, v: np.ndarray) -> np.ndarray:
+        keep = group_of(key) in exact or not np.issubdtype(v.dtype, np.floating)
+        # np.require keeps 0-d buffers 0-d (np.ascontiguousarray would make them shape (1,))
+        return np.require(v, dtype=v.dtype if keep else target, requirements="C")
+
+    return {k: cast(k, v) for k, v in weights.items()}
 
 
 def from_transport(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

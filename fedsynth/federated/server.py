@@ -20,12 +20,37 @@ import numpy as np
 from fedsynth.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from fedsynth.config import ExperimentConfig
 from fedsynth.engine import seed_everything
-from fedsynth.federated.aggregation import SiteUpdate, make_aggregator, resolve_group_policy, shared_groups
+from fedsynth.errors import ConfigError
+from fedsynth.federated.aggregation import (
+    SiteUpdate, frozen_groups, make_aggregator, resolve_group_policy, shared_groups,
+)
 from fedsynth.io import atomic_write_text
-from fedsynth.models import build_model
+from fedsynth.models import SynthesisModel, build_model, first_stage_digest
+from fedsynth.models.diffusion import LATENT_SCALE_KEY
 from fedsynth.recipes import WeightAverage
 
 log = logging.getLogger("fedsynth.server")
+
+
+def shipped_config(config: ExperimentConfig, model: SynthesisModel, policy: dict[str, str]) -> ExperimentConfig:
+    """The experiment config sites build their model from.
+
+    A latent-diffusion first stage travels with the model, never as a path: the server loads
+    ``model.autoencoder_checkpoint`` on its own disk, and sites get its architecture in
+    ``model.first_stage`` and its hash in ``model.first_stage_sha256``; its weights are the
+    frozen ``autoencoder`` group of the global weights, checked against the hash at every site.
+    """
+    if not getattr(model, "is_latent", False) or not getattr(config.model, "autoencoder_checkpoint", None):
+        return config
+    if policy.get("autoencoder") != "shared":
+        raise ConfigError("federation.groups.autoencoder: a latent-diffusion federation ships its first stage "
+                          "to every site, so the 'autoencoder' group must be 'shared'")
+    autoencoder = model.plain_net("autoencoder").autoencoder  # type: ignore[union-attr]
+    out = config.model_copy(deep=True)
+    out.model.first_stage = autoencoder.config.model.model_copy(deep=True)  # type: ignore[union-attr]
+    out.model.autoencoder_checkpoint = None  # type: ignore[union-attr]
+    out.model.first_stage_sha256 = first_stage_digest(model.get_weights(["autoencoder"]))  # type: ignore[union-attr]
+    return out
 
 
 class GlobalModel:
@@ -37,6 +62,10 @@ class GlobalModel:
         self.model = build_model(config)
         self.policy = resolve_group_policy(self.model, config.federation)
         self.shared = shared_groups(self.policy)
+        self.frozen = frozen_groups(self.model, self.policy)  # sent unchanged (float32)
+        #: what sites are sent and global checkpoints store: no server paths (first stage shipped)
+        self.site_config = shipped_config(config, self.model, self.policy)
+        self.model.config = self.site_config
         self.dir = Path(run_dir) / "global"
         self.state = TrainingState(round=0)
         self.history: list[dict[str, object]] = []
@@ -80,7 +109,7 @@ class GlobalModel:
         for update in updates:
             fedavg.add(update)
         check_round(server_round, fedavg.accepted, fedavg.rejected, self.config.federation.min_sites, failures)
-        self.model.set_weights(fedavg.result())
+        self.model.set_weights(self._keep_frozen(fedavg.result()))
         if self.ema is not None:
             self.ema.update(self.model)
         self.state.round = server_round
@@ -94,6 +123,14 @@ class GlobalModel:
         }
         self.history.append(summary)
         return summary
+
+    def _keep_frozen(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Frozen groups are nobody's to change (client-level DP noise included); only the latent
+        scale, which sites fix from their first batch, is averaged."""
+        if not self.frozen:
+            return weights
+        current = self.model.get_weights(self.frozen)
+        return {k: current[k] if k in current and k != LATENT_SCALE_KEY else v for k, v in weights.items()}
 
     def record_evaluation(self, loss: float, metrics: dict[str, float] | None = None) -> None:
         """Store the sample-weighted validation loss of the current global model."""

@@ -29,7 +29,7 @@ from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, load_datasets
 from fedsynth.engine import LAST, Engine
 from fedsynth.errors import TrainingDiverged, WeightsError
-from fedsynth.federated.aggregation import group_of, resolve_group_policy, select_groups, shared_groups
+from fedsynth.federated.aggregation import frozen_groups, group_of, resolve_group_policy, select_groups, shared_groups
 from fedsynth.federated.site_config import SitePolicy
 
 
@@ -70,6 +70,7 @@ class Site:
         self.engine: Engine = build_engine(config, self.state_dir)
         self.policy = resolve_group_policy(self.engine.model, config.federation)
         self.shared = shared_groups(self.policy)
+        self.frozen = frozen_groups(self.engine.model, self.policy)  # sent unchanged (float32)
         self._data: tuple[ImageDataset, ImageDataset | None] | None = None
         if (self.state_dir / LAST).is_file():
             self.engine.resume(self.state_dir / LAST)
@@ -92,6 +93,11 @@ class Site:
         local = sorted({group_of(k) for k in weights} - set(self.shared))
         if local:
             raise WeightsError(f"site '{self.site_id}': received weights for non-shared group(s) {local}")
+        pinned = getattr(self.config.model, "first_stage_sha256", None)
+        if pinned:  # a shipped latent-diffusion first stage: exactly the one the federation pinned
+            from fedsynth.models import check_first_stage
+
+            check_first_stage(weights, pinned, f"site '{self.site_id}': the first stage received from the server")
         self.engine.model.set_weights(weights, strict=True)
 
     def train_round(self, global_weights: Mapping[str, np.ndarray], server_round: int) -> RoundResult:

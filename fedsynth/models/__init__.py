@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
 from fedsynth.config import ExperimentConfig
 from fedsynth.models.autoencoder import AutoencoderModel
 from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, unwrap
-from fedsynth.models.diffusion import DiffusionModel
+from fedsynth.models.diffusion import DiffusionModel, first_stage_digest
 from fedsynth.models.gan import GanModel
 
 FAMILIES: dict[str, type[SynthesisModel]] = {
@@ -17,7 +22,10 @@ def build_model(config: ExperimentConfig, autoencoder: SynthesisModel | None = N
     """Build the (randomly initialised) model that ``config`` describes.
 
     For latent diffusion, ``autoencoder`` is the trained first stage; when it is not given it is
-    loaded from ``config.model.autoencoder_checkpoint``. A network that cannot be built from the
+    loaded from ``config.model.autoencoder_checkpoint`` (and checked against
+    ``model.first_stage_sha256`` when that is set). A config whose first stage was shipped by a
+    federation (``first_stage`` + ``first_stage_sha256``, no checkpoint) gets an untrained
+    first stage of that architecture: its weights arrive with the global model. A network that cannot be built from the
     config (a rule :mod:`fedsynth.geometry` does not know) is a :class:`ConfigError`, never a
     traceback.
     """
@@ -34,10 +42,16 @@ def build_model(config: ExperimentConfig, autoencoder: SynthesisModel | None = N
 def _build(config: ExperimentConfig, autoencoder: SynthesisModel | None) -> SynthesisModel:
     if config.family == "diffusion":
         ae_path = getattr(config.model, "autoencoder_checkpoint", None)
+        shipped = getattr(config.model, "first_stage_sha256", None)
+        if shipped and ae_path and not Path(ae_path).is_file():
+            ae_path = None  # a site without the copy: the weights come with the global model, checked by hash
         if autoencoder is None and ae_path:
             from fedsynth.checkpoint import model_from_checkpoint
 
             autoencoder = model_from_checkpoint(ae_path)
+        elif autoencoder is None and shipped and config.model.first_stage is not None:  # type: ignore[union-attr]
+            autoencoder = FAMILIES["autoencoder"](first_stage_config(config))  # weights: from the federation
+            ae_path = "<shipped first stage>"
         if autoencoder is None and getattr(config.model, "first_stage", None) is not None:
             from fedsynth.errors import ConfigError
 
@@ -46,8 +60,34 @@ def _build(config: ExperimentConfig, autoencoder: SynthesisModel | None) -> Synt
                               "to a trained autoencoder checkpoint")
         if autoencoder is not None:
             _check_first_stage(autoencoder, config, ae_path or "<autoencoder>")
-        return DiffusionModel(config, autoencoder=autoencoder)
+        model = DiffusionModel(config, autoencoder=autoencoder)
+        if shipped and ae_path and ae_path != "<shipped first stage>":
+            check_first_stage(model.get_weights(["autoencoder"]), shipped, f"model.autoencoder_checkpoint {ae_path}")
+        return model
     return FAMILIES[config.family](config)
+
+
+def first_stage_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The autoencoder experiment of a latent-diffusion config's ``model.first_stage``."""
+    from fedsynth.config import config_from_dict
+
+    data = config.to_dict()
+    data["model"] = data["model"]["first_stage"]
+    data["text"] = None  # the first stage learns images only; prompts condition the UNet
+    data["training"]["max_steps"] = config.model.first_stage_steps  # type: ignore[union-attr]
+    data["training"]["epochs"] = 10**6
+    data["privacy"] = config.privacy.model_dump(mode="json")
+    return config_from_dict(data, "model.first_stage")
+
+
+def check_first_stage(weights: Mapping[str, np.ndarray], expected_sha256: str, source: str) -> None:
+    """Raise :class:`WeightsError` unless ``weights`` hold the first stage ``expected_sha256`` pins."""
+    from fedsynth.errors import WeightsError
+
+    actual = first_stage_digest(weights)
+    if actual != expected_sha256:
+        raise WeightsError(f"{source}: the first-stage autoencoder's weights have sha256 {actual}, "
+                           f"model.first_stage_sha256 pins {expected_sha256}")
 
 
 def _check_first_stage(autoencoder: SynthesisModel, config: ExperimentConfig, source: str) -> None:
@@ -68,4 +108,5 @@ def _check_first_stage(autoencoder: SynthesisModel, config: ExperimentConfig, so
 
 
 __all__ = ["FAMILIES", "Batch", "GroupSpec", "SynthesisModel", "build_model", "unwrap",
+           "check_first_stage", "first_stage_config", "first_stage_digest",
            "AutoencoderModel", "GanModel", "DiffusionModel"]

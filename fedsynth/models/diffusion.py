@@ -9,8 +9,10 @@ guidance contrasts with.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
@@ -40,6 +42,24 @@ class LatentCodec(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode_latent(z / self.scale)
+
+
+#: the latent scale is fixed from the first batch a site sees, so it is not part of the identity
+LATENT_SCALE_KEY = "autoencoder/scale"
+
+
+def first_stage_digest(weights: Mapping[str, np.ndarray]) -> str:
+    """sha256 of a latent-diffusion model's frozen first stage (the ``autoencoder`` group's
+    networks, float32 bytes in key order; the latent scale is excluded): what a federation pins
+    in ``model.first_stage_sha256`` and every site checks on the weights it receives."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in weights if k.startswith("autoencoder/") and k != LATENT_SCALE_KEY):
+        array = np.asarray(weights[key])
+        array = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+        digest.update(key.encode("utf-8"))
+        digest.update(str(array.shape).encode("ascii"))
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 class DiffusionModel(SynthesisModel):

@@ -124,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     result = site.train_round(received, server_round)
     dtype = site.config.federation.transport_dtype
     content = RecordDict({
-        "arrays": encode(result.weights, dtype),
+        "arrays": encode(result.weights, dtype, site.frozen),
         "metrics": metrics_record(result.metrics, num_samples=int(result.num_samples)),
         "site": ConfigRecord({"site-id": data.site_id}),
     })

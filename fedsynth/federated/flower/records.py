@@ -8,7 +8,7 @@ travel unchanged and are restored to the receiver's own dtypes (``from_transport
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
@@ -17,9 +17,9 @@ from fedsynth.errors import WeightsError
 from fedsynth.federated.aggregation import group_of, to_transport
 
 
-def encode(weights: Mapping[str, np.ndarray], dtype: str) -> ArrayRecord:
-    """Cast to the transport dtype and pack."""
-    return weights_to_record(to_transport(weights, dtype))
+def encode(weights: Mapping[str, np.ndarray], dtype: str, exact_groups: Iterable[str] = ()) -> ArrayRecord:
+    """Cast to the transport dtype (``exact_groups`` stay as they are) and pack."""
+    return weights_to_record(to_transport(weights, dtype, exact_groups))
 
 
 def weights_to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:

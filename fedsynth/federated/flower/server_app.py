@@ -50,7 +50,7 @@ class FlowerFederation:
         self.global_model = GlobalModel(config, run_dir)
         self.server_dir = run_dir / "server"
         self.server_dir.mkdir(parents=True, exist_ok=True)
-        self._experiment = json.dumps(config.to_dict())
+        self._experiment = json.dumps(self.global_model.site_config.to_dict())  # no server paths
         self._failures: list[str] = []
 
     # ------------------------------------------------------------------ logs
@@ -82,7 +82,7 @@ class FlowerFederation:
         """One round: sample, train (streaming FedAvg), evaluate, checkpoint."""
         t0 = time.monotonic()
         nodes = self._sample(server_round)
-        record = encode(self.global_model.shared_weights(), self.fed.transport_dtype)
+        record = encode(self.global_model.shared_weights(), self.fed.transport_dtype, self.global_model.frozen)
         self.event("round_start", round=server_round, sites=len(nodes), sent_bytes_per_site=record_nbytes(record),
                    sent_groups=record_groups(record))
         self._failures = []
@@ -160,7 +160,7 @@ class FlowerFederation:
     def _evaluate(self, server_round: int, nodes: list[int]) -> dict[str, float]:
         """Sample-weighted validation metrics of the new global model over the sites that answer
         (each metric over the sites that reported it finite: :func:`mean_metrics`)."""
-        arrays = encode(self.global_model.shared_weights(), self.fed.transport_dtype)
+        arrays = encode(self.global_model.shared_weights(), self.fed.transport_dtype, self.global_model.frozen)
         reports: list[tuple[float, dict[str, float]]] = []
         for node, reply in self._exchange(server_round, nodes, MessageType.EVALUATE, arrays):
             if reply.has_error():

@@ -39,7 +39,7 @@ def pin_config(plan_path: str | Path = "plan/plan.yaml") -> str:
     text = plan_path.read_text(encoding="utf-8")
     plan = yaml.safe_load(text)
     config_path = Path(_plan_settings(plan).get("config_path", CONFIG_IN_WORKSPACE))
-    config = load_pinned_config(config_path)
+    config = ship_first_stage(config_path, load_pinned_config(config_path))
     digest = file_sha256(config_path)
     text = re.sub(r"(?m)^(\s*config_sha256:)[ \t]*[^\s#]*", rf"\g<1> {digest}", text)
     text = re.sub(r"(?m)^(\s*rounds_to_train:)[ \t]*[^\s#]*", rf"\g<1> {config.federation.rounds}", text)
@@ -51,6 +51,39 @@ def pin_config(plan_path: str | Path = "plan/plan.yaml") -> str:
                           "aggregation_type.settings so the config can be pinned")
     atomic_write_text(plan_path, text)
     return digest
+
+
+#: where a latent-diffusion federation keeps its first stage in the workspace (travels with plan/)
+FIRST_STAGE_IN_WORKSPACE = "plan/first_stage.ckpt"
+
+
+def ship_first_stage(config_path: Path, config: Any) -> Any:
+    """Latent diffusion: copy ``model.autoencoder_checkpoint`` into the workspace and pin its hash.
+
+    ``plan/fedsynth.yaml`` then names the workspace copy (a path relative to the workspace, never
+    one on the authoring host) with the first stage's architecture and ``first_stage_sha256``;
+    the aggregator builds the initial model from it and every collaborator checks the first stage
+    it receives against the hash (a collaborator without the copy builds the architecture only).
+    """
+    import shutil
+
+    from fedsynth.config import save_config
+    from fedsynth.federated.aggregation import resolve_group_policy
+    from fedsynth.federated.server import shipped_config
+    from fedsynth.models import build_model
+
+    source = getattr(config.model, "autoencoder_checkpoint", None)
+    if config.family != "diffusion" or not source or source == FIRST_STAGE_IN_WORKSPACE:
+        return config
+    model = build_model(config)
+    out = shipped_config(config, model, resolve_group_policy(model, config.federation))
+    target = Path(FIRST_STAGE_IN_WORKSPACE)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+    out.model.autoencoder_checkpoint = FIRST_STAGE_IN_WORKSPACE
+    save_config(out, config_path)
+    return out
 
 
 def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/cols.yaml") -> None:
