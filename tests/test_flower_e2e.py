@@ -106,10 +106,33 @@ def test_gan_local_discriminator_with_restart(tmp_path: Path, certs: Path, mri2d
     _generates(run / "global" / "last.ckpt", tmp_path / "samples")
 
 
+def _start_site_from_the_shipped_script(fed: LocalFederation, site_id: str) -> None:
+    """A site started as collaborator/README.md says: the packaged start-supernode.sh, only its variables set."""
+    import os
+    import sys
+
+    from fedsynth.federated.flower.launcher import free_port
+    from fedsynth.resources import resource_dir
+
+    site_dir = fed.run_dir / "sites" / site_id
+    env = {**fed.env, "SUPERLINK": f"127.0.0.1:{fed.ports.fleet}", "CERTS": str(fed.certs), "SITE": site_id,
+           "DATA_CONFIG": str(site_dir / "data.yaml"), "APPIO": f"127.0.0.1:{free_port()}",
+           "FLWR_HOME": str(site_dir / "flwr"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{fed.env.get('PATH', os.environ.get('PATH', ''))}"}
+    script = resource_dir("flower-site") / "start-supernode.sh"
+    fed.processes.start(site_id, ["bash", str(script)], fed.run_dir / "logs" / f"{site_id}.log", env, site_dir)
+
+
 def test_autoencoder_fp16_with_evaluation(tmp_path: Path, certs: Path, mri2d: dict[str, Path]) -> None:
+    """site2 runs the shipped start-supernode.sh (SuperNode --isolation process + site worker)."""
     request = _request(tmp_path, certs, mri2d, "autoencoder", rounds=2, evaluate=True, transport_dtype="float16")
-    fed = LocalFederation(request)
-    assert fed.run()["round"] == 2
+    with LocalFederation(request) as fed:
+        fed.prepare()
+        fed.start_superlink()
+        fed.start_supernode("site1")
+        _start_site_from_the_shipped_script(fed, "site2")
+        fed.submit()
+        assert fed.wait()["round"] == 2
     _assert_no_orphans(fed)
     run = Path(request.run_dir)
     received = _received(run)
