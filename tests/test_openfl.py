@@ -262,3 +262,67 @@ def _processes_in(folder: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def _history(ws: Workspace) -> list[dict[str, object]]:
+    import json
+
+    path = ws.path / "global" / "history.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    except ValueError:  # being replaced right now
+        return []
+
+
+def _wait_for_round(ws: Workspace, server_round: int, deadline: float, alive) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    while time.monotonic() < deadline:
+        history = _history(ws)
+        if len(history) >= server_round:
+            return history
+        assert alive(), "the aggregator exited early"
+        time.sleep(0.5)
+    raise AssertionError(f"round {server_round} did not finish in time; history {_history(ws)}")
+
+
+def test_a_sigkilled_collaborator_is_left_out_of_its_round_and_rejoins(gan_federation: dict[str, object],
+                                                                      mri2d: dict[str, Path], tmp_path: Path) -> None:
+    """OpenFL's straggler policy from round_timeout_s / min_sites: col2 is SIGKILLed at the start of
+    round 2; round 2 ends round_timeout_s after its first task with col1 alone; col2, restarted,
+    takes part in round 3 with the local state it had on disk."""
+    import os
+    import signal
+
+    from fedsynth.checkpoint import load_checkpoint
+    from fedsynth.federated.openfl.processes import ProcessGroup
+
+    config = tiny_config("autoencoder", federation__rounds=3, federation__local_steps=2, federation__min_sites=1,
+                         federation__round_timeout_s=20.0)
+    ws = _workspace_with_module_pki(tmp_path, "autoencoder", _sites(mri2d), gan_federation, config=config)
+    policy = yaml.safe_load((ws.path / "plan" / "plan.yaml").read_text(encoding="utf-8"))["straggler_handling_policy"]
+    assert policy == {"template": "fedsynth.federated.openfl.stragglers.RoundTimeoutPolicy",
+                      "settings": {"round_timeout_s": 20.0, "min_sites": 1}}
+    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def collaborator(group: ProcessGroup, name: str, tag: str = ""):  # type: ignore[no-untyped-def]
+        return group.start(f"collaborator {name}{tag}", [fx(), "collaborator", "start", "-n", name], ws.path,
+                           ws.logs / f"collaborator_{name}{tag}.log", env)
+
+    deadline = time.monotonic() + 300
+    with ProcessGroup() as group:
+        agg = group.start("aggregator", [sys.executable, "-m", "fedsynth.federated.openfl", "aggregator", "--bind", "127.0.0.1"],
+                          ws.path, ws.logs / "aggregator.log", env)
+        col1, col2 = collaborator(group, "col1"), collaborator(group, "col2")
+        _wait_for_round(ws, 1, deadline, agg.alive)
+        os.killpg(col2.popen.pid, signal.SIGKILL)  # round 2 has just started
+        col2.popen.wait(timeout=10)
+        killed_at = time.monotonic()
+        history = _wait_for_round(ws, 2, deadline, agg.alive)
+        assert history[1]["accepted"] == ["col1"]
+        assert time.monotonic() - killed_at < 20.0 + 30.0  # the round timeout, not forever
+        col2_again = collaborator(group, "col2", "-restarted")
+        group.wait_all([agg, col1, col2_again], deadline=deadline)
+    history = _history(ws)
+    assert [sorted(h["accepted"]) for h in history] == [["col1", "col2"], ["col1"], ["col1", "col2"]]  # type: ignore[arg-type]
+    state = load_checkpoint(next((ws.path / "local_state" / "fedsynth" / "col2").glob("*/last.ckpt")))
+    assert state["step"] == 4 and state["round"] == 3  # rounds 1 and 3, 2 local steps each: its own state survived
+    assert "Identified stragglers: ['col2']" in (ws.logs / "aggregator.log").read_text(encoding="utf-8")

@@ -189,3 +189,20 @@ def test_trial_command_rejects_bad_input_before_starting_anything(tmp_path: Path
         rc = main(["federate", "openfl", "-c", str(tmp_path / "x.yaml"), *two, "-o", str(tmp_path / "run")])
         assert rc == 2 and f"federation.{field}={value!r} is not supported by the openfl backend" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_round_timeout_policy_is_the_flower_round_policy(caplog: pytest.LogCaptureFixture) -> None:
+    """All reported: end now; after round_timeout_s: end with >= min_sites, else the federation fails."""
+    from fedsynth.federated.openfl.stragglers import RoundTimeoutPolicy
+
+    policy = RoundTimeoutPolicy(round_timeout_s=30.0, min_sites=2)
+    assert policy.straggler_cutoff_check(3, 3)  # every site reported: no wait at all
+    policy.is_timer_started, policy.round_start_time = True, time.time()
+    assert not policy.straggler_cutoff_check(2, 3)  # within the timeout: wait for the third
+    policy.round_start_time = time.time() - 31.0
+    assert policy.straggler_cutoff_check(2, 3)  # timed out, min_sites reached: end the round
+    with caplog.at_level("ERROR", logger="fedsynth.openfl"):
+        assert not policy.straggler_cutoff_check(1, 3)  # timed out with too few (the aggregator entry exits here)
+    assert "only 1 of 3 sites reported, fewer than federation.min_sites=2" in caplog.text
+    policy.reset_policy_for_round()
+    assert not policy.is_timer_started

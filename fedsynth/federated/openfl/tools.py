@@ -26,8 +26,18 @@ def _plan_settings(plan: dict[str, Any]) -> dict[str, Any]:
     return plan.setdefault("task_runner", {}).setdefault("settings", {})
 
 
+STRAGGLER_TEMPLATE = "fedsynth.federated.openfl.stragglers.RoundTimeoutPolicy"
+STRAGGLER_POLICY = f"""straggler_handling_policy:        # fedsynth's round policy (values set by pin-config)
+  template: {STRAGGLER_TEMPLATE}
+  settings:
+    round_timeout_s: 3600.0       # = federation.round_timeout_s
+    min_sites: 2                  # = federation.min_sites
+"""
+
+
 def pin_config(plan_path: str | Path = "plan/plan.yaml") -> str:
-    """Pin ``plan/fedsynth.yaml`` in plan.yaml (every ``config_sha256`` + ``rounds_to_train``).
+    """Pin ``plan/fedsynth.yaml`` in plan.yaml (every ``config_sha256``, ``rounds_to_train`` and the
+    straggler policy's ``round_timeout_s`` / ``min_sites``, see :mod:`fedsynth.federated.openfl.stragglers`).
 
     Edits the values in place so the plan's comments survive; returns the hash.
     """
@@ -43,7 +53,17 @@ def pin_config(plan_path: str | Path = "plan/plan.yaml") -> str:
     digest = file_sha256(config_path)
     text = re.sub(r"(?m)^(\s*config_sha256:)[ \t]*[^\s#]*", rf"\g<1> {digest}", text)
     text = re.sub(r"(?m)^(\s*rounds_to_train:)[ \t]*[^\s#]*", rf"\g<1> {config.federation.rounds}", text)
+    if "straggler_handling_policy" not in plan:  # a plan from before the round policy: add it
+        text = text.rstrip("\n") + "\n" + STRAGGLER_POLICY
+    fed = config.federation
+    text = re.sub(r"(?m)^(\s*round_timeout_s:)[ \t]*[^\s#]*", rf"\g<1> {float(fed.round_timeout_s)}", text)
+    text = re.sub(r"(?m)^(\s*min_sites:)[ \t]*[^\s#]*", rf"\g<1> {int(fed.min_sites)}", text)
     pinned = yaml.safe_load(text)
+    straggler = pinned.get("straggler_handling_policy") or {}
+    if straggler.get("template") != STRAGGLER_TEMPLATE or straggler.get("settings") != {
+            "round_timeout_s": float(fed.round_timeout_s), "min_sites": int(fed.min_sites)}:
+        raise ConfigError(f"{plan_path}: straggler_handling_policy must be {STRAGGLER_TEMPLATE} with settings "
+                          "round_timeout_s and min_sites (fedsynth's round policy; pin-config sets the values)")
     tasks = [t.get("aggregation_type", {}).get("settings", {}) for t in pinned.get("tasks", {}).values()
              if isinstance(t, dict) and isinstance(t.get("aggregation_type"), dict)]
     if _plan_settings(pinned).get("config_sha256") != digest or any(t.get("config_sha256") != digest for t in tasks):
@@ -86,14 +106,24 @@ def ship_first_stage(config_path: Path, config: Any) -> Any:
     return out
 
 
+#: seconds an idle collaborator waits before asking the aggregator again (OpenFL's own: 10)
+IDLE_POLL_S = 1
+
+
 def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/cols.yaml") -> None:
-    """Start the aggregator like ``fx aggregator start``, listening on ``bind`` only."""
+    """Start the aggregator like ``fx aggregator start``, listening on ``bind`` only; a round with too
+    few valid updates ends it, and idle collaborators poll every ``IDLE_POLL_S`` s (not OpenFL's 10 s)."""
     from openfl.federated import Plan
     from openfl.utilities.logging import setup_logger
 
     from fedsynth.federated.openfl import aggregation
 
     aggregation.EXIT_ON_ROUND_FAILURE = True  # a round with too few valid updates ends the federation
+    # OpenFL tells a collaborator with no task to sleep a fixed 10 s, so a site that finished its
+    # round first starts the next one up to 10 s late; ask idle collaborators back sooner instead
+    from openfl.component.aggregator.aggregator import Aggregator
+
+    Aggregator._get_sleep_time = staticmethod(lambda: IDLE_POLL_S)  # type: ignore[method-assign]
     setup_logger("info")
     parsed = Plan.parse(plan_config_path=Path(plan).absolute(), cols_config_path=Path(cols).absolute())
     if not parsed.authorized_cols:
