@@ -86,3 +86,26 @@ def test_collaborator_example_data_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "collaborator" / "flower" / "data.yaml"
     cfg = load_site_config(example)
     assert cfg.site_id == "site1" and cfg.train_csv.is_absolute() and cfg.val_csv is None
+
+
+def test_the_server_tells_each_site_what_became_of_its_update(caplog: pytest.LogCaptureFixture) -> None:
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedsynth.federated.flower.client_app import report_verdict
+    from fedsynth.federated.flower.records import VERDICT_KEY
+    from fedsynth.federated.flower.server_app import verdicts
+
+    summary = {"accepted": ["site1"], "rejected": [("site2", "site 'site2': 'unet/w' contains NaN or Inf")]}
+    told = verdicts(3, summary)
+    assert told == {"site1": "round 3: accepted", "site2": "round 3: rejected: site 'site2': 'unet/w' contains NaN or Inf"}
+
+    def message(verdict: str | None) -> Message:
+        extra = {VERDICT_KEY: verdict} if verdict else {}
+        return Message(RecordDict({"config": ConfigRecord({"server-round": 4, **extra})}), dst_node_id=1, message_type="train")
+
+    with caplog.at_level("WARNING", logger="fedsynth"):
+        assert report_verdict(message(told["site1"]), "site1") == "round 3: accepted"
+        assert not caplog.records
+        assert report_verdict(message(told["site2"]), "site2") == told["site2"]
+        assert report_verdict(message(None), "site2") is None
+    assert "site site2: the server rejected this site's update of round 3: site 'site2': 'unet/w' contains NaN" in caplog.text

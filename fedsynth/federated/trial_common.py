@@ -13,6 +13,7 @@ Both trials write the same layout: ``RUN/global/{last,best,round_NNNN}.ckpt`` an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,3 +191,9 @@ def check_round(server_round: int, accepted: Sequence[str], rejected: Sequence[t
     why += "".join(f"; {f}" for f in failures)
     raise NoValidUpdates(f"round {server_round}: {len(accepted)} valid update(s), fewer than federation.min_sites="
                          f"{min_sites} (rejected: {why})")
+
+
+def threads_per_site(n_sites: int) -> str:
+    """``OMP_NUM_THREADS`` for each site process of a one-machine trial: the cores shared out, so
+    sites training at the same time do not oversubscribe them."""
+    return str(max(1, (os.cpu_count() or 1) // max(1, n_sites)))

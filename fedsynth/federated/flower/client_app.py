@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 from fedsynth.config import ExperimentConfig, config_from_dict
 from fedsynth.errors import ConfigError, PolicyRefused, SiteFailure
 from fedsynth.federated.aggregation import from_transport
-from fedsynth.federated.flower.records import encode, metrics_record, record_to_weights
+from fedsynth.federated.flower.records import VERDICT_KEY, encode, metrics_record, record_to_weights
 from fedsynth.federated.site_config import SiteDataConfig, SitePolicy, write_site_config
 from fedsynth.federated.site_config import load_site_config as _load
 
@@ -78,6 +78,18 @@ def _site(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     return site, data
 
 
+def report_verdict(msg: Message, site_id: str) -> str | None:
+    """Log what the server did with this site's previous update (sent with the next message);
+    a rejection is a warning in the site's own log. Returns the verdict, if any."""
+    config = msg.content["config"]
+    if VERDICT_KEY not in config:
+        return None
+    verdict = str(config[VERDICT_KEY])
+    if ": rejected" in verdict:
+        log.warning("site %s: the server rejected this site's update of %s", site_id, verdict.replace(": rejected", ""))
+    return verdict
+
+
 def _forget_site() -> None:
     global _cached
     _cached = None
@@ -118,6 +130,7 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Apply the global shared groups, train one round with the engine, return the shared groups."""
     site, data = _site(msg, context)
+    report_verdict(msg, data.site_id)
     server_round = int(msg.content["config"]["server-round"])
     reference = site.shared_weights()
     received = from_transport(record_to_weights(msg.content["arrays"]), reference)
@@ -137,6 +150,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation loss of the global model on this site's data (never changes the site's state)."""
     site, data = _site(msg, context)
+    report_verdict(msg, data.site_id)
     reference = site.shared_weights()
     received = from_transport(record_to_weights(msg.content["arrays"]), reference)
     loss, n, metrics = site.evaluate(received)

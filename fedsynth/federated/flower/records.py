@@ -17,6 +17,10 @@ from fedsynth.errors import WeightsError
 from fedsynth.federated.aggregation import group_of, to_transport
 
 
+#: config key of a message that tells a site what became of its previous update
+VERDICT_KEY = "last-update"
+
+
 def encode(weights: Mapping[str, np.ndarray], dtype: str, exact_groups: Iterable[str] = ()) -> ArrayRecord:
     """Cast to the transport dtype (``exact_groups`` stay as they are) and pack."""
     return weights_to_record(to_transport(weights, dtype, exact_groups))

@@ -33,10 +33,18 @@ from flwr.serverapp import Grid, ServerApp
 from fedsynth.config import ExperimentConfig, load_config
 from fedsynth.errors import ConfigError, FedsynthError
 from fedsynth.federated.aggregation import SiteUpdate, mean_metrics
-from fedsynth.federated.flower.records import encode, record_groups, record_nbytes, record_to_weights
+from fedsynth.federated.flower.records import VERDICT_KEY, encode, record_groups, record_nbytes, record_to_weights
 from fedsynth.federated.server import GlobalModel
 
 POLL_S = 1.0
+
+
+def verdicts(server_round: int, summary: dict[str, Any]) -> dict[str, str]:
+    """Each site's outcome of ``server_round`` as sent back to it: ``accepted`` or ``rejected: <reason>``
+    (the server's own reason, e.g. NaN or a wrong shape; it names only the site and the weight key)."""
+    out = {site: f"round {server_round}: accepted" for site in summary["accepted"]}
+    out.update({site: f"round {server_round}: rejected: {reason}" for site, reason in summary["rejected"]})
+    return out
 
 
 class FlowerFederation:
@@ -52,6 +60,8 @@ class FlowerFederation:
         self.server_dir.mkdir(parents=True, exist_ok=True)
         self._experiment = json.dumps(self.global_model.site_config.to_dict())  # no server paths
         self._failures: list[str] = []
+        self._node_site: dict[int, str] = {}  # node id -> site id, from the sites' replies
+        self._verdicts: dict[str, str] = {}  # site id -> what became of its last update (sent with the next message)
 
     # ------------------------------------------------------------------ logs
 
@@ -88,6 +98,7 @@ class FlowerFederation:
         self._failures = []
         # the round policy (min_sites, no valid update) lives in GlobalModel.aggregate (both backends)
         summary = self.global_model.aggregate(server_round, self._train_updates(server_round, nodes, record), self._failures)
+        self._verdicts = verdicts(server_round, summary)
         val: dict[str, float] = {}
         if self.evaluate:
             val = self._evaluate(server_round, nodes)
@@ -115,9 +126,14 @@ class FlowerFederation:
 
         A node that goes offline (the SuperLink stops seeing its heartbeats) is given up on.
         """
-        config = ConfigRecord({"server-round": server_round, "experiment": self._experiment})
         ttl = max(self.fed.round_timeout_s + 60.0, 120.0)
-        messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+
+        def config(node: int) -> ConfigRecord:
+            site = self._node_site.get(node)
+            verdict = {VERDICT_KEY: self._verdicts[site]} if site in self._verdicts else {}
+            return ConfigRecord({"server-round": server_round, "experiment": self._experiment, **verdict})
+
+        messages = [Message(RecordDict({"arrays": arrays, "config": config(node)}), dst_node_id=node,
                             message_type=message_type, ttl=ttl) for node in nodes]
         pending = dict(zip(self.grid.push_messages(messages), nodes))
         deadline = time.monotonic() + self.fed.round_timeout_s
@@ -148,6 +164,7 @@ class FlowerFederation:
                 continue
             content = reply.content
             site = str(content["site"]["site-id"]) if "site" in content else f"node-{node}"
+            self._node_site[node] = site
             record = content["arrays"]
             metrics = {k: float(v) for k, v in content["metrics"].items()}  # type: ignore[arg-type]
             num_samples = int(metrics.pop("num_samples", 0))

@@ -25,7 +25,9 @@ from fedsynth.config import save_config
 from fedsynth.errors import ConfigError
 from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
 from fedsynth.federated.site_config import write_trial_site_config
-from fedsynth.federated.trial_common import SITE_SYNTAX, TrialRequest, TrialResult, check_site_id, check_trial, read_result
+from fedsynth.federated.trial_common import (
+    SITE_SYNTAX, TrialRequest, TrialResult, check_site_id, check_trial, read_result, threads_per_site,
+)
 from fedsynth.federated.flower.launcher import (
     FederationError, Processes, SuperLinkPorts, TLSFiles, flower_env, flwr_cli, follow, free_port, superlink_argv,
     site_worker_argv, supernode_argv, wait_for_port,
@@ -118,10 +120,12 @@ class LocalFederation:
             auth_key=key if auth_key == "default" else auth_key, max_wait_s=max_wait_s,  # type: ignore[arg-type]
             isolation="process" if long_lived else "subprocess")
         name = name or site_id
-        supernode = self.processes.start(name, argv, self.run_dir / "logs" / f"{name}.log", self.env, site_dir)
+        # sites train at the same time on one machine: share the cores out (as the OpenFL trial does)
+        env = {**self.env, "OMP_NUM_THREADS": threads_per_site(len(self.request.sites))}
+        supernode = self.processes.start(name, argv, self.run_dir / "logs" / f"{name}.log", env, site_dir)
         if long_lived:  # the site's ClientApp process, alive across rounds; it exits with its SuperNode
             self.processes.start(f"{name}.worker", site_worker_argv(appio_port, flwr_dir, supernode.pid),
-                                 self.run_dir / "logs" / f"{name}.log", self.env, site_dir)
+                                 self.run_dir / "logs" / f"{name}.log", env, site_dir)
         return name
 
     def submit(self) -> int:

@@ -22,7 +22,7 @@ from fedsynth.errors import ConfigError, DataError
 from fedsynth.federated.openfl.processes import ProcessGroup
 from fedsynth.federated.openfl.workspace import Workspace, create_workspace, set_up_pki_and_plan
 from fedsynth.federated.site_config import write_trial_site_config
-from fedsynth.federated.trial_common import TrialRequest, TrialResult, check_trial, read_result
+from fedsynth.federated.trial_common import TrialRequest, TrialResult, check_trial, read_result, threads_per_site
 
 BIND = "127.0.0.1"
 
@@ -33,10 +33,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _threads_per_process(n_processes: int) -> str:
-    return str(max(1, (os.cpu_count() or 1) // max(1, n_processes)))
-
-
 def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, ...] | None = None,
                    extra: Mapping[str, tuple[list[str], Path]] | None = None) -> dict[str, float]:
     """Start the 127.0.0.1-bound aggregator and one ``fx collaborator start`` per site; wait for all.
@@ -45,7 +41,7 @@ def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, .
     the end whatever they do (tests use it for collaborators that must be refused).
     """
     names = collaborators or ws.collaborators
-    env = {"OMP_NUM_THREADS": _threads_per_process(len(names)), "PYTHONUNBUFFERED": "1"}
+    env = {"OMP_NUM_THREADS": threads_per_site(len(names)), "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     with _sigterm_raises(), ProcessGroup() as group:
         agg = group.start("aggregator", [sys.executable, "-m", "fedsynth.federated.openfl", "aggregator", "--bind", BIND],
