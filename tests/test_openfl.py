@@ -133,6 +133,8 @@ def test_collaborator_not_in_cols_yaml_is_refused(gan_federation: dict[str, obje
     log = (ws.logs / "intruder.log").read_text(encoding="utf-8")
     assert "Received Tasks" not in log
     assert "StatusCode.UNAUTHENTICATED" in log  # valid certificate, but the aggregator refuses the name
+    agg_log = (ws.logs / "aggregator.log").read_text(encoding="utf-8")
+    assert "refused collaborator 'intruder' (CN 'intruder'): not in cols.yaml" in agg_log  # who and why, on the coordinator
 
 
 def _signed_by(cert: Path, ca: Path) -> bool:

@@ -206,3 +206,39 @@ def test_round_timeout_policy_is_the_flower_round_policy(caplog: pytest.LogCaptu
     assert "only 1 of 3 sites reported, fewer than federation.min_sites=2" in caplog.text
     policy.reset_policy_for_round()
     assert not policy.is_timer_started
+
+
+def test_refusals_are_logged_by_name_and_revoking_is_one_command(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """OpenFL's own authorization check, wrapped by the fedsynth aggregator: who, which CN, why;
+    ``revoke`` edits cols.yaml and the running aggregator refuses the site from its next request."""
+    import types
+
+    import yaml
+    from openfl.component.aggregator.aggregator import Aggregator
+
+    from fedsynth.federated.openfl.__main__ import main
+    from fedsynth.federated.openfl.tools import log_refusals
+
+    cols = tmp_path / "cols.yaml"
+    cols.write_text(yaml.safe_dump({"collaborators": ["col1", "col2"]}), encoding="utf-8")
+    aggregator = types.SimpleNamespace(single_col_cert_common_name="", authorized_cols=["col1", "col2"])
+    aggregator.valid_collaborator_cn_and_id = types.MethodType(Aggregator.valid_collaborator_cn_and_id, aggregator)
+    log_refusals(aggregator, str(cols))
+    check = aggregator.valid_collaborator_cn_and_id
+    with caplog.at_level("WARNING", logger="fedsynth.openfl"):
+        assert check("col1", "col1") and check("col2", "col2")
+        assert not caplog.records
+        assert not check("intruder", "intruder") and not check("intruder", "intruder")  # retries: logged once
+        assert not check("col1", "col2")
+        assert main(["revoke", "col2", "-c", str(cols)]) == 0
+        assert not check("col2", "col2")
+    assert yaml.safe_load(cols.read_text(encoding="utf-8")) == {"collaborators": ["col1"]}
+    assert check("col1", "col1")
+    text = caplog.text
+    assert text.count("refused collaborator 'intruder' (CN 'intruder'): not in cols.yaml") == 1
+    assert "refused collaborator 'col2' (CN 'col1'): certificate CN is not 'col2'" in text
+    assert "revoked collaborator 'col2'" in text and "refused collaborator 'col2' (CN 'col2'): not in cols.yaml" in text
+    assert "revoked 'col2'" in capsys.readouterr().out
+    assert main(["revoke", "ghost", "-c", str(cols)]) == 2
+    assert "no collaborator 'ghost' to revoke" in capsys.readouterr().err

@@ -129,11 +129,82 @@ def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/
     if not parsed.authorized_cols:
         raise ConfigError(f"{cols} lists no collaborators: certify them first (`fx collaborator certify`)")
     server = parsed.get_server()
+    log_refusals(server.aggregator, cols)
     port = parsed.config["network"]["settings"]["agg_port"]
     host = f"[{bind}]" if ":" in bind else bind
     server.uri = f"{host}:{port}"  # OpenFL 1.9 hard-codes "[::]:port"
     log.info("fedsynth: aggregator listening on %s only", server.uri)
     server.serve()
+
+
+def log_refusals(aggregator: Any, cols: str = "plan/cols.yaml", every_s: float = 60.0) -> None:
+    """Log every refused collaborator on the aggregator with its name, certificate CN and the reason
+    (OpenFL only answers it UNAUTHENTICATED); repeats of the same refusal at most every ``every_s``.
+
+    A collaborator whose certificate is not signed by the federation's CA never gets this far:
+    the TLS handshake refuses it inside gRPC, before its name is known.
+    """
+    import time as _time
+
+    check = aggregator.valid_collaborator_cn_and_id
+    last: dict[tuple[str, str, str], float] = {}
+    cols_path = Path(cols)
+    seen_mtime = [cols_path.stat().st_mtime_ns if cols_path.is_file() else 0]
+
+    def apply_revocations() -> None:
+        """Names removed from cols.yaml (``revoke``) are refused from the next request on."""
+        mtime = cols_path.stat().st_mtime_ns if cols_path.is_file() else 0
+        if mtime == seen_mtime[0]:
+            return
+        seen_mtime[0] = mtime
+        listed = set(_cols(cols_path))
+        for name in [n for n in aggregator.authorized_cols if n not in listed]:
+            aggregator.authorized_cols.remove(name)
+            log.warning("revoked collaborator '%s': removed from %s, refused from now on", name, cols)
+
+    def checked(cert_common_name: str, collaborator_common_name: str) -> bool:
+        apply_revocations()
+        allowed = bool(check(cert_common_name, collaborator_common_name))
+        if not allowed:
+            reasons = []
+            if collaborator_common_name not in aggregator.authorized_cols:
+                reasons.append("not in cols.yaml")
+            if cert_common_name != collaborator_common_name:
+                reasons.append(f"certificate CN is not '{collaborator_common_name}'")
+            reason = "; ".join(reasons) or "not authorized"
+            key, now = (collaborator_common_name, cert_common_name, reason), _time.monotonic()
+            if now - last.get(key, -every_s) >= every_s:
+                last[key] = now
+                log.warning("refused collaborator '%s' (CN '%s'): %s",
+                            collaborator_common_name, cert_common_name, reason)
+        return allowed
+
+    aggregator.valid_collaborator_cn_and_id = checked
+
+
+def _cols(path: Path) -> list[str]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    names = (data or {}).get("collaborators") or []
+    if not isinstance(names, list):
+        raise ConfigError(f"{path}: 'collaborators' must be a list of names")
+    return [str(n) for n in names]
+
+
+def revoke_collaborator(name: str, cols: str | Path = "plan/cols.yaml") -> list[str]:
+    """Remove ``name`` from ``cols.yaml`` (atomically); returns the collaborators left.
+
+    A running fedsynth aggregator (:func:`start_aggregator`) refuses it from its next request;
+    ``fx aggregator start`` only on its next start.
+    """
+    from fedsynth.io import atomic_write_text
+
+    path = Path(cols)
+    names = _cols(path)
+    if name not in names:
+        raise ConfigError(f"{path}: no collaborator '{name}' to revoke (listed: {names})")
+    left = [n for n in names if n != name]
+    atomic_write_text(path, yaml.safe_dump({"collaborators": left}, sort_keys=False))
+    return left
 
 
 def read_pbuf(path: str | Path, plan: str = "plan/plan.yaml") -> tuple[dict[str, Any], int]:
