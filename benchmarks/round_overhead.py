@@ -1,7 +1,7 @@
 """Federation overhead at realistic round lengths, both backends, measured in one run (not a test).
 
 2 sites (MNI152 and Colin27 slices, one brain each), 5 rounds, a full-size GAN at 32x32 with
-``local_steps`` calibrated so one site's round is >= ``--round-seconds`` (default 10 s) of local
+``local_epochs`` calibrated so one site's round is >= ``--round-seconds`` (default 10 s) of local
 compute. Four runs on the same config and data:
 
 - **baseline**: the same ``Site.train_round`` calls and the same FedAvg (``GlobalModel``) in this
@@ -36,31 +36,33 @@ from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+SLICES = 96  # per site (brain): 12 batches of 8 per epoch
 
-def _config(rounds: int, local_steps: int):  # type: ignore[no-untyped-def]
+
+def _config(rounds: int, local_epochs: int):  # type: ignore[no-untyped-def]
     from fedsynth.config import config_from_dict
 
     return config_from_dict({
         "spatial_dims": 2, "image_size": 32, "seed": 0, "model": {"family": "gan"},
         "training": {"batch_size": 8, "progress": False, "tensorboard": False, "sample_every": 10**6},
-        "federation": {"rounds": rounds, "local_steps": local_steps, "min_sites": 2, "round_timeout_s": 600.0},
+        "federation": {"rounds": rounds, "local_epochs": local_epochs, "min_sites": 2, "round_timeout_s": 600.0},
     }, "benchmark")
 
 
 def _calibrate(sites: dict[str, Path], out: Path, round_seconds: float) -> tuple[int, float]:
-    """Local steps that make one site's round last ``round_seconds`` (one thread, as in the federations)."""
+    """Local epochs that make one site's round last ``round_seconds`` (one thread, as in the federations)."""
     from fedsynth.federated.server import GlobalModel
     from fedsynth.federated.site import Site
 
-    probe = 6
+    probe = 2
     config = _config(2, probe)
     gm = GlobalModel(config, out)
     site = Site(config, next(iter(sites.values())), out / "site", site_id="probe")
     site.train_round(gm.shared_weights(), 1)  # warm-up: first batch, allocations
     t0 = time.perf_counter()
     site.train_round(gm.shared_weights(), 2)
-    per_step = (time.perf_counter() - t0) / probe
-    return max(1, math.ceil(round_seconds / per_step)), per_step
+    per_epoch = (time.perf_counter() - t0) / probe
+    return max(1, math.ceil(round_seconds / per_epoch)), per_epoch
 
 
 def _baseline(config, sites: dict[str, Path], out: Path) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -128,12 +130,12 @@ def main() -> int:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedsynth-bench-rounds-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        data = build_demo_dataset(work / "data", image_size=32, count=24, spatial_dims=2)
+        data = build_demo_dataset(work / "data", image_size=32, count=SLICES, spatial_dims=2)
         sites = {"site1": Path(data["mni152"]), "site2": Path(data["colin27"])}
         threads = int(threads_per_site(len(sites)))
         torch.set_num_threads(threads)
-        local_steps, per_step = _calibrate(sites, work / "calibrate", args.round_seconds)
-        config = _config(args.rounds, local_steps)
+        local_epochs, per_epoch = _calibrate(sites, work / "calibrate", args.round_seconds)
+        config = _config(args.rounds, local_epochs)
         save_config(config, work / "cfg.yaml")
         base = _baseline(config, sites, work / "baseline")
         runs = {
@@ -148,8 +150,8 @@ def main() -> int:
     seq, crit = float(base["sequential_s"]), float(base["critical_s"])  # type: ignore[arg-type]
     seq25, crit25 = float(base["sequential_2_5_s"]), float(base["critical_2_5_s"])  # type: ignore[arg-type]
     per_round = base["per_round"]
-    print(f"Federation overhead at realistic rounds: GAN 32x32 (full size), 2 sites x 24 MRI slices, {args.rounds} rounds x "
-          f"{local_steps} local steps ({per_step:.3f} s/step calibrated), {threads} thread(s) per site, {os.cpu_count()} CPUs")
+    print(f"Federation overhead at realistic rounds: GAN 32x32 (full size), 2 sites x {SLICES} MRI slices, {args.rounds} rounds x "
+          f"{local_epochs} local epochs ({per_epoch:.2f} s/epoch calibrated), {threads} thread(s) per site, {os.cpu_count()} CPUs")
     print("baseline (no framework, Sites in memory), local compute per round and site [s]: "
           + "; ".join(", ".join(f"{s} {t:.1f}" for s, t in r.items()) for r in per_round))  # type: ignore[union-attr]
     print(f"  sequential compute {seq:.1f} s (rounds 2-{args.rounds}: {seq25:.1f} s); "

@@ -199,6 +199,15 @@ def test_untrusted_supernodes_are_refused(tmp_path: Path, certs: Path, mri2d: di
             assert code is not None and code != 0, (name, fed.processes.tail(name))
         nodes = flwr_cli(["supernode", "ls", str(fed.app_dir), FEDERATION], fed.env, fed.app_dir)["nodes"]
         assert len([n for n in nodes if n["status"] == "online"]) == 1  # only the legitimate site1
+        # revoking a site is one command: its registered key no longer gets it in
+        site2 = next(n["node-id"] for n in nodes if n["status"] != "online")
+        flwr_cli(["supernode", "unregister", str(site2), str(fed.app_dir), FEDERATION], fed.env, fed.app_dir)
+        fed.start_supernode("site2", name="revoked", max_wait_s=8)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and fed.processes.alive("revoked"):
+            time.sleep(0.5)
+        code = fed.processes.procs["revoked"].poll()
+        assert code is not None and code != 0, fed.processes.tail("revoked")
     _assert_no_orphans(fed)
 
 

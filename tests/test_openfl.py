@@ -328,3 +328,34 @@ def test_a_sigkilled_collaborator_is_left_out_of_its_round_and_rejoins(gan_feder
     state = load_checkpoint(next((ws.path / "local_state" / "fedsynth" / "col2").glob("*/last.ckpt")))
     assert state["step"] == 4 and state["round"] == 3  # rounds 1 and 3, 2 local steps each: its own state survived
     assert "Identified stragglers: ['col2']" in (ws.logs / "aggregator.log").read_text(encoding="utf-8")
+
+
+def test_a_killed_aggregator_resumes_from_the_last_completed_round(gan_federation: dict[str, object],
+                                                                   mri2d: dict[str, Path], tmp_path: Path) -> None:
+    """The aggregator is SIGKILLed after round 1; restarted with the same plan it resumes from
+    local_state/tensor.db (GlobalModel from global/last.ckpt), the collaborators reconnect by
+    themselves, and the federation ends after the last round."""
+    import os
+    import signal
+
+    from fedsynth.checkpoint import checkpoint_info
+    from fedsynth.federated.openfl.processes import ProcessGroup
+
+    config = tiny_config("autoencoder", federation__rounds=3, federation__local_steps=2, federation__round_timeout_s=120.0)
+    ws = _workspace_with_module_pki(tmp_path, "autoencoder", _sites(mri2d), gan_federation, config=config)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    aggregator = [sys.executable, "-m", "fedsynth.federated.openfl", "aggregator", "--bind", "127.0.0.1"]
+    deadline = time.monotonic() + 300
+    with ProcessGroup() as group:
+        agg = group.start("aggregator", aggregator, ws.path, ws.logs / "aggregator.log", env)
+        cols = [group.start(f"collaborator {n}", [fx(), "collaborator", "start", "-n", n], ws.path,
+                            ws.logs / f"collaborator_{n}.log", env) for n in ("col1", "col2")]
+        _wait_for_round(ws, 1, deadline, agg.alive)
+        os.killpg(agg.popen.pid, signal.SIGKILL)
+        agg.popen.wait(timeout=10)
+        again = group.start("aggregator (restarted)", aggregator, ws.path, ws.logs / "aggregator_restarted.log", env)
+        group.wait_all([again, *cols], deadline=deadline)
+    history = _history(ws)
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert all(sorted(h["accepted"]) == ["col1", "col2"] for h in history)  # type: ignore[arg-type]
+    assert checkpoint_info(ws.path / "global" / "last.ckpt")["round"] == 3

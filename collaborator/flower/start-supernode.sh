@@ -13,7 +13,8 @@ DATA_CONFIG=${DATA_CONFIG:-/data/fedsynth/data.yaml}   # absolute path
 APPIO=${APPIO:-127.0.0.1:9094}                    # the SuperNode's ClientAppIo API (this host only)
 ISOLATION=${ISOLATION:-process}
 export FLWR_TELEMETRY_ENABLED=0
-supernode=(flower-supernode
+# fedsynth-supernode = flwr's flower-supernode with a 0.25 s idle poll instead of 3 s (same arguments)
+supernode=(fedsynth-supernode
   --superlink "$SUPERLINK"
   --root-certificates "$CERTS/ca.crt"
   --auth-supernode-private-key "$CERTS/$SITE.auth"

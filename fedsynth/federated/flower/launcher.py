@@ -207,12 +207,13 @@ def superlink_argv(ports: SuperLinkPorts, tls: TLSFiles | None, *, database: Pat
 def supernode_argv(fleet_port: int, clientappio_port: int, data_config: Path | None, flwr_dir: Path, *,
                    root_cert: Path | None, auth_key: Path | None = None, max_wait_s: float | None = None,
                    isolation: str = "subprocess") -> list[str]:
-    """``flower-supernode`` for one site, bound to 127.0.0.1 only.
+    """``flower-supernode`` for one site (fedsynth's entry, :mod:`fedsynth.federated.flower.supernode`:
+    the same SuperNode with a short idle poll), bound to 127.0.0.1 only.
 
     ``isolation="process"``: the SuperNode runs no ClientApp itself; a :func:`site_worker_argv`
     process serves its ClientAppIo port.
     """
-    argv = [_bin("flower-supernode"), "--superlink", f"{HOST}:{fleet_port}",
+    argv = [_bin("fedsynth-supernode"), "--superlink", f"{HOST}:{fleet_port}",
             "--clientappio-api-address", f"{HOST}:{clientappio_port}", "--flwr-dir", str(flwr_dir)]
     if isolation != "subprocess":
         argv += ["--isolation", isolation]

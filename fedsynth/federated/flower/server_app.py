@@ -36,7 +36,7 @@ from fedsynth.federated.aggregation import SiteUpdate, mean_metrics
 from fedsynth.federated.flower.records import VERDICT_KEY, encode, record_groups, record_nbytes, record_to_weights
 from fedsynth.federated.server import GlobalModel
 
-POLL_S = 1.0
+POLL_S = 0.25  # seconds between pulls of replies from the SuperLink (127.0.0.1, cheap)
 
 
 def verdicts(server_round: int, summary: dict[str, Any]) -> dict[str, str]:
@@ -107,7 +107,8 @@ class FlowerFederation:
         path = self.global_model.save()
         self.event("round_end", round=server_round, accepted=summary["accepted"], rejected=summary["rejected"],
                    clipped=summary["clipped"], metrics=self.global_model.state.metrics,
-                   site_metrics=summary["site_metrics"], seconds=round(time.monotonic() - t0, 2), checkpoint=str(path))
+                   site_metrics=summary["site_metrics"], seconds=round(time.monotonic() - t0, 2), checkpoint=str(path),
+                   site_nodes={site: node for node, site in self._node_site.items()})  # for `flwr supernode unregister`
         return path
 
     def _sample(self, server_round: int) -> list[int]:
