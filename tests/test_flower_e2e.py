@@ -248,3 +248,35 @@ def test_a_poisoned_site_fails_alone_and_nothing_identifying_leaves_it(tmp_path:
         text = path.read_bytes().decode("utf-8", errors="ignore")
         leaked = [s for s in secrets if s in text]
         assert not leaked, f"{path.relative_to(run)} names {leaked}"
+
+
+def test_a_killed_superlink_resumes_from_the_last_completed_round(tmp_path: Path, certs: Path, mri2d: dict[str, Path]) -> None:
+    """The SuperLink (and with it the ServerApp) is SIGKILLed after round 1; restarted on its
+    database and the run submitted again, the server resumes from global/last.ckpt at round 2
+    and the same SuperNodes, still running, finish the federation."""
+    request = _request(tmp_path, certs, mri2d, "autoencoder", rounds=3)
+    run = Path(request.run_dir)
+    with LocalFederation(request) as fed:
+        database = fed.run_dir / "superlink" / "state.db"
+        fed.prepare()
+        fed.start_superlink(database=database)
+        for site in ("site1", "site2"):
+            fed.start_supernode(site)
+        fed.submit()
+        deadline = time.monotonic() + 240
+        while '"round": 1' not in ((run / "global" / "history.json").read_text(encoding="utf-8")
+                                   if (run / "global" / "history.json").is_file() else ""):
+            assert time.monotonic() < deadline and fed.processes.alive("superlink")
+            time.sleep(0.2)
+        fed.processes.stop("superlink", sig=signal.SIGKILL, grace=5)
+        offset = (run / "server" / "progress.jsonl").stat().st_size
+        fed.start_superlink(database=database, register=False)
+        fed.submit()
+        done = fed.wait(offset=offset)
+    _assert_no_orphans(fed)
+    assert done["round"] == 3
+    starts = [e for e in _events(run) if e["event"] == "start"]
+    assert [e["start_round"] for e in starts] == [1, 2]
+    history = json.loads((run / "global" / "history.json").read_text(encoding="utf-8"))
+    assert [h["round"] for h in history] == [1, 2, 3] and all(sorted(h["accepted"]) == ["site1", "site2"] for h in history)
+

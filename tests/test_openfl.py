@@ -359,3 +359,15 @@ def test_a_killed_aggregator_resumes_from_the_last_completed_round(gan_federatio
     assert [h["round"] for h in history] == [1, 2, 3]
     assert all(sorted(h["accepted"]) == ["col1", "col2"] for h in history)  # type: ignore[arg-type]
     assert checkpoint_info(ws.path / "global" / "last.ckpt")["round"] == 3
+    # "start over", as docs/federation-openfl.md says: aggregator state and global/ go, save/init.pbuf stays,
+    # and the sites drop their state folders
+    (ws.path / "local_state" / "tensor.db").unlink()
+    shutil.rmtree(ws.path / "global")
+    shutil.rmtree(ws.path / "local_state" / "fedsynth")
+    assert (ws.path / "save" / "init.pbuf").is_file()
+    run_federation(ws, timeout=FEDERATION_TIMEOUT)
+    assert [h["round"] for h in _history(ws)] == [1, 2, 3]  # a fresh federation, ended by itself
+    state = next((ws.path / "local_state" / "fedsynth" / "col1").glob("*/last.ckpt"))
+    from fedsynth.checkpoint import load_checkpoint
+
+    assert load_checkpoint(state)["step"] == 6  # 3 rounds x 2 steps: the sites started over too

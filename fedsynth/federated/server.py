@@ -121,6 +121,8 @@ class GlobalModel:
             "clipped": fedavg.clipped, "site_metrics": fedavg.site_metrics, "metrics": fedavg.metrics(),
             "val_loss": None,  # set by record_evaluation (the same keys every round, on both backends)
         }
+        # a round aggregated again (OpenFL replays a round's stored results after a restart) replaces its record
+        self.history = [h for h in self.history if int(h.get("round", 0)) < server_round]  # type: ignore[call-overload]
         self.history.append(summary)
         return summary
 

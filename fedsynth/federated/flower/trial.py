@@ -90,15 +90,17 @@ class LocalFederation:
     def node_auth(self) -> bool:
         return self.request.tls and self.request.node_auth
 
-    def start_superlink(self, timeout: float = 60.0) -> None:
-        argv = superlink_argv(self.ports, self.tls_files, node_auth=self.node_auth)
+    def start_superlink(self, timeout: float = 60.0, *, database: Path | None = None, register: bool = True) -> None:
+        """Start the SuperLink (``database``: keep its state on disk, as a real deployment does, so a
+        restarted SuperLink still knows the sites; ``register=False`` on such a restart)."""
+        argv = superlink_argv(self.ports, self.tls_files, node_auth=self.node_auth, database=database)
         self.processes.start("superlink", argv, self.run_dir / "logs" / "superlink.log", self.env, self.run_dir / "superlink")
         for port in (self.ports.fleet, self.ports.control):
             try:
                 wait_for_port(port, timeout, alive=lambda: self.processes.alive("superlink"))
             except FederationError as err:
                 raise FederationError(f"SuperLink did not start: {err}\n{self.processes.tail('superlink')}") from None
-        if self.node_auth:
+        if self.node_auth and register:
             for site_id in self.request.sites:
                 self.register(self.certs / f"{site_id}.auth.pub")
 

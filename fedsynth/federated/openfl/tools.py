@@ -110,6 +110,30 @@ def ship_first_stage(config_path: Path, config: Any) -> Any:
 IDLE_POLL_S = 1
 
 
+def _let_recovery_end_a_round() -> None:
+    """OpenFL 1.9: an aggregator restarted from ``tensor.db`` replays the stored task results; when they
+    complete a round, its metric writer's ``on_round_end`` runs before any ``on_round_begin`` /
+    ``on_experiment_begin`` and crashes (``time.monotonic() - None``), so the restart fails. Open the
+    writer's file and start its round clock on first use instead."""
+    import time as _time
+
+    from openfl.callbacks.metric_writer import MetricWriter
+
+    if getattr(MetricWriter.on_round_end, "_fedsynth", False):
+        return
+    original = MetricWriter.on_round_end
+
+    def on_round_end(self: Any, round_num: int, logs: Any = None) -> None:
+        if self._log_file_handle is None:
+            self.on_experiment_begin()
+        if self._round_start_time is None:
+            self._round_start_time = _time.monotonic()
+        original(self, round_num, logs)
+
+    on_round_end._fedsynth = True  # type: ignore[attr-defined]
+    MetricWriter.on_round_end = on_round_end  # type: ignore[method-assign]
+
+
 def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/cols.yaml") -> None:
     """Start the aggregator like ``fx aggregator start``, listening on ``bind`` only; a round with too
     few valid updates ends it, and idle collaborators poll every ``IDLE_POLL_S`` s (not OpenFL's 10 s)."""
@@ -124,6 +148,7 @@ def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/
     from openfl.component.aggregator.aggregator import Aggregator
 
     Aggregator._get_sleep_time = staticmethod(lambda: IDLE_POLL_S)  # type: ignore[method-assign]
+    _let_recovery_end_a_round()
     setup_logger("info")
     parsed = Plan.parse(plan_config_path=Path(plan).absolute(), cols_config_path=Path(cols).absolute())
     if not parsed.authorized_cols:
