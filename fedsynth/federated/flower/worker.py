@@ -17,6 +17,7 @@ only talks to its own SuperNode. ``--supernode-pid`` makes the worker exit with 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 log = logging.getLogger("fedsynth.flower.worker")
@@ -43,16 +44,37 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
     stub = ClientAppIoStub(channel)
     _wrap_stub(stub, _make_simple_grpc_retry_invoker())
     handled = 0
+    busy: tuple[threading.Thread, int] | None = None  # the message being handled and its run
     log.info("fedsynth site worker: serving the SuperNode at %s", clientappio_address)
     try:
-        while max_messages is None or handled < max_messages:
+        while max_messages is None or handled < max_messages or (busy and busy[0].is_alive()):
             run_ids = list(stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids)
-            token = stub.RequestToken(RequestTokenRequest(run_id=run_ids[0])).token if run_ids else ""
+            if busy is not None and busy[0].is_alive():
+                # one message at a time; a message of *another* run while one still waits for its
+                # inputs means that run is gone (e.g. a SuperLink restarted mid-round): serve the new one
+                run_ids = [r for r in run_ids if r != busy[1]]
+                if not run_ids or (max_messages is not None and handled >= max_messages):
+                    time.sleep(poll_s)
+                    continue
+            token, run_id = "", 0
+            for run_id in run_ids:
+                token = stub.RequestToken(RequestTokenRequest(run_id=run_id)).token
+                if token:
+                    break
             if not token:
                 time.sleep(poll_s)
                 continue
-            run_clientapp(clientappio_address, token, flwr_dir=flwr_dir)  # one message, in this process
+            if busy is not None and busy[0].is_alive():
+                log.warning("site worker: run %s never delivered its message; serving run %s", busy[1], run_id)
+            thread = threading.Thread(target=run_clientapp, args=(clientappio_address, token),
+                                      kwargs={"flwr_dir": flwr_dir}, name=f"clientapp-run-{run_id}", daemon=True)
+            thread.start()
+            busy = (thread, run_id)
             handled += 1
+            while thread.is_alive():  # the usual case: wait for it, but keep an eye on other runs
+                thread.join(timeout=poll_s * 10)
+                if thread.is_alive() and any(r != run_id for r in stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids):
+                    break
     finally:
         channel.close()
     return handled
