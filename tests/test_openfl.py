@@ -83,7 +83,12 @@ def gan_federation(mri2d: dict[str, Path], tmp_path_factory: pytest.TempPathFact
         "intruder": ([fx(), "collaborator", "start", "-n", "intruder"], ws.path),
         "forger": ([fx(), "collaborator", "start", "-n", "col1"], rogue.path),
     }
-    timings = run_federation(ws, timeout=FEDERATION_TIMEOUT, extra=extra)
+    def refused() -> bool:  # the intruders have been turned away at least once before the sites start
+        logs = {n: (ws.logs / f"{n}.log").read_text(encoding="utf-8") if (ws.logs / f"{n}.log").is_file() else ""
+                for n in extra}
+        return "StatusCode.UNAUTHENTICATED" in logs["intruder"] and logs["forger"].count("StatusCode.UNAVAILABLE") >= 2
+
+    timings = run_federation(ws, timeout=FEDERATION_TIMEOUT, extra=extra, extra_ready=refused)
     run_dir = root / "gan_run"
     checkpoints = export_run(ws, run_dir)  # OpenFL's own models; GlobalModel wrote ws/global
     return {"ws": ws, "run_dir": run_dir, "checkpoints": checkpoints, "pki_root": ws.path / "cert",

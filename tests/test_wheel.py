@@ -199,7 +199,7 @@ def test_federate_flower_from_the_wheel(venv: Venv, mri2d: dict[str, Path]) -> N
                     f"site2={b}", "--rounds", "1", "--no-evaluate", "-o", "run_flower", "--timeout",
                     str(FEDERATION_TIMEOUT), timeout=FEDERATION_TIMEOUT + 120, probe=venv.work / "flower_imports.txt")
     assert done.returncode == 0, done.stdout + done.stderr
-    # the CLI and Flower's app processes (started by the SuperLink and SuperNodes) ran the wheel
-    assert {"fedsynth", "flwr-serverapp", "flwr-clientapp"} <= set(venv.imported_fedsynth(venv.work / "flower_imports.txt"))
+    # the CLI, Flower's ServerApp process (started by the SuperLink) and each site's worker ran the wheel
+    assert {"fedsynth", "flwr-serverapp", "worker.py"} <= set(venv.imported_fedsynth(venv.work / "flower_imports.txt"))
     run = venv.work / "run_flower"
     assert checkpoint_info(run / "global" / "last.ckpt")["round"] == 1

@@ -49,10 +49,9 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
 
     p = backends.add_parser("flower-site-worker",
                             help="a site's long-lived ClientApp process, for a SuperNode started with --isolation process")
-    p.add_argument("--clientappio-api-address", default="127.0.0.1:9094", metavar="HOST:PORT",
-                   help="the SuperNode's --clientappio-api-address (default 127.0.0.1:9094)")
-    p.add_argument("--flwr-dir", default=None, help="the SuperNode's --flwr-dir, if it has one")
-    p.add_argument("--supernode-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    from fedsynth.federated.flower.worker import add_arguments
+
+    add_arguments(p)
     p.set_defaults(command="federate flower-site-worker")
 
     p = backends.add_parser("flower-app", help="write the Flower app an operator runs with 'flwr run'")
@@ -87,13 +86,9 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
     @command("federate flower-site-worker")
     def _worker(args: argparse.Namespace) -> None:
         require("flwr", "flower", "fedsynth federate flower-site-worker")
-        import logging
+        from fedsynth.federated.flower.worker import run_from_args
 
-        from fedsynth.federated.flower.worker import run_site_worker
-
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        logging.getLogger("fedsynth").setLevel(logging.INFO)
-        run_site_worker(args.clientappio_api_address, args.flwr_dir, supernode_pid=args.supernode_pid)
+        run_from_args(args)
 
     @command("federate flower-app")
     def _app(args: argparse.Namespace) -> None:

@@ -229,7 +229,7 @@ def supernode_argv(fleet_port: int, clientappio_port: int, data_config: Path | N
 
 def site_worker_argv(clientappio_port: int, flwr_dir: Path, supernode_pid: int) -> list[str]:
     """The long-lived ClientApp process of one site (:mod:`fedsynth.federated.flower.worker`)."""
-    return [sys.executable, "-m", "fedsynth", "federate", "flower-site-worker",
+    return [sys.executable, "-m", "fedsynth.federated.flower.worker",
             "--clientappio-api-address", f"{HOST}:{clientappio_port}", "--flwr-dir", str(flwr_dir),
             "--supernode-pid", str(supernode_pid)]
 

@@ -16,7 +16,10 @@ only talks to its own SuperNode. ``--supernode-pid`` makes the worker exit with 
 
 from __future__ import annotations
 
+import argparse
 import logging
+import signal
+import sys
 import threading
 import time
 
@@ -78,3 +81,32 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
     finally:
         channel.close()
     return handled
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's command-line options (``fedsynth federate flower-site-worker`` and ``python -m``)."""
+    parser.add_argument("--clientappio-api-address", default="127.0.0.1:9094", metavar="HOST:PORT",
+                        help="the SuperNode's --clientappio-api-address (default 127.0.0.1:9094)")
+    parser.add_argument("--flwr-dir", default=None, help="the SuperNode's --flwr-dir, if it has one")
+    parser.add_argument("--supernode-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Configure logging, exit cleanly on SIGTERM, and serve until the SuperNode goes away."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedsynth").setLevel(logging.INFO)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stopped by its service manager / the trial
+    run_site_worker(args.clientappio_api_address, args.flwr_dir, supernode_pid=args.supernode_pid)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedsynth.federated.flower.worker`` (what the one-machine trial starts: no CLI import cost)."""
+    parser = argparse.ArgumentParser(prog="python -m fedsynth.federated.flower.worker", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from fedsynth.engine import BEST, LAST
@@ -34,11 +34,13 @@ def free_port() -> int:
 
 
 def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, ...] | None = None,
-                   extra: Mapping[str, tuple[list[str], Path]] | None = None) -> dict[str, float]:
+                   extra: Mapping[str, tuple[list[str], Path]] | None = None,
+                   extra_ready: Callable[[], bool] | None = None) -> dict[str, float]:
     """Start the 127.0.0.1-bound aggregator and one ``fx collaborator start`` per site; wait for all.
 
-    ``extra`` names additional processes (command, cwd) that are started alongside and stopped at
-    the end whatever they do (tests use it for collaborators that must be refused).
+    ``extra`` names additional processes (command, cwd) that are started with the aggregator and
+    stopped at the end whatever they do (tests use it for collaborators that must be refused);
+    with ``extra_ready`` the sites start only once it returns True (at most 120 s later).
     """
     names = collaborators or ws.collaborators
     env = {"OMP_NUM_THREADS": threads_per_site(len(names)), "PYTHONUNBUFFERED": "1"}
@@ -46,10 +48,13 @@ def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, .
     with _sigterm_raises(), ProcessGroup() as group:
         agg = group.start("aggregator", [sys.executable, "-m", "fedsynth.federated.openfl", "aggregator", "--bind", BIND],
                           ws.path, ws.logs / "aggregator.log", env)
-        cols = [group.start(f"collaborator {n}", [_fx(), "collaborator", "start", "-n", n], ws.path,
-                            ws.logs / f"collaborator_{n}.log", env) for n in names]
         for name, (cmd, cwd) in (extra or {}).items():
             group.start(name, cmd, cwd, ws.logs / f"{name}.log", env)
+        ready_by = time.monotonic() + 120
+        while extra_ready is not None and not extra_ready() and time.monotonic() < ready_by and agg.alive():
+            time.sleep(0.5)
+        cols = [group.start(f"collaborator {n}", [_fx(), "collaborator", "start", "-n", n], ws.path,
+                            ws.logs / f"collaborator_{n}.log", env) for n in names]
         group.wait_all([agg, *cols], deadline=start + timeout)
     return {"federation_s": time.monotonic() - start}
 
