@@ -27,11 +27,8 @@ log = logging.getLogger("fedsynth.flower.worker")
 
 
 def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, supernode_pid: int | None = None,
-                    poll_s: float = 0.2, max_messages: int | None = None) -> int:
-    """Serve ClientApp messages of the SuperNode at ``clientappio_address`` until it goes away.
-
-    Returns the number of messages handled (``max_messages`` bounds it, for tests).
-    """
+                    poll_s: float = 0.2) -> None:
+    """Serve ClientApp messages of the SuperNode at ``clientappio_address`` until it goes away."""
     from flwr.common.grpc import create_channel
     from flwr.common.retry_invoker import _make_simple_grpc_retry_invoker, _wrap_stub
     from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest  # type: ignore[attr-defined]
@@ -46,19 +43,15 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
     channel = create_channel(server_address=clientappio_address, insecure=True, root_certificates=None)
     stub = ClientAppIoStub(channel)
     _wrap_stub(stub, _make_simple_grpc_retry_invoker())
-    handled = 0
     busy: tuple[threading.Thread, int] | None = None  # the message being handled and its run
     log.info("fedsynth site worker: serving the SuperNode at %s", clientappio_address)
     try:
-        while max_messages is None or handled < max_messages or (busy and busy[0].is_alive()):
+        while True:
             run_ids = list(stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids)
             if busy is not None and busy[0].is_alive():
                 # one message at a time; a message of *another* run while one still waits for its
                 # inputs means that run is gone (e.g. a SuperLink restarted mid-round): serve the new one
                 run_ids = [r for r in run_ids if r != busy[1]]
-                if not run_ids or (max_messages is not None and handled >= max_messages):
-                    time.sleep(poll_s)
-                    continue
             token, run_id = "", 0
             for run_id in run_ids:
                 token = stub.RequestToken(RequestTokenRequest(run_id=run_id)).token
@@ -73,14 +66,12 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
                                       kwargs={"flwr_dir": flwr_dir}, name=f"clientapp-run-{run_id}", daemon=True)
             thread.start()
             busy = (thread, run_id)
-            handled += 1
             while thread.is_alive():  # the usual case: wait for it, but keep an eye on other runs
                 thread.join(timeout=poll_s * 10)
                 if thread.is_alive() and any(r != run_id for r in stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids):
                     break
     finally:
         channel.close()
-    return handled
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -90,6 +90,7 @@ def ship_first_stage(config_path: Path, config: Any) -> Any:
     from fedsynth.config import save_config
     from fedsynth.federated.aggregation import resolve_group_policy
     from fedsynth.federated.server import shipped_config
+    from fedsynth.io import atomic_path
     from fedsynth.models import build_model
 
     source = getattr(config.model, "autoencoder_checkpoint", None)
@@ -97,10 +98,8 @@ def ship_first_stage(config_path: Path, config: Any) -> Any:
         return config
     model = build_model(config)
     out = shipped_config(config, model, resolve_group_policy(model, config.federation))
-    target = Path(FIRST_STAGE_IN_WORKSPACE)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
+    with atomic_path(Path(FIRST_STAGE_IN_WORKSPACE), durable=True) as tmp:
+        shutil.copyfile(source, tmp)
     out.model.autoencoder_checkpoint = FIRST_STAGE_IN_WORKSPACE
     save_config(out, config_path)
     return out
