@@ -264,8 +264,12 @@ def test_a_killed_superlink_resumes_from_the_last_completed_round(tmp_path: Path
         fed.start_superlink(database=database)
         for site in ("site1", "site2"):
             fed.start_supernode(site)
-        fed.submit()
         deadline = time.monotonic() + 240
+        while len([n for n in flwr_cli(["supernode", "ls", str(fed.app_dir), FEDERATION], fed.env, fed.app_dir)["nodes"]
+                   if n["status"] == "online"]) < 2:  # round 1 with both sites (min_sites=1 would not wait)
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        fed.submit()
         while '"round": 1' not in ((run / "global" / "history.json").read_text(encoding="utf-8")
                                    if (run / "global" / "history.json").is_file() else ""):
             assert time.monotonic() < deadline and fed.processes.alive("superlink")
