@@ -21,7 +21,7 @@ setup(
     package_dir=DATA_PACKAGES,
     package_data={
         "fedsynth": ["py.typed"],
-        # OpenFL workspaces, one per family (.workspace is hidden: name it, '*' skips it)
+        # the OpenFL workspace template, one for every family (.workspace is hidden: name it, '*' skips it)
         "fedsynth.plans": ["*/.workspace", "*/requirements.txt", "*/plan/*.yaml", "*/src/*"],
         "fedsynth.templates.flower_site": ["*.sh", "*.yaml"],
         "fedsynth.templates.flower_aggregator": ["*.sh"],

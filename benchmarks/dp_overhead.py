@@ -43,7 +43,7 @@ def _config(model: dict[str, Any], dims: int, size: int, batch: int, privacy: di
 
 def _setup(cfg, csv: Path):
     from fedsynth.data.dataset import load_datasets
-    from fedsynth.local import build_engine
+    from fedsynth.engine import build_engine
 
     train, _ = load_datasets(cfg, str(csv))
     engine = build_engine(cfg, None)

@@ -37,6 +37,7 @@ class Budget:
 
     image_size: int = 64
     gan_steps: int = 2000
+    stylegan_steps: int = 500
     autoencoder_steps: int = 600
     first_stage_steps: int = 600
     ldm_steps: int = 1200
@@ -56,7 +57,7 @@ class Budget:
 
     @classmethod
     def quick(cls) -> "Budget":
-        return cls(image_size=32, fed_image_size=32, gan_steps=30, autoencoder_steps=20, first_stage_steps=20, ldm_steps=20,
+        return cls(image_size=32, fed_image_size=32, gan_steps=30, stylegan_steps=10, autoencoder_steps=20, first_stage_steps=20, ldm_steps=20,
                    encoder_steps=20, samples=24, ddpm_subset=4, ddpm_steps=100, fed_steps=16, fed_rounds=2, volumes=["mni152", "ch2"],
                    text_first_stage_steps=20, text_steps=20, reader_steps=30)
 
@@ -94,9 +95,9 @@ def family_config(name: str, budget: Budget, size: int | None = None, **override
     from fedsynth.config import default_config
 
     size = size or budget.image_size
-    if name == "gan":
-        cfg = default_config("gan", 2, size).to_dict()
-        cfg["training"].update(max_steps=budget.gan_steps)
+    if name in ("gan", "stylegan"):
+        cfg = default_config(name, 2, size).to_dict()
+        cfg["training"].update(max_steps=budget.gan_steps if name == "gan" else budget.stylegan_steps)
     elif name == "autoencoder":
         cfg = default_config("autoencoder", 2, size).to_dict()
         cfg["training"].update(max_steps=budget.autoencoder_steps)
@@ -247,8 +248,9 @@ def row(name: str, steps: Any, seconds: float | None, m: dict[str, Any]) -> str:
 def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tuple[list[str], Path]:
     """Each family with its recipe, scored on held-out slices; DDIM-50 vs DDPM-1000 on a subset."""
     csv = data.csvs["train"]
-    cfgs = {k: family_config(k, budget) for k in ("eval-encoder", "gan", "autoencoder", "latent-diffusion")}
-    # two slots: [eval encoder -> autoencoder -> latent diffusion] and [GAN]
+    families = ("gan", "stylegan", "autoencoder", "latent-diffusion")
+    cfgs = {k: family_config(k, budget) for k in ("eval-encoder", *families)}
+    # two slots: [eval encoder -> autoencoder -> latent diffusion] and [GAN -> style-based GAN]
     def chain() -> list[dict[str, Any]]:
         done = [train_run(k, cfgs[k], csv, work, budget) for k in ("eval-encoder", "autoencoder")]
         # latent diffusion on the autoencoder family's run (the same as `model.first_stage` in one config,
@@ -258,14 +260,17 @@ def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tu
         ldm["model"]["autoencoder_checkpoint"] = str(done[1]["checkpoint"].resolve())
         return [*done, train_run("latent-diffusion", ldm, csv, work, budget)]
 
-    chained, gan = run_parallel([chain, lambda: train_run("gan", cfgs["gan"], csv, work, budget)])
-    runs = {r["name"]: r for r in [*chained, gan]}
+    def gans() -> list[dict[str, Any]]:
+        return [train_run(k, cfgs[k], csv, work, budget) for k in ("gan", "stylegan")]
+
+    chained, adversarial = run_parallel([chain, gans])
+    runs = {r["name"]: r for r in [*chained, *adversarial]}
     encoder = runs["eval-encoder"]["checkpoint"]
     real = data.held_out
     results: dict[str, dict[str, Any]] = {"real train vs real held-out (floor)": floor(data, real, budget.samples, encoder)}
     samples: dict[str, np.ndarray] = {}
     timing: dict[str, float] = {}
-    for name in ("gan", "autoencoder", "latent-diffusion"):
+    for name in families:
         images, seconds = sample_checkpoint(runs[name]["checkpoint"], budget.samples)
         samples[name], timing[name] = images, seconds
         results[name] = score(real, images, encoder, data.train, name)
@@ -277,7 +282,7 @@ def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tu
     s_ddim = score(real, ddim, encoder, data.train, "ddim")
     s_ddpm = score(real, ddpm, encoder, data.train, "ddpm")
 
-    steps = {"gan": budget.gan_steps, "autoencoder": budget.autoencoder_steps,
+    steps = {"gan": budget.gan_steps, "stylegan": budget.stylegan_steps, "autoencoder": budget.autoencoder_steps,
              "latent-diffusion": f"{budget.ldm_steps} UNet (+ the autoencoder run)"}
     enc_desc = results["gan"]["encoder"]
     lines = ["## Quality: each family with its recipe, on held-out real slices", "",
@@ -295,13 +300,13 @@ def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tu
         run = runs.get(name)
         lines.append(row(name, steps.get(name, "—"), run["seconds"] if run else None, m))
     f = results["real train vs real held-out (floor)"]
-    best = min(("gan", "autoencoder", "latent-diffusion"), key=lambda k: results[k]["frd"])
+    best = min(families, key=lambda k: results[k]["frd"])
     b = results[best]
     lines += ["", f"Best family by FRD: **{best}**: FRD / floor FRD = **{b['frd'] / f['frd']:.2f}** (target ≤ 2), "
               f"precision **{b['precision']:.2f}** (target ≥ 0.6), recall **{b['recall']:.2f}** (target ≥ 0.3), "
               f"memorized **{100 * (b['memorized'] or 0):.1f} %** (target ≤ 5 %).", "",
               "Sample grids (left: real held-out slices, right: samples): " +
-              ", ".join(f"[{k}](quality/{k}.png)" for k in ("gan", "autoencoder", "latent-diffusion")), "",
+              ", ".join(f"[{k}](quality/{k}.png)" for k in families), "",
               f"### DDIM-50 vs DDPM-{budget.ddpm_steps} (latent diffusion, {sub} samples each, same seed)", "",
               "| sampler | seconds | FRD | encoder-FID | precision | recall |", "|---|---|---|---|---|---|",
               f"| DDIM-50 | {t_ddim:.1f} | {s_ddim['frd']:.3g} | {s_ddim['fid']:.3g} | {s_ddim['precision']:.2f} | {s_ddim['recall']:.2f} |",

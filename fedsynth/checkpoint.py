@@ -48,7 +48,8 @@ class TrainingState:
 
 def capture_rng() -> dict[str, Any]:
     """All RNG states the engine depends on, in a ``weights_only``-loadable form."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple), "numpy's global RandomState is MT19937, whose legacy state is a tuple"
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -225,8 +226,8 @@ def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], devic
     ae_cfg = payload.get("extra", {}).get("autoencoder_config")
     if ae_cfg is not None:
         autoencoder = build_model(config_from_dict(ae_cfg, f"{source} (autoencoder config)"))
-    if config.family == "diffusion" and getattr(config.model, "autoencoder_checkpoint", None) and autoencoder is None:
-        raise CheckpointError(f"checkpoint {source} is a latent diffusion run but stores no autoencoder config")
+    if getattr(config.model, "autoencoder_checkpoint", None) and autoencoder is None:  # a latent model
+        raise CheckpointError(f"checkpoint {source} is a latent {config.family} run but stores no autoencoder config")
     model = build_model(config, autoencoder=autoencoder)
     try:
         model.set_weights(payload["weights"], strict=True)

@@ -39,6 +39,7 @@ def _at_least(flag: str, value: int | float | None, minimum: int | float) -> Non
 @command("init-config")
 def _init_config(args: argparse.Namespace) -> None:
     from fedsynth.config import default_config, render_yaml
+    from fedsynth.families import families, family
     from fedsynth.io import atomic_write_text, check_output_path
 
     out = check_output_path(args.output, folder=False)
@@ -53,6 +54,12 @@ def _init_config(args: argparse.Namespace) -> None:
         if args.conditioning == "text":
             raise FedsynthError("--conditioning text and --num-classes exclude each other (put the class into the prompt)")
         args.conditioning = "class"
+    spec = family(args.family)
+    if args.conditioning not in spec.conditioning:
+        flag = "--num-classes" if args.conditioning == "class" else f"--conditioning {args.conditioning}"
+        able = [name for name, f in families().items() if args.conditioning in f.conditioning]
+        raise FedsynthError(f"{flag}: the {args.family} family supports --conditioning {' / '.join(spec.conditioning)} "
+                            f"only ({args.conditioning}: {', '.join(able) or 'no family'})")
     cfg = default_config(args.family, args.spatial_dims, args.image_size, args.channels, args.num_classes,
                          args.latent, text=args.conditioning == "text")
     atomic_write_text(out, render_yaml(cfg))
@@ -162,12 +169,15 @@ def _demo(args: argparse.Namespace) -> None:
 
     _at_least("--steps", args.steps, 1)
     _at_least("--first-stage-steps", args.first_stage_steps, 1)
-    paths = run_demo(args.output, family=args.family, steps=args.steps, first_stage_steps=args.first_stage_steps)
+    paths = run_demo(args.output, family=args.family, steps=args.steps, first_stage_steps=args.first_stage_steps,
+                     precision=args.precision)
     for k, v in paths.items():
         print(f"{k}: {v}")
     report = json.loads(paths["report"].read_text(encoding="utf-8"))
+    floor = report["real_vs_real"]
     print(f"held-out precision {report['precision']:.2f}, recall {report['recall']:.2f} "
-          f"({report['encoder']} encoder, {report['samples']} samples vs {report['held_out_images']} held-out slices)")
+          f"({report['encoder']} encoder, {report['samples']} samples vs {report['held_out_images']} held-out slices; "
+          f"real training slices score {floor['precision']:.2f} / {floor['recall']:.2f})")
     print(f"look at the samples: {paths['grid']}")
 
 
@@ -175,16 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsynth", description="Federated synthesis of medical images.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from fedsynth.families import families, family_names
+
     p = sub.add_parser("init-config", help="write a complete, commented config that trains as is")
-    p.add_argument("--family", required=True, choices=["autoencoder", "gan", "diffusion"])
+    p.add_argument("--family", required=True, choices=family_names())
     p.add_argument("--spatial-dims", type=int, choices=[2, 3], default=2)
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=0)
+    text_families = ", ".join(n for n, f in families().items() if "text" in f.conditioning)
+    latent_families = ", ".join(n for n, f in families().items() if "latent" in f.options)
     p.add_argument("--conditioning", choices=["none", "class", "text"], default="none",
-                   help="class: on the CSV's Label (with --num-classes); text: on its Prompt column (diffusion)")
-    p.add_argument("--latent", action="store_true", help="diffusion: latent diffusion (first-stage autoencoder "
-                                                         "trained first, from the same config)")
+                   help=f"class: on the CSV's Label (with --num-classes); text: on its Prompt column ({text_families})")
+    p.add_argument("--latent", action="store_true", help=f"{latent_families}: latent diffusion (first-stage "
+                                                         "autoencoder trained first, from the same config)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
@@ -236,9 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and generate on real brain MRI slices that install offline")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--family", choices=["autoencoder", "gan", "diffusion", "latent-diffusion"], default="latent-diffusion")
+    p.add_argument("--family", choices=[*family_names(), "latent-diffusion"], default="latent-diffusion")
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps (latent diffusion: of the UNet)")
     p.add_argument("--first-stage-steps", type=int, default=600, help="latent-diffusion: autoencoder steps first")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast where the CPU/GPU computes bf16 natively, else fp32")
 
     import importlib
 

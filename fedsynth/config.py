@@ -3,116 +3,29 @@
 Every block rejects unknown keys, so a misspelt option is an error rather than a silently
 ignored setting. :func:`load_config` turns validation failures into one :class:`ConfigError`
 that names the file, the field path, what was expected and what was given.
+
+The ``model:`` block is one class per registered family (:mod:`fedsynth.families`); each lives
+beside its model in ``fedsynth/models/<family>.py`` and is re-exported here
+(``from fedsynth.config import GanConfig``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from fedsynth.config_base import FamilyConfig
+from fedsynth.config_base import Strict as _Strict
 from fedsynth.errors import ConfigError
-
+from fedsynth.families import families, family
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-class _Strict(BaseModel):
-    """Base for every config block: unknown keys are rejected, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 # --------------------------------------------------------------------------- models
-
-
-class AutoencoderConfig(_Strict):
-    """AutoencoderKL (KL-regularised) or VQVAE from MONAI, optionally with a patch discriminator."""
-
-    family: Literal["autoencoder"] = "autoencoder"
-    architecture: Literal["kl", "vqvae"] = Field("kl", description="MONAI AutoencoderKL or VQVAE")
-    channels: list[int] = Field([32, 64], description="feature channels per resolution level")
-    num_res_blocks: int = Field(1, ge=1)
-    latent_channels: int = Field(3, ge=1, description="KL latent channels / VQ embedding dim")
-    attention: bool = Field(False, description="self-attention at the lowest level (needs einops)")
-    norm_num_groups: int = Field(8, ge=1)
-    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (kl only)")
-    num_embeddings: int = Field(64, ge=2, description="codebook size (vqvae only)")
-    adversarial_weight: float = Field(0.0, ge=0, description="> 0 adds a PatchDiscriminator group")
-    adversarial_start_step: int = Field(0, ge=0, description="train reconstruction + KL only before this step (warm-up)")
-    discriminator_channels: int = Field(32, ge=1)
-    discriminator_layers: int = Field(2, ge=1)
-
-    @field_validator("channels")
-    @classmethod
-    def _channels_positive(cls, v: list[int]) -> list[int]:
-        if not v or any(c <= 0 for c in v):
-            raise ValueError("a non-empty list of positive integers")
-        return v
-
-
-class GanConfig(_Strict):
-    """DCGAN-style generator and discriminator (2D or 3D)."""
-
-    family: Literal["gan"] = "gan"
-    latent_dim: int = Field(64, ge=1, description="size of the generator's noise vector")
-    generator_channels: int = Field(64, ge=1, description="channels of the generator's first block")
-    generator_upsample: Literal["resize", "transpose"] = Field(
-        "resize", description="resize: nearest upsample + conv (no checkerboard); transpose: MONAI Generator")
-    discriminator_channels: int = Field(32, ge=1)
-    loss: Literal["nonsaturating", "hinge"] = "nonsaturating"
-    spectral_norm: bool = Field(False, description="spectral normalisation in the discriminator")
-    discriminator_norm: Literal["batch", "group", "none"] = Field(
-        "group", description="GroupNorm is DP-compatible; BatchNorm is the classic DCGAN choice"
-    )
-    augment: list[Literal["brightness", "contrast", "translation", "cutout"]] = Field(
-        ["brightness", "contrast", "translation", "cutout"],
-        description="DiffAugment ops applied to real and fake images before D ([] = off); the fix for small data"
-    )
-    r1_gamma: float = Field(1.0, ge=0, description="R1 gradient penalty weight on real images (0 = off; skipped under DP)")
-    r1_every: int = Field(4, ge=1, description="lazy R1: apply every N steps (weight scaled by N)")
-
-
-class DiffusionConfig(_Strict):
-    """DDPM-trained DiffusionModelUNet; optional latent diffusion on a trained autoencoder run."""
-
-    family: Literal["diffusion"] = "diffusion"
-    channels: list[int] = Field([32, 64], description="UNet channels per level")
-    num_res_blocks: int = Field(1, ge=1)
-    attention_levels: list[bool] | None = Field(None, description="default: attention at the last level")
-    num_head_channels: int = Field(16, ge=1)
-    norm_num_groups: int = Field(8, ge=1)
-    num_train_timesteps: int = Field(1000, ge=10)
-    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = Field(
-        "cosine", description="noise schedule (cosine: Nichol & Dhariwal 2021)")
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
-        "v_prediction", description="what the UNet predicts (v: stable with the cosine schedule)")
-    sampler: Literal["ddpm", "ddim"] = Field("ddim", description="default sampler for generate")
-    sampling_steps: int = Field(50, ge=1, description="default DDIM steps for generate")
-    guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance at generation")
-    class_dropout: float = Field(0.1, ge=0, le=1, description="label drop rate for CFG training")
-    autoencoder_checkpoint: str | None = Field(
-        None, description="checkpoint of a trained autoencoder run: enables latent diffusion"
-    )
-    first_stage: AutoencoderConfig | None = Field(
-        None, description="latent diffusion from one config: train this autoencoder first (fedsynth train), then the UNet"
-    )
-    first_stage_steps: int = Field(2000, ge=1, description="optimiser steps of the first stage (with first_stage)")
-    first_stage_sha256: str | None = Field(
-        None, pattern=r"^[0-9a-f]{64}$",
-        description="set by a federation that ships its first stage: model.first_stage is then its architecture, "
-                    "its weights travel with the global model and every site checks them against this hash")
-
-    @model_validator(mode="after")
-    def _attention_matches(self) -> "DiffusionConfig":
-        if self.attention_levels is not None and len(self.attention_levels) != len(self.channels):
-            raise ValueError(
-                f"attention_levels must have one entry per level ({len(self.channels)}), "
-                f"got {len(self.attention_levels)}"
-            )
-        return self
 
 
 class TextConfig(_Strict):
@@ -137,7 +50,21 @@ class TextConfig(_Strict):
         return self
 
 
-ModelConfig = Annotated[Union[AutoencoderConfig, GanConfig, DiffusionConfig], Field(discriminator="family")]
+#: the ``model:`` block: one config class per registered family, told apart by ``family``. Built
+#: from :data:`fedsynth.families.FAMILY_MODULES` once, when this module is first imported.
+if TYPE_CHECKING:
+    ModelConfig = FamilyConfig  # statically: some family's block (narrow it to reach the family's fields)
+else:
+    ModelConfig = Annotated[Union[tuple(spec.config for spec in families().values())], Field(discriminator="family")]
+_FAMILY_TAGS = frozenset(families())
+
+
+def __getattr__(name: str) -> Any:
+    """``from fedsynth.config import GanConfig`` (or any registered family's config class)."""
+    for spec in families().values():
+        if spec.config.__name__ == name:
+            return spec.config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- data
@@ -287,7 +214,7 @@ class ExperimentConfig(_Strict):
     num_classes: int = Field(0, ge=0, description="> 0: class-conditional on the CSV's Label")
     text: TextConfig | None = Field(None, description="text-conditional on the CSV's Prompt column (diffusion)")
     seed: int = 42
-    model: ModelConfig = Field(default_factory=GanConfig)
+    model: ModelConfig = Field(default_factory=lambda: family("gan").config())
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -349,8 +276,6 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-_FAMILY_TAGS = {"autoencoder", "gan", "diffusion"}
-
 
 def validate_model(model: type[ModelT], data: Any, source: str) -> ModelT:
     """Validate ``data`` into the pydantic ``model``; one :class:`ConfigError` lists every problem."""
@@ -398,54 +323,40 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
 # --------------------------------------------------------------------------- templates
 
 
-def recipe(family: str, spatial_dims: int, size: list[int], latent: bool = False) -> dict[str, Any]:
-    """The training recipe for a family and geometry: model widths and training settings that work
-    on small medical data sets (see docs/recipes.md). ``init-config`` writes it out in full."""
-    small = min(size) < 32
-    if family == "gan":
-        model: dict[str, Any] = {"family": "gan", "latent_dim": 128 if spatial_dims == 2 else 64,
-                                 "generator_channels": (64 if small else 128) if spatial_dims == 2 else 64,
-                                 "discriminator_channels": 32 if spatial_dims == 2 else 16, "r1_gamma": 1.0}
-        training: dict[str, Any] = {"learning_rate": 2e-4, "betas": [0.0, 0.99], "ema_decay": 0.999}
-    elif family == "autoencoder":
-        model = {"family": "autoencoder", "channels": [32, 64] if small or spatial_dims == 3 else [32, 64, 64],
-                 "latent_channels": 4 if spatial_dims == 2 else 3}
-        if spatial_dims == 2 and min(size) >= 64:  # sharper decoder: patch adversarial loss after a warm-up
-            model.update(adversarial_weight=0.02, adversarial_start_step=1000)
-        training = {"learning_rate": 5e-4, "betas": [0.9, 0.999], "ema_decay": 0.999, "warmup_steps": 100}
-    else:
-        model = {"family": "diffusion", "channels": [32, 64] if small or spatial_dims == 3 else [32, 64, 64],
-                 "schedule": "cosine", "prediction_type": "v_prediction"}
-        if latent:
-            model["channels"] = [64, 128]
-            model["first_stage"] = recipe("autoencoder", spatial_dims, size)["model"]
-            model["first_stage_steps"] = 2000
-        training = {"learning_rate": 5e-4, "betas": [0.9, 0.999], "ema_decay": 0.999, "warmup_steps": 200,
-                    "lr_schedule": "cosine", "grad_clip_norm": 1.0}
-    return {"model": model, "training": training}
+def recipe(family_name: str, spatial_dims: int, size: list[int], **options: Any) -> dict[str, Any]:
+    """The training recipe of a registered family for a geometry: model widths and training
+    settings that work on small medical data sets (see docs/recipes.md). ``init-config`` writes it
+    out in full. ``options`` are the family's own (:attr:`Family.options`, e.g. ``latent``)."""
+    spec = family(family_name)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ConfigError(f"option '{unknown[0]}' is not one of the {family_name} family's "
+                          f"({', '.join(spec.options) or 'it has none'})")
+    return spec.recipe(spatial_dims, size, **options)
 
 
-def default_config(family: str, spatial_dims: int, image_size: int | list[int], channels: int = 1,
+def default_config(family_name: str, spatial_dims: int, image_size: int | list[int], channels: int = 1,
                    num_classes: int = 0, latent: bool = False, text: bool = False) -> ExperimentConfig:
     """A complete config that trains as is, sized for the given geometry, with the family's recipe.
 
-    ``text`` makes it text-conditional (diffusion only; latent diffusion is the recipe for it)."""
-    known = {"autoencoder", "gan", "diffusion"}
-    if family not in known:
-        raise ConfigError(f"unknown family '{family}': expected one of {sorted(known)}")
-    if latent and family != "diffusion":
-        raise ConfigError(f"--latent is for the diffusion family, not '{family}'")
+    ``latent``: the family's ``latent`` option (diffusion: latent diffusion on a first-stage
+    autoencoder). ``text`` makes it text-conditional (families whose conditioning has ``text``)."""
+    spec = family(family_name)
+    if latent and "latent" not in spec.options:
+        raise ConfigError(f"--latent is not an option of the {family_name} family "
+                          f"(families with it: {', '.join(n for n, f in families().items() if 'latent' in f.options)})")
+    if text and "text" not in spec.conditioning:
+        raise ConfigError(f"text conditioning is not supported by the {family_name} family (it supports: "
+                          f"{', '.join(spec.conditioning)}; text: {', '.join(n for n, f in families().items() if 'text' in f.conditioning)})")
     size = image_size if isinstance(image_size, list) else [image_size] * spatial_dims
-    if text and family != "diffusion":
-        raise ConfigError(f"text conditioning is for the diffusion family, not '{family}'")
-    r = recipe(family, spatial_dims, size, latent)
+    r = recipe(family_name, spatial_dims, size, **({"latent": True} if latent else {}))
     return config_from_dict({
         "spatial_dims": spatial_dims, "image_size": size, "channels": channels, "num_classes": num_classes,
         **({"text": {}} if text else {}),
         "model": r["model"],
         "data": {"augmentations": [{"name": "flip", "prob": 0.5, "spatial_axis": spatial_dims - 1}]},
-        "training": {"batch_size": (32 if family == "gan" else 16) if spatial_dims == 2 else 4, **r["training"]},
-    }, f"defaults for {family}")
+        "training": {"batch_size": 16 if spatial_dims == 2 else 4, **r["training"]},
+    }, f"defaults for {family_name}")
 
 
 def render_yaml(config: ExperimentConfig) -> str:

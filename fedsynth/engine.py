@@ -28,8 +28,9 @@ from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, make_loader
 from fedsynth.data.images import save_image
 from fedsynth.errors import CheckpointError, TrainingDiverged, WeightsError
-from fedsynth.extensions import EmaExtension, Extension, sampling_weights
+from fedsynth.extensions import EmaExtension, Extension, TrainingStep, sampling_weights
 from fedsynth.generation import image_grid, sample
+from fedsynth.models import build_model
 from fedsynth.models.base import Batch, SynthesisModel
 from fedsynth.recipes import WeightAverage, lr_factor
 
@@ -88,7 +89,7 @@ class Engine:
                                                               config.training.ema_decay)))
         self.planned_steps: int | None = None
         self._pending_rng: Mapping[str, Any] | None = None  # RNG of a resumed checkpoint, restored by fit
-        self._training_step = model.training_step
+        self._training_step: TrainingStep = model.training_step
         self._tb: Any = None
         if dist.world_size > 1:
             self._wrap_ddp()
@@ -132,7 +133,7 @@ class Engine:
                              world_size=self.dist.world_size, num_workers=t.num_workers)
         for ext in self.extensions:
             self.optimizers, loader = ext.prepare_loader(self.model, self.optimizers, loader)
-        step = self.model.training_step
+        step: TrainingStep = self.model.training_step
         for ext in self.extensions:
             step = ext.wrap_training_step(self.model, step)
         self._training_step = step
@@ -482,3 +483,16 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + 7919 * rank)
 
+
+def build_engine(config: ExperimentConfig, run_dir: str | Path | None, dist: Distributed = Distributed()) -> Engine:
+    """Seeded model + engine (+ privacy plugin when enabled): the same for every driver
+    (local training, DDP ranks, Flower and OpenFL sites)."""
+    seed_everything(config.seed, dist.rank)
+    model = build_model(config)
+    privacy = None
+    if config.privacy.enabled:
+        from fedsynth.privacy import make_privacy_plugin  # optional dependency (opacus)
+
+        privacy = make_privacy_plugin(config, model)
+    device = resolve_device(config.training.device, dist.rank)
+    return Engine(model, config, run_dir=run_dir, dist=dist, device=device, privacy=privacy)

@@ -5,8 +5,8 @@ Also works under ``torchrun`` (it reads ``RANK``/``WORLD_SIZE`` from the environ
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +14,11 @@ import torch
 import torch.distributed as torch_dist
 
 from fedsynth.config import ExperimentConfig, load_config, save_config
-from fedsynth.data.dataset import load_datasets
-from fedsynth.engine import BEST, LAST, Distributed, Engine, resolve_device, seed_everything
+from fedsynth.data.dataset import ImageDataset, load_datasets
+from fedsynth.engine import BEST, LAST, Distributed, Engine, build_engine, resolve_device
 from fedsynth.errors import CheckpointError, ConfigError, OutputError
-from fedsynth.models import build_model, first_stage_config
+from fedsynth.models import first_stage_config
+from fedsynth.processes import free_port
 
 
 @dataclass(frozen=True)
@@ -60,19 +61,6 @@ def prepare_run_dir(request: TrainRequest) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
-def build_engine(config: ExperimentConfig, run_dir: str | Path | None, dist: Distributed = Distributed()) -> Engine:
-    """Seeded model + engine (+ privacy plugin when enabled): the same for every driver."""
-    seed_everything(config.seed, dist.rank)
-    model = build_model(config)
-    privacy = None
-    if config.privacy.enabled:
-        from fedsynth.privacy import make_privacy_plugin  # optional dependency (opacus)
-
-        privacy = make_privacy_plugin(config, model)
-    device = resolve_device(config.training.device, dist.rank)
-    return Engine(model, config, run_dir=run_dir, dist=dist, device=device, privacy=privacy)
-
-
 def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> Engine:
     """Train as requested in this process (one rank of a DDP job when ``dist.world_size > 1``)."""
     config = load_config(request.config_path)
@@ -84,11 +72,12 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
     if dist.is_main:
         prepare_run_dir(request)
     train_data, val_data = load_datasets(config, request.data, request.val_data)
-    if getattr(config.model, "first_stage_sha256", None) and not config.model.autoencoder_checkpoint:
+    first_stage_checkpoint = getattr(config.model, "autoencoder_checkpoint", None)
+    if getattr(config.model, "first_stage_sha256", None) and not first_stage_checkpoint:
         raise ConfigError("model.first_stage_sha256 is set: this config's first stage was shipped by a federation "
                           "and its weights live in the federation's global checkpoint; to train locally, set "
                           "model.autoencoder_checkpoint to that checkpoint or remove first_stage_sha256 to train a new first stage")
-    if getattr(config.model, "first_stage", None) is not None and not config.model.autoencoder_checkpoint:
+    if getattr(config.model, "first_stage", None) is not None and not first_stage_checkpoint:
         config = train_first_stage(config, run_dir, train_data, val_data, dist)
     engine = build_engine(config, run_dir, dist)
     if request.resume:
@@ -104,7 +93,7 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
     return engine
 
 
-def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data, val_data,  # type: ignore[no-untyped-def]
+def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data: ImageDataset, val_data: ImageDataset | None,
                       dist: Distributed = Distributed()) -> ExperimentConfig:
     """Latent diffusion from one config: train (or resume) the autoencoder in ``run_dir/first_stage``,
     then return the diffusion config pointing at its checkpoint."""
@@ -113,7 +102,7 @@ def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data, val_d
     engine = build_engine(stage_config, stage_dir, dist)
     if (stage_dir / LAST).is_file():
         engine.resume(stage_dir / LAST)
-    if engine.state.step < stage_config.training.max_steps:  # type: ignore[operator]
+    if engine.state.step < (stage_config.training.max_steps or 0):
         engine.log_message(f"latent diffusion: training the first-stage autoencoder for "
                            f"{stage_config.training.max_steps} steps in {stage_dir}")
         engine.fit(train_data, val_data)
@@ -122,23 +111,29 @@ def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data, val_d
     if dist.world_size > 1:
         torch_dist.barrier()
     out = config.model_copy(deep=True)
-    out.model.autoencoder_checkpoint = str((stage_dir / LAST).resolve())  # type: ignore[union-attr]
+    out.model = out.model.model_copy(update={"autoencoder_checkpoint": str((stage_dir / LAST).resolve())})
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _worker(rank: int, request: TrainRequest, world_size: int, port: int) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    _train_rank(request, Distributed(rank, world_size))
+
+
+def _train_rank(request: TrainRequest, dist: Distributed) -> None:
+    """One DDP rank, in a started process group: train, wait for every rank, then leave the group.
+
+    The DDP-wrapped nets' reducers hold the process group (and gloo's threads): they are freed
+    before the group is destroyed, not at interpreter exit, where gloo can abort the process.
+    """
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        run_training(request, Distributed(rank, world_size))
+        engine = run_training(request, dist)
+        torch_dist.barrier()
+        del engine
     finally:
+        gc.collect()
         torch_dist.destroy_process_group()
 
 
@@ -149,17 +144,14 @@ def train(request: TrainRequest) -> None:
         rank = int(os.environ["RANK"])
         backend = "nccl" if resolve_device("auto").type == "cuda" else "gloo"
         torch_dist.init_process_group(backend)
-        try:
-            run_training(request, Distributed(rank, env_world))
-        finally:
-            torch_dist.destroy_process_group()
+        _train_rank(request, Distributed(rank, env_world))
         return
     if request.devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {request.devices}")
     if request.devices > 1:
         load_config(request.config_path)  # fail fast, in the parent, on a bad config
         prepare_run_dir(request)
-        torch.multiprocessing.start_processes(_worker, args=(request, request.devices, _free_port()),
+        torch.multiprocessing.start_processes(_worker, args=(request, request.devices, free_port()),
                                               nprocs=request.devices, start_method="spawn")
         return
     run_training(request)

@@ -177,7 +177,7 @@ def build_example_workspace(out_dir: str | Path, *, count: int = 12) -> dict[str
         csvs[split] = data / f"{split}.csv"
         write_manifest(csvs[split], [(s, [Path(f).relative_to(data) for f in files], label) for s, files, label in rows])
     config = default_config("gan", 2, 32)
-    config.model.latent_dim, config.model.generator_channels, config.model.discriminator_channels = 16, 32, 16
+    config.model = config.model.model_copy(update={"latent_dim": 16, "generator_channels": 32, "discriminator_channels": 16})
     config.training.epochs, config.training.batch_size = 1, 8
     config.training.progress, config.training.tensorboard = False, False
     atomic_write_text(out / "config.yaml", render_yaml(config))

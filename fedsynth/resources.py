@@ -1,6 +1,7 @@
 """Files fedsynth ships next to its code, and ``fedsynth templates``.
 
-- ``plans/<family>/``: the OpenFL workspace templates (``fedsynth federate openfl`` copies one);
+- ``plans/workspace/``: the OpenFL workspace template, one for every family (``fedsynth federate
+  openfl`` and ``fedsynth templates openfl-<family>`` write a family's workspace from it);
 - ``collaborator/flower/``: a hospital site's ``start-supernode.sh`` and ``data.yaml``;
 - ``aggregator/flower/``: the aggregator host's ``start-superlink.sh``.
 
@@ -27,14 +28,13 @@ DATA_PACKAGES = {
     "flower-site": ("fedsynth.templates.flower_site", "collaborator/flower"),
     "flower-aggregator": ("fedsynth.templates.flower_aggregator", "aggregator/flower"),
 }
-#: ``fedsynth templates NAME`` -> (shipped folder, sub-folder copied out)
+#: ``fedsynth templates NAME`` -> (shipped folder, sub-folder copied out); ``openfl-<family>`` for
+#: every registered family is written from ``plans/workspace`` (see :func:`template_names`)
 TEMPLATES = {
     "flower-site": ("flower-site", "."),
     "flower-aggregator": ("flower-aggregator", "."),
-    "openfl-gan": ("plans", "gan"),
-    "openfl-autoencoder": ("plans", "autoencoder"),
-    "openfl-diffusion": ("plans", "diffusion"),
 }
+OPENFL_PREFIX = "openfl-"
 _COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "__init__.py")
 
 
@@ -63,15 +63,28 @@ def resource_dir(name: str) -> Path:
                         "from its wheel or checkout (pip install fedsynth)")
 
 
+def template_names() -> list[str]:
+    """What ``fedsynth templates`` writes: the Flower kits and ``openfl-<family>`` per registered family."""
+    from fedsynth.families import family_names
+
+    return [*TEMPLATES, *(OPENFL_PREFIX + name for name in family_names())]
+
+
 def copy_template(which: str, out: Path) -> list[Path]:
-    """Copy template ``which`` (see :data:`TEMPLATES`) into the new or empty folder ``out``."""
-    if which not in TEMPLATES:
-        raise FedsynthError(f"unknown template '{which}': expected one of {', '.join(TEMPLATES)}")
+    """Write template ``which`` (see :func:`template_names`) into the new or empty folder ``out``."""
+    names = template_names()
+    if which not in names:
+        raise FedsynthError(f"unknown template '{which}': expected one of {', '.join(names)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedsynthError(f"-o {out}: exists and is not an empty folder; choose a new one")
-    folder, sub = TEMPLATES[which]
-    shutil.copytree(resource_dir(folder) / sub, out, ignore=_COPY_IGNORE, dirs_exist_ok=True)
+    if which.startswith(OPENFL_PREFIX):
+        from fedsynth.federated.openfl.workspace import write_template
+
+        write_template(which[len(OPENFL_PREFIX):], out)
+    else:
+        folder, sub = TEMPLATES[which]
+        shutil.copytree(resource_dir(folder) / sub, out, ignore=_COPY_IGNORE, dirs_exist_ok=True)
     written = sorted(p for p in out.rglob("*") if p.is_file())
     for path in written:
         if path.suffix == ".sh":
@@ -84,8 +97,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from fedsynth.cli import command
 
     p = subparsers.add_parser("templates", help="copy a shipped template: a Flower site or aggregator's start "
-                                                "script, or an OpenFL workspace (plans/<family>)")
-    p.add_argument("name", choices=list(TEMPLATES), help="flower-site: start-supernode.sh + data.yaml; "
+                                                "script, or a family's OpenFL workspace (from plans/workspace)")
+    p.add_argument("name", choices=template_names(), help="flower-site: start-supernode.sh + data.yaml; "
                    "flower-aggregator: start-superlink.sh; openfl-FAMILY: a ready OpenFL workspace")
     p.add_argument("-o", "--output", required=True, help="new (or empty) folder to write")
     p.set_defaults(command="templates")

@@ -46,15 +46,10 @@ def mri3d(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def tiny_config(family: str, spatial_dims: int = 2, num_classes: int = 0, **overrides: object):
     """A config sized for tests: tiny networks, few steps, no progress bars."""
     from fedsynth.config import config_from_dict
+    from fedsynth.families import family as registered
 
     size = 32 if spatial_dims == 2 else 16
-    model: dict[str, object] = {"family": family}
-    if family == "gan":
-        model.update(latent_dim=16, generator_channels=32, discriminator_channels=16)
-    elif family == "autoencoder":
-        model.update(channels=[8, 16], latent_channels=2)
-    else:
-        model.update(channels=[16, 32], num_train_timesteps=100, sampling_steps=5, num_head_channels=8)
+    model: dict[str, object] = {"family": family, **registered(family).test_model}
     data: dict[str, object] = {
         "spatial_dims": spatial_dims, "image_size": size, "num_classes": num_classes, "seed": 0,
         "model": model,

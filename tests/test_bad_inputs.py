@@ -428,7 +428,7 @@ def test_overwrite_starts_again(tmp_path: Path) -> None:
 
 def test_resume_applies_and_logs_a_new_learning_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fedsynth.config import load_config
-    from fedsynth.local import build_engine
+    from fedsynth.engine import build_engine
 
     ws = Workspace(tmp_path)
     assert main(ws.train()) == 0

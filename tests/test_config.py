@@ -10,6 +10,8 @@ import yaml
 from fedsynth.cli import main
 from fedsynth.config import config_from_dict, default_config, load_config, render_yaml
 from fedsynth.errors import ConfigError
+from fedsynth.families import family as family_spec
+from fedsynth.families import family_names
 
 
 def _write(tmp_path: Path, data: object, name: str = "cfg.yaml") -> Path:
@@ -49,12 +51,12 @@ def test_missing_and_unparsable_files(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "- a\n- b\n"))
 
 
-@pytest.mark.parametrize("family", ["autoencoder", "gan", "diffusion"])
+@pytest.mark.parametrize("family", family_names())
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_init_config_round_trips(tmp_path: Path, family: str, spatial_dims: int) -> None:
     out = tmp_path / "cfg.yaml"
     assert main(["init-config", "--family", family, "--spatial-dims", str(spatial_dims), "--image-size", "32",
-                 "--num-classes", "0" if family == "autoencoder" else "2", "-o", str(out)]) == 0
+                 "--num-classes", "2" if "class" in family_spec(family).conditioning else "0", "-o", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
     assert "#" in text  # commented
     cfg = load_config(out)

@@ -16,10 +16,10 @@ from fedsynth.checkpoint import checkpoint_info, load_checkpoint, model_from_che
 from fedsynth.cli import main
 from fedsynth.config import render_yaml
 from fedsynth.data import load_datasets, read_manifest
-from fedsynth.engine import Engine
+from fedsynth.engine import Engine, build_engine
 from fedsynth.errors import CheckpointError
 from fedsynth.generation import sample
-from fedsynth.local import TrainRequest, build_engine, run_training
+from fedsynth.local import TrainRequest, run_training
 
 
 def _write_config(tmp_path: Path, cfg) -> Path:
@@ -198,12 +198,12 @@ def _ddp_rank(rank: int, request: TrainRequest, port: int, out: str) -> None:
 
 
 def test_ddp_ranks_end_identical_and_only_rank0_writes(tmp_path: Path, mri2d: dict[str, Path]) -> None:
-    from fedsynth.local import _free_port
+    from fedsynth.processes import free_port
 
     cfg = _write_config(tmp_path, tiny_config("gan", training__epochs=2, training__sample_every=1))
     run = tmp_path / "run"
     request = TrainRequest(str(cfg), str(mri2d["mni152"]), str(run))
-    torch.multiprocessing.start_processes(_ddp_rank, args=(request, _free_port(), str(tmp_path)), nprocs=2,
+    torch.multiprocessing.start_processes(_ddp_rank, args=(request, free_port(), str(tmp_path)), nprocs=2,
                                           start_method="spawn")
     a, b = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
     assert sorted(a.files) == sorted(b.files) and a.files

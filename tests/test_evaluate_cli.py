@@ -67,7 +67,7 @@ def test_evaluate_with_autoencoder_checkpoint(mri2d: dict[str, Path], tmp_path: 
     from conftest import tiny_config
 
     from fedsynth.data import load_datasets
-    from fedsynth.local import build_engine
+    from fedsynth.engine import build_engine
 
     config = tiny_config("autoencoder")
     train, _ = load_datasets(config, str(mri2d["mni152"]))

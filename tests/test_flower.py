@@ -63,6 +63,10 @@ def test_app_bundle_is_a_valid_flower_app(tmp_path: Path) -> None:
     ok, errors, _ = validate_config(config, check_module=True, project_dir=app)
     assert ok, errors
     assert config["tool"]["flwr"]["app"]["config"]["rounds"] == 2
+    from fedsynth.federated.flower import messages  # the keys the ServerApp reads
+
+    assert set(config["tool"]["flwr"]["app"]["config"]) == {messages.RUN_CONFIG_PATH, messages.RUN_DIR, messages.RUN_ROUNDS,
+                                                             messages.RUN_EVALUATE}
     assert config["tool"]["flwr"]["federations"]["fedsynth"]["root-certificates"] == str((tmp_path / "ca.crt").resolve())
     assert (app / APP_PACKAGE / "server_app.py").is_file()
     with pytest.raises(ValueError, match="absolute"):
@@ -89,23 +93,80 @@ def test_collaborator_example_data_config_is_valid() -> None:
 
 
 def test_the_server_tells_each_site_what_became_of_its_update(caplog: pytest.LogCaptureFixture) -> None:
-    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app import ArrayRecord
 
     from fedsynth.federated.flower.client_app import report_verdict
-    from fedsynth.federated.flower.records import VERDICT_KEY
+    from fedsynth.federated.flower.messages import RoundInstruction
     from fedsynth.federated.flower.server_app import verdicts
 
     summary = {"accepted": ["site1"], "rejected": [("site2", "site 'site2': 'unet/w' contains NaN or Inf")]}
     told = verdicts(3, summary)
-    assert told == {"site1": "round 3: accepted", "site2": "round 3: rejected: site 'site2': 'unet/w' contains NaN or Inf"}
+    assert {site: str(v) for site, v in told.items()} == {
+        "site1": "round 3: accepted", "site2": "round 3: rejected: site 'site2': 'unet/w' contains NaN or Inf"}
 
-    def message(verdict: str | None) -> Message:
-        extra = {VERDICT_KEY: verdict} if verdict else {}
-        return Message(RecordDict({"config": ConfigRecord({"server-round": 4, **extra})}), dst_node_id=1, message_type="train")
+    def received(site: str | None) -> RoundInstruction:  # what the site decodes from the next round's message
+        sent = RoundInstruction(4, "{}", ArrayRecord(), told[site] if site else None)
+        return RoundInstruction.from_record(sent.to_record())
 
     with caplog.at_level("WARNING", logger="fedsynth"):
-        assert report_verdict(message(told["site1"]), "site1") == "round 3: accepted"
+        assert str(report_verdict(received("site1").verdict, "site1")) == "round 3: accepted"
         assert not caplog.records
-        assert report_verdict(message(told["site2"]), "site2") == told["site2"]
-        assert report_verdict(message(None), "site2") is None
+        assert report_verdict(received("site2").verdict, "site2") == told["site2"]
+        assert report_verdict(received(None).verdict, "site2") is None
     assert "site site2: the server rejected this site's update of round 3: site 'site2': 'unet/w' contains NaN" in caplog.text
+
+
+def test_a_message_the_superlink_lost_is_sent_again(tmp_path: Path) -> None:
+    """flwr 1.23's SuperLink stores a pushed message before it registers the message's objects; a
+    SuperNode that pulls in between gets nothing and the SuperLink deletes the message (its fleet
+    PullMessages handler, on NoObjectInStoreError). The server then reads "Message Unavailable" for
+    that site. The round sends the message again instead of running without the site.
+
+    Real flwr link state and in-memory grid; the SuperNode's side is played on the same state."""
+    import threading
+    import time
+
+    from flwr.app import ConfigRecord, Message
+    from flwr.server.grid.inmemory_grid import InMemoryGrid
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+    from conftest import tiny_config
+    from fedsynth.federated.flower.messages import RoundInstruction, TrainReply
+    from fedsynth.federated.flower.server_app import FlowerFederation
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME)
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, ConfigRecord(), None)
+    node = state.create_node("site1-owner", b"site1-key", heartbeat_interval=30.0)
+    assert state.acknowledge_node_heartbeat(node, 30.0)
+    grid = InMemoryGrid(factory)
+    grid.set_run(run_id)
+    config = tiny_config("autoencoder", federation__min_sites=1, federation__round_timeout_s=60.0)
+    federation = FlowerFederation(grid, config, tmp_path / "run", evaluate=False)
+
+    seen: list[str] = []
+
+    def supernode() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for message in state.get_message_ins(node_id=node, limit=1):
+                seen.append(message.metadata.message_id)
+                if len(seen) == 1:  # what the fleet handler does when the objects are not registered yet
+                    state.delete_messages(message_ins_ids={message.metadata.message_id})
+                    continue
+                sent = RoundInstruction.from_record(message.content)
+                reply = Message(TrainReply("site1", sent.arrays, 5, {"loss": 0.5}).to_record(), reply_to=message)
+                reply.metadata.__dict__["_message_id"] = reply.object_id
+                assert state.store_message_res(reply)
+                return
+            time.sleep(0.02)
+
+    site = threading.Thread(target=supernode, daemon=True)
+    site.start()
+    federation.run_round(1)
+    site.join(10)
+    assert len(seen) == 2 and seen[0] != seen[1]  # the lost message, then the one sent again
+    assert federation.global_model.round == 1
+    received = (tmp_path / "run" / "server" / "received.jsonl").read_text(encoding="utf-8")
+    assert '"site": "site1"' in received and "error" not in received

@@ -28,8 +28,9 @@ from fedsynth import pki
 from fedsynth.checkpoint import checkpoint_info, load_checkpoint
 from fedsynth.config import save_config
 from fedsynth.federated.flower.bundle import FEDERATION
-from fedsynth.federated.flower.launcher import flwr_cli, group_exists
+from fedsynth.federated.flower.launcher import flwr_cli
 from fedsynth.federated.flower.trial import LocalFederation, TrialRequest
+from fedsynth.processes import group_exists
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ def _request(tmp: Path, certs: Path, mri2d: dict[str, Path], family: str, rounds
 
 def _assert_no_orphans(fed: LocalFederation) -> None:
     for name, proc in fed.processes.procs.items():
-        assert proc.poll() is not None, name
+        assert proc.popen.poll() is not None, name
         assert not group_exists(proc.pid), name  # the whole group (SuperLink/SuperNode + flwr-*app children) is gone
 
 
@@ -111,7 +112,7 @@ def _start_site_from_the_shipped_script(fed: LocalFederation, site_id: str) -> N
     import os
     import sys
 
-    from fedsynth.federated.flower.launcher import free_port
+    from fedsynth.processes import free_port
     from fedsynth.resources import resource_dir
 
     site_dir = fed.run_dir / "sites" / site_id
@@ -120,7 +121,7 @@ def _start_site_from_the_shipped_script(fed: LocalFederation, site_id: str) -> N
            "FLWR_HOME": str(site_dir / "flwr"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{fed.env.get('PATH', os.environ.get('PATH', ''))}"}
     script = resource_dir("flower-site") / "start-supernode.sh"
-    fed.processes.start(site_id, ["bash", str(script)], fed.run_dir / "logs" / f"{site_id}.log", env, site_dir)
+    fed.processes.start(site_id, ["bash", str(script)], site_dir, fed.run_dir / "logs" / f"{site_id}.log", env)
 
 
 def test_autoencoder_fp16_with_evaluation(tmp_path: Path, certs: Path, mri2d: dict[str, Path]) -> None:
@@ -195,7 +196,7 @@ def test_untrusted_supernodes_are_refused(tmp_path: Path, certs: Path, mri2d: di
         while time.monotonic() < deadline and any(fed.processes.alive(n) for n in ("other-ca", "no-tls", "unregistered")):
             time.sleep(0.5)
         for name in ("other-ca", "no-tls", "unregistered"):
-            code = fed.processes.procs[name].poll()
+            code = fed.processes.procs[name].popen.poll()
             assert code is not None and code != 0, (name, fed.processes.tail(name))
         nodes = flwr_cli(["supernode", "ls", str(fed.app_dir), FEDERATION], fed.env, fed.app_dir)["nodes"]
         assert len([n for n in nodes if n["status"] == "online"]) == 1  # only the legitimate site1
@@ -206,7 +207,7 @@ def test_untrusted_supernodes_are_refused(tmp_path: Path, certs: Path, mri2d: di
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and fed.processes.alive("revoked"):
             time.sleep(0.5)
-        code = fed.processes.procs["revoked"].poll()
+        code = fed.processes.procs["revoked"].popen.poll()
         assert code is not None and code != 0, fed.processes.tail("revoked")
     _assert_no_orphans(fed)
 
@@ -284,6 +285,8 @@ def test_a_killed_superlink_resumes_from_the_last_completed_round(tmp_path: Path
     starts = [e for e in _events(run) if e["event"] == "start"]
     assert [e["start_round"] for e in starts] == [1, 2]
     history = json.loads((run / "global" / "history.json").read_text(encoding="utf-8"))
-    assert [h["round"] for h in history] == [1, 2, 3] and sorted(history[0]["accepted"]) == ["site1", "site2"]
-    assert all(h["accepted"] for h in history)
+    # which sites a round accepted is the straggler policy's business (min_sites=1: the SuperLink's own
+    # node list can lag `flwr supernode ls` by a heartbeat, seen once in CI); the resume is what counts
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert all(h["accepted"] and set(h["accepted"]) <= {"site1", "site2"} for h in history)
 

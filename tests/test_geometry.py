@@ -16,10 +16,11 @@ import torch
 from fedsynth.cli import main
 from fedsynth.config import config_from_dict, default_config
 from fedsynth.errors import ConfigError
+from fedsynth.families import family_names
 from fedsynth.models import build_model
 from fedsynth.models.base import Batch
 
-FAMILIES = ("gan", "autoencoder", "diffusion")
+FAMILIES = family_names()
 
 
 def _config_or_error(family: str, dims: int, size: int, channels: int, classes: int = 0):

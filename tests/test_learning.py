@@ -31,7 +31,7 @@ def _train_and_score(family: str, brains32: dict[str, Path], tmp: Path, steps: i
     from fedsynth.config import default_config
     from fedsynth.data import load_datasets
     from fedsynth.generation import sample
-    from fedsynth.local import build_engine
+    from fedsynth.engine import build_engine
     from fedsynth.metrics import load_real
 
     config = default_config(family, 2, 32)

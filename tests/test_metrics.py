@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy import ndimage
 
 from fedsynth import demo
@@ -25,7 +26,7 @@ from fedsynth.data.manifest import write_manifest
 from fedsynth.metrics import ImageSet, evaluate_sets, infer_config, load_real
 from fedsynth.metrics import features as feat
 from fedsynth.metrics import radiomics as rad
-from fedsynth.metrics.similarity import memorization, pairwise_ms_ssim
+from fedsynth.metrics.similarity import memorization, ms_ssim_metric, pairwise_ms_ssim, reconstruction_quality
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 VOLUMES = {"heldout": "ch2bet.nii.gz", "macaque": "inia19-t1-brain.nii.gz", "atlas": "aal.nii.gz"}
@@ -151,6 +152,40 @@ def test_ms_ssim_diversity_detects_mode_collapse(mri2d: dict[str, Path]) -> None
     assert 0.1 < diverse["mean"] < 0.95 and diverse["pairs"] == 24 * 23 // 2
 
 
+class _Blur(torch.nn.Module):
+    """A stand-in autoencoder whose reconstruction is a ``width``-pixel box blur (1: a perfect copy)."""
+
+    def __init__(self, width: int = 3) -> None:
+        super().__init__()
+        self.width = width
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        pool = torch.nn.functional.avg_pool2d if x.ndim == 4 else torch.nn.functional.avg_pool3d
+        return pool(x, self.width, stride=1, padding=self.width // 2, count_include_pad=False)
+
+
+def test_monai_similarity_metrics_match_the_hand_composed_values(mri2d: dict[str, Path], mri3d: dict[str, Path]) -> None:
+    """MONAI's MS-SSIM/SSIM/PSNR give the values recorded from the former hand-composed MS-SSIM
+    (MONAI's per-scale SSIM terms, float64 pooling) on the same MNI152 images, for every kernel
+    size and number of scales ``ssim_geometry`` picks; the gap is float32 rounding."""
+    im2 = load_real(mri2d["mni152"], infer_config(mri2d["mni152"])).images
+    im3 = load_real(mri3d["mni152"], infer_config(mri3d["mni152"])).images
+    assert pairwise_ms_ssim(im2) == pytest.approx({"mean": 0.585111174583506, "std": 0.19109353045658997, "pairs": 276},
+                                                  abs=1e-6)
+    assert pairwise_ms_ssim(im3) == pytest.approx({"mean": 0.12318565776546983, "std": 0.14439381545839344, "pairs": 28},
+                                                  abs=1e-6)
+    recorded = {64: [0.519770522740059, 0.5187103778065537, 0.4002689491196625, 0.24667115283603014],  # kernel 7, 4 scales
+                192: [0.4894100259401962, 0.4944127050341992, 0.3848442741791445, 0.19642725452034276]}  # kernel 11, 5
+    for size, values in recorded.items():
+        up = torch.nn.functional.interpolate(torch.from_numpy(im2), size=size, mode="bilinear").clamp(0, 1)
+        assert ms_ssim_metric(2, size)(up[:4], up[4:8]).flatten().tolist() == pytest.approx(values, abs=1e-6)
+    assert reconstruction_quality(_Blur(), im2) == pytest.approx(
+        {"ssim": 0.7632823586463928, "psnr": 23.572830200195312, "count": 24}, abs=1e-6)
+    assert reconstruction_quality(_Blur(), im3) == pytest.approx(
+        {"ssim": 0.467556893825531, "psnr": 17.60015296936035, "count": 8}, abs=1e-6)
+    assert reconstruction_quality(_Blur(1), im3)["psnr"] == 100.0  # capped, as the former MSE floor of 1e-10
+
+
 def test_numpy_first_order_matches_pyradiomics() -> None:
     pytest.importorskip("radiomics")
     image = (np.random.default_rng(1).random((1, 32, 32)) ** 2).astype(np.float32)
@@ -180,6 +215,17 @@ def test_random_conv_encoder_is_fixed_and_works_in_3d() -> None:
     a = feat.embed(feat.RandomConvEncoder(3, 1), x)
     b = feat.embed(feat.RandomConvEncoder(3, 1), x)
     assert a.shape == (3, 2 * sum(feat.RANDOM_CONV_CHANNELS)) and np.array_equal(a, b) and np.isfinite(a).all()
+
+
+@pytest.mark.parametrize(("spatial_dims", "conv", "features_sum"), [(2, torch.nn.Conv2d, 131.24899730901234),
+                                                                   (3, torch.nn.Conv3d, 123.48784280801192)])
+def test_random_conv_encoder_weights_are_unchanged(spatial_dims: int, conv: type, features_sum: float) -> None:
+    """MONAI's Conv factory builds the same torch layers, and the seeded weights give the features
+    recorded before it did (FRD and precision figures depend on them)."""
+    encoder = feat.RandomConvEncoder(spatial_dims, 1)
+    assert all(type(layer) is conv for layer in encoder.layers)
+    x = np.random.default_rng(0).random((2, 1, *[16] * spatial_dims), dtype=np.float32)
+    assert feat.embed(encoder, x).sum() == pytest.approx(features_sum, rel=1e-9)
 
 
 def test_numpy_first_order_fallback_still_separates(mri2d: dict[str, Path], tmp_path: Path) -> None:

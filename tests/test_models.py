@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.losses import PatchAdversarialLoss
 
 from conftest import tiny_config
 from fedsynth.errors import WeightsError
 from fedsynth.models import build_model
+from fedsynth.models.losses import discriminator_loss, generator_loss
 
 VARIANTS = [
     ("gan", 2, 0, {}), ("gan", 3, 2, {}), ("gan", 2, 2, {"model__spectral_norm": True, "model__loss": "hinge"}),
@@ -94,3 +96,19 @@ def test_conditional_label_checks() -> None:
     uncond = _model("gan", 2, 0, {})
     with pytest.raises(ValueError, match="unconditional"):
         uncond.generate(1, generator=torch.Generator(), labels=torch.tensor([0]))
+
+
+def test_gan_losses_are_exact_where_monai_patch_adversarial_loss_differs() -> None:
+    """Why the GAN keeps its own losses (models/losses.py): MONAI's "bce" saturates in float32 (a
+    fake at logit 20 scores 100 instead of 20, with no gradient) and its "hinge" is tanh-bounded."""
+    fake, sure_real = torch.tensor([20.0], requires_grad=True), torch.tensor([1e4])
+    ours = discriminator_loss(sure_real, fake)  # softplus(20) = 20 + 2e-9
+    monai_bce = PatchAdversarialLoss(criterion="bce")(fake, target_is_real=False, for_discriminator=True)
+    assert float(ours.detach()) == pytest.approx(20.0) and float(torch.autograd.grad(ours, fake)[0]) == pytest.approx(1.0)
+    assert float(monai_bce.detach()) == pytest.approx(100.0) and float(torch.autograd.grad(monai_bce, fake)[0]) == 0.0
+    logits, monai_hinge = torch.tensor([0.5, 3.0]), PatchAdversarialLoss(criterion="hinge")
+    bounded = float((1 - torch.tanh(logits)).mean())  # MONAI's hinge for D on reals and for G alike
+    assert float(discriminator_loss(logits, -sure_real, "hinge")) == pytest.approx(0.25)  # mean relu(1 - x)
+    assert float(monai_hinge(logits, target_is_real=True, for_discriminator=True)) == pytest.approx(bounded)
+    assert float(generator_loss(logits, "hinge")) == pytest.approx(-1.75)  # -x, unbounded
+    assert float(monai_hinge(logits, target_is_real=True, for_discriminator=False)) == pytest.approx(bounded)

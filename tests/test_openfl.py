@@ -23,8 +23,8 @@ from conftest import tiny_config
 
 pytest.importorskip("openfl")
 
-from fedsynth.federated.openfl.processes import ProcessFailed  # noqa: E402
-from fedsynth.federated.openfl.trial import export_run, free_port, run_federation  # noqa: E402
+from fedsynth.federated.openfl.trial import export_run, run_federation  # noqa: E402
+from fedsynth.processes import ProcessFailed, free_port  # noqa: E402
 from fedsynth.federated.openfl.workspace import (  # noqa: E402
     LOCAL_AGGREGATOR_NAME, Workspace, certify_collaborator, create_workspace, fx, set_up_pki_and_plan,
 )
@@ -300,7 +300,7 @@ def test_a_sigkilled_collaborator_is_left_out_of_its_round_and_rejoins(gan_feder
     import signal
 
     from fedsynth.checkpoint import load_checkpoint
-    from fedsynth.federated.openfl.processes import ProcessGroup
+    from fedsynth.processes import ProcessGroup
 
     config = tiny_config("autoencoder", federation__rounds=3, federation__local_steps=2, federation__min_sites=1,
                          federation__round_timeout_s=20.0)
@@ -344,7 +344,7 @@ def test_a_killed_aggregator_resumes_from_the_last_completed_round(gan_federatio
     import signal
 
     from fedsynth.checkpoint import checkpoint_info
-    from fedsynth.federated.openfl.processes import ProcessGroup
+    from fedsynth.processes import ProcessGroup
 
     config = tiny_config("autoencoder", federation__rounds=3, federation__local_steps=2, federation__round_timeout_s=120.0)
     ws = _workspace_with_module_pki(tmp_path, "autoencoder", _sites(mri2d), gan_federation, config=config)

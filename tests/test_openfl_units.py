@@ -19,9 +19,10 @@ from openfl.utilities import LocalTensor  # noqa: E402
 
 from fedsynth.config import save_config  # noqa: E402
 from fedsynth.errors import ConfigError, FedsynthError  # noqa: E402
+from fedsynth.families import family_names  # noqa: E402
 from fedsynth.federated.trial_common import parse_sites  # noqa: E402
 from fedsynth.federated.openfl.common import file_sha256, load_pinned_config  # noqa: E402
-from fedsynth.federated.openfl.processes import ProcessFailed, ProcessGroup  # noqa: E402
+from fedsynth.processes import ProcessFailed, ProcessGroup  # noqa: E402
 
 
 def test_pipeline_round_trip_is_lossless_and_writable() -> None:
@@ -155,23 +156,27 @@ def test_aggregation_clips_each_site_update(tmp_path: Path) -> None:
     assert np.abs(out - ref[name]).max() <= 1.0 + 1e-4  # the whole update has L2 norm <= 1
 
 
-@pytest.mark.parametrize("family", ["gan", "autoencoder", "diffusion"])
-def test_plan_templates_are_complete_and_pinned(family: str) -> None:
+@pytest.mark.parametrize("family", family_names())
+def test_plan_templates_are_complete_and_pinned(family: str, tmp_path: Path) -> None:
+    """Every registered family's workspace, written from the one template, is complete and pinned."""
     import yaml
 
-    from fedsynth.federated.openfl.workspace import template_dir
+    from fedsynth.config import default_config
+    from fedsynth.federated.openfl.workspace import TEMPLATE_IMAGE_SIZE, write_template
 
-    ws = template_dir(family)
-    plan = yaml.safe_load((ws / "plan" / "plan.yaml").read_text(encoding="utf-8"))
+    ws = write_template(family, tmp_path / "ws")
+    text = (ws / "plan" / "plan.yaml").read_text(encoding="utf-8")
+    assert f"(family: {family})" in text and "{family}" not in text
+    plan = yaml.safe_load(text)
     settings = plan["task_runner"]["settings"]
     config = load_pinned_config(ws / settings["config_path"], settings["config_sha256"])  # raises on drift
-    assert config.family == family
+    assert config == default_config(family, 2, TEMPLATE_IMAGE_SIZE)  # the family's defaults, 2D 64x64
     assert plan["aggregator"]["settings"]["rounds_to_train"] == config.federation.rounds
     assert plan["compression_pipeline"]["template"].startswith("fedsynth.")
     for task in ("aggregated_model_validation", "train", "locally_tuned_model_validation"):
         assert plan["tasks"][task]["aggregation_type"]["settings"]["config_sha256"] == settings["config_sha256"]
     for name in (".workspace", "requirements.txt", "src", "plan/cols.yaml", "plan/data.yaml"):
-        assert (ws / name).exists(), f"plans/{family}/{name} is missing (fx workspace export needs it)"
+        assert (ws / name).exists(), f"{name} is missing from the {family} workspace (fx workspace export needs it)"
 
 
 def test_trial_command_rejects_bad_input_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

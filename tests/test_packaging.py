@@ -92,8 +92,7 @@ def test_shipped_folders_resolve_and_carry_their_files() -> None:
 
     assert (ROOT / "fedsynth" / "py.typed").is_file()
     assert plans_dir() == ROOT / "plans"  # a checkout reads its own plans/ (the source of truth)
-    for family in ("gan", "autoencoder", "diffusion"):
-        assert (template_dir(family) / ".workspace").is_file()
+    assert (template_dir() / ".workspace").is_file() and (template_dir() / "plan" / "plan.yaml").is_file()
     assert (resource_dir("flower-site") / "start-supernode.sh").is_file()
     assert (resource_dir("flower-site") / "data.yaml").is_file()
     assert (resource_dir("flower-aggregator") / "start-superlink.sh").is_file()
@@ -126,13 +125,17 @@ def test_no_top_level_package_shadows_openfl_commands() -> None:
 
 def test_templates_command_copies_a_site_kit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fedsynth.cli import main
+    from fedsynth.families import family_names
 
     assert main(["templates", "flower-site", "-o", str(tmp_path / "site")]) == 0
     script = tmp_path / "site" / "start-supernode.sh"
     assert script.is_file() and script.stat().st_mode & 0o111 and (tmp_path / "site" / "data.yaml").is_file()
-    assert main(["templates", "openfl-autoencoder", "-o", str(tmp_path / "ws")]) == 0
-    assert (tmp_path / "ws" / "plan" / "plan.yaml").is_file() and (tmp_path / "ws" / ".workspace").is_file()
-    assert not (tmp_path / "ws" / "__init__.py").exists()
+    for family in family_names():  # every registered family has its OpenFL workspace
+        ws = tmp_path / f"ws-{family}"
+        assert main(["templates", f"openfl-{family}", "-o", str(ws)]) == 0
+        assert (ws / "plan" / "plan.yaml").is_file() and (ws / ".workspace").is_file()
+        assert f"family: {family}" in (ws / "plan" / "fedsynth.yaml").read_text(encoding="utf-8")
+        assert not (ws / "__init__.py").exists()
     capsys.readouterr()
     assert main(["templates", "flower-site", "-o", str(tmp_path / "site")]) == 2  # not empty: refused
     assert "not an empty folder" in capsys.readouterr().err

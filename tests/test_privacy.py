@@ -14,7 +14,7 @@ from fedsynth.checkpoint import checkpoint_info, load_checkpoint, model_from_che
 from fedsynth.data.dataset import load_datasets, make_loader
 from fedsynth.engine import LAST
 from fedsynth.errors import CheckpointError, ConfigError
-from fedsynth.local import build_engine
+from fedsynth.engine import build_engine
 from fedsynth.models.base import Batch
 
 opacus = pytest.importorskip("opacus")

@@ -23,20 +23,16 @@ from fedsynth.checkpoint import load_checkpoint
 from fedsynth.config import config_from_dict
 from fedsynth.data import load_datasets, save_image, write_manifest
 from fedsynth.engine import LAST
-from fedsynth.local import build_engine
+from fedsynth.engine import build_engine
+from fedsynth.families import family as family_spec
+from fedsynth.families import family_names
 
 SIZE = 8
 ROWS = 12  # batch 4 -> 3 batches per epoch (DP: 3 Poisson steps per epoch)
 
 
 def _config(family: str, dims: int, **training: object) -> dict:
-    model: dict[str, object] = {"family": family}
-    if family == "gan":
-        model.update(latent_dim=8, generator_channels=16, discriminator_channels=8)
-    elif family == "autoencoder":
-        model.update(channels=[8, 16], latent_channels=2)
-    else:
-        model.update(channels=[8, 16], num_train_timesteps=20, sampling_steps=2, num_head_channels=8)
+    model: dict[str, object] = {"family": family, **family_spec(family).test_model}
     return {"spatial_dims": dims, "image_size": SIZE, "seed": 3, "model": model,
             "data": {"val_fraction": 0.25, "augmentations": [{"name": "flip", "prob": 0.5, "spatial_axis": dims - 1},
                                                              {"name": "gaussian_noise", "prob": 0.5, "std": 0.05}]},
@@ -80,7 +76,7 @@ def _assert_same(a, b) -> None:
         assert a.privacy.ledger.history == b.privacy.ledger.history
 
 
-CASES = [(family, dims, stop) for family in ("gan", "autoencoder", "diffusion") for dims in (2, 3) for stop in (3, 4)]
+CASES = [(family, dims, stop) for family in family_names() for dims in (2, 3) for stop in (3, 4)]
 
 
 @pytest.mark.parametrize(("family", "dims", "stop"), CASES,

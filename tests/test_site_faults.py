@@ -14,7 +14,7 @@ from fedsynth.checkpoint import load_checkpoint
 from fedsynth.data import load_datasets
 from fedsynth.errors import TrainingDiverged
 from fedsynth.federated.site import Site
-from fedsynth.local import build_engine
+from fedsynth.engine import build_engine
 
 
 def _poison(engine) -> None:  # type: ignore[no-untyped-def]

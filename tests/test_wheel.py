@@ -125,10 +125,8 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Venv:
 def test_wheel_ships_plans_templates_and_py_typed(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "fedsynth/py.typed" in names
-    for family in ("gan", "autoencoder", "diffusion"):
-        for item in (".workspace", "requirements.txt", "plan/plan.yaml", "plan/fedsynth.yaml", "plan/cols.yaml",
-                     "plan/data.yaml", "src/README.md"):
-            assert f"fedsynth/plans/{family}/{item}" in names
+    for item in (".workspace", "requirements.txt", "plan/plan.yaml", "plan/cols.yaml", "plan/data.yaml", "src/README.md"):
+        assert f"fedsynth/plans/workspace/{item}" in names  # the one template every family's workspace is written from
     for item in ("flower_site/start-supernode.sh", "flower_site/data.yaml", "flower_aggregator/start-superlink.sh"):
         assert f"fedsynth/templates/{item}" in names
     assert {n.split("/")[0] for n in names} == {"fedsynth", next(n for n in names if ".dist-info/" in n).split("/")[0]}
@@ -146,18 +144,21 @@ def test_installed_wheel_runs_and_finds_its_files(venv: Venv) -> None:
              "from fedsynth.federated.openfl.workspace import plans_dir, template_dir\n"
              "from fedsynth.resources import resource_dir\n"
              "print(json.dumps({'fedsynth': fedsynth.__file__, 'plans': str(plans_dir()),\n"
-             "  'gan': str(template_dir('gan')), 'site': str(resource_dir('flower-site')),\n"
+             "  'template': str(template_dir()), 'site': str(resource_dir('flower-site')),\n"
              "  'typed': r.files('fedsynth').joinpath('py.typed').is_file()}))")
     done = venv.run(venv.python, "-c", probe)
     assert done.returncode == 0, done.stderr
     found = {k: v if isinstance(v, bool) else Path(v) for k, v in json.loads(done.stdout).items()}
     venv_root = venv.path.resolve()
-    for key in ("fedsynth", "plans", "gan", "site"):
+    for key in ("fedsynth", "plans", "template", "site"):
         assert found[key].resolve().is_relative_to(venv_root), f"{key}: {found[key]} is not the wheel's"
-    assert (found["gan"] / "plan" / "plan.yaml").is_file() and found["typed"]
+    assert (found["template"] / "plan" / "plan.yaml").is_file() and found["typed"]
     done = venv.run(venv.bin / "fedsynth", "templates", "flower-site", "-o", "site")
     assert done.returncode == 0, done.stderr
     assert os.access(venv.work / "site" / "start-supernode.sh", os.X_OK)
+    done = venv.run(venv.bin / "fedsynth", "templates", "openfl-gan", "-o", "ws")  # written from the wheel's template
+    assert done.returncode == 0, done.stderr
+    assert "family: gan" in (venv.work / "ws" / "plan" / "fedsynth.yaml").read_text(encoding="utf-8")
 
 
 def _tiny_autoencoder(venv: Venv, name: str) -> Path:

@@ -27,6 +27,7 @@ slice's real metadata: its plane, which third of the brain along that plane's ax
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ def volume_slices(name: str, out_dir: Path, image_size: int = 64) -> list[SliceR
     return rows
 
 
-def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: list[str] | None = None,
+def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: Sequence[str] | None = None,
                         volume_sizes: tuple[int, ...] = (32, 64)) -> dict[str, Path]:
     """Write the 2D slice set, its CSVs and a small 3D set; returns the CSV paths by name.
 

@@ -104,7 +104,7 @@ def collate(items: list[tuple[torch.Tensor, int, str | None]]) -> Batch:
 def make_loader(dataset: ImageDataset, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0,
                 world_size: int = 1, num_workers: int = 0) -> DataLoader:
     """A loader whose order depends only on (seed, epoch, rank): call ``loader.sampler.set_epoch``."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    sampler: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate)
 
 

@@ -57,6 +57,8 @@ def check_nifti(path: Path) -> None:
 
     try:
         img = nib.load(str(path), mmap=False)
+        if not isinstance(img, nib.Nifti1Image):  # NIfTI-2 images are Nifti1Image too
+            raise ValueError(f"nibabel reads it as {type(img).__name__}")
         header = img.header
         shape = tuple(int(s) for s in header.get_data_shape())
         need = int(np.prod(shape)) * np.dtype(header.get_data_dtype()).itemsize

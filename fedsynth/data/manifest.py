@@ -59,9 +59,9 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raw = path.read_bytes()
-        line = raw[: err.start].count(b"\n")
-        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} in line {line + 1}, "
+        data = path.read_bytes()
+        line = data[: err.start].count(b"\n")
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} in line {line + 1}, "
                         f"{'the header' if line == 0 else f'row {line}'}); save the CSV as UTF-8") from None
     with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)

@@ -81,7 +81,7 @@ class ClientDPFedAvg(FedAvg):
     def epsilon(self) -> float:
         return client_level_epsilon(self.noise_multiplier, self.server_round, self.delta)
 
-    def privacy_state(self) -> dict[str, float]:
+    def privacy_state(self) -> dict[str, float | str]:
         """What a global checkpoint stores (``fedsynth info`` shows ``epsilon``/``delta``)."""
         return {"level": "client", "epsilon": self.epsilon, "delta": self.delta, "rounds": self.server_round,
                 "noise_multiplier": self.noise_multiplier, "clip_update_norm": float(self.clip_update_norm or 0.0)}

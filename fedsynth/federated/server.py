@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -26,10 +27,22 @@ from fedsynth.federated.aggregation import (
 )
 from fedsynth.io import atomic_write_text
 from fedsynth.models import SynthesisModel, build_model, first_stage_digest
-from fedsynth.models.diffusion import LATENT_SCALE_KEY
+from fedsynth.models.diffusion import LATENT_SCALE_KEY, LatentCodec
 from fedsynth.recipes import WeightAverage
 
 log = logging.getLogger("fedsynth.server")
+
+
+class RoundSummary(TypedDict):
+    """One aggregated round, as :meth:`GlobalModel.aggregate` returns it and ``global/history.json`` keeps it."""
+
+    round: int
+    accepted: list[str]
+    rejected: list[tuple[str, str]]  # (site, reason)
+    clipped: list[str]
+    site_metrics: dict[str, dict[str, float]]
+    metrics: dict[str, float]
+    val_loss: float | None
 
 
 def shipped_config(config: ExperimentConfig, model: SynthesisModel, policy: dict[str, str]) -> ExperimentConfig:
@@ -45,11 +58,12 @@ def shipped_config(config: ExperimentConfig, model: SynthesisModel, policy: dict
     if policy.get("autoencoder") != "shared":
         raise ConfigError("federation.groups.autoencoder: a latent-diffusion federation ships its first stage "
                           "to every site, so the 'autoencoder' group must be 'shared'")
-    autoencoder = model.plain_net("autoencoder").autoencoder  # type: ignore[union-attr]
+    codec = model.plain_net("autoencoder")
+    assert isinstance(codec, LatentCodec), "a latent diffusion model's 'autoencoder' network is its LatentCodec"
+    shipped = {"first_stage": codec.autoencoder.config.model.model_copy(deep=True), "autoencoder_checkpoint": None,
+               "first_stage_sha256": first_stage_digest(model.get_weights(["autoencoder"]))}
     out = config.model_copy(deep=True)
-    out.model.first_stage = autoencoder.config.model.model_copy(deep=True)  # type: ignore[union-attr]
-    out.model.autoencoder_checkpoint = None  # type: ignore[union-attr]
-    out.model.first_stage_sha256 = first_stage_digest(model.get_weights(["autoencoder"]))  # type: ignore[union-attr]
+    out.model = out.model.model_copy(update=shipped)
     return out
 
 
@@ -68,7 +82,7 @@ class GlobalModel:
         self.model.config = self.site_config
         self.dir = Path(run_dir) / "global"
         self.state = TrainingState(round=0)
-        self.history: list[dict[str, object]] = []
+        self.history: list[RoundSummary] = []
         # the server's EMA of the global generating groups across rounds (used by generate/evaluate)
         self.ema = (WeightAverage(self.model, [g for g in self.model.generating_groups() if g in self.shared],
                                   config.federation.ema_decay)
@@ -95,7 +109,7 @@ class GlobalModel:
         """The weights sent to sites: shared groups only."""
         return self.model.get_weights(self.shared)
 
-    def aggregate(self, server_round: int, updates: Iterable[SiteUpdate], failures: Sequence[str] = ()) -> dict[str, object]:
+    def aggregate(self, server_round: int, updates: Iterable[SiteUpdate], failures: Sequence[str] = ()) -> RoundSummary:
         """FedAvg this round's updates into the global model; returns a summary for the logs.
 
         The round policy of both backends (:func:`~fedsynth.federated.trial_common.check_round`):
@@ -116,13 +130,13 @@ class GlobalModel:
         if hasattr(fedavg, "privacy_state"):  # client-level DP: the global checkpoint carries its epsilon
             self.state.privacy = fedavg.privacy_state()
         self.state.metrics = dict(fedavg.metrics())  # site metrics are already train_*/val_* prefixed
-        summary: dict[str, object] = {
+        summary: RoundSummary = {
             "round": server_round, "accepted": fedavg.accepted, "rejected": fedavg.rejected,
             "clipped": fedavg.clipped, "site_metrics": fedavg.site_metrics, "metrics": fedavg.metrics(),
             "val_loss": None,  # set by record_evaluation (the same keys every round, on both backends)
         }
         # a round aggregated again (OpenFL replays a round's stored results after a restart) replaces its record
-        self.history = [h for h in self.history if int(h.get("round", 0)) < server_round]  # type: ignore[call-overload]
+        self.history = [h for h in self.history if h.get("round", 0) < server_round]
         self.history.append(summary)
         return summary
 

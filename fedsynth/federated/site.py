@@ -27,7 +27,7 @@ import numpy as np
 
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, load_datasets
-from fedsynth.engine import LAST, Engine
+from fedsynth.engine import LAST, Engine, build_engine
 from fedsynth.errors import TrainingDiverged, WeightsError
 from fedsynth.federated.aggregation import frozen_groups, group_of, resolve_group_policy, select_groups, shared_groups
 from fedsynth.federated.site_config import SitePolicy
@@ -59,8 +59,6 @@ class Site:
 
     def __init__(self, config: ExperimentConfig, train_csv: str | Path, state_dir: str | Path, *,
                  site_id: str = "site", val_csv: str | Path | None = None, policy: SitePolicy | None = None) -> None:
-        from fedsynth.local import build_engine
-
         self.policy_rules = policy or SitePolicy.permissive()
         self.policy_rules.check(config, site_id)  # before anything is built from the coordinator's config
         self.config = config
@@ -127,8 +125,6 @@ class Site:
     def _restore_last_good(self) -> None:
         """After a diverged round: rebuild the engine from the site's last good state (or its
         initial state), so the site is not poisoned in later rounds; nothing non-finite was saved."""
-        from fedsynth.local import build_engine
-
         self.engine = build_engine(self.config, self.state_dir)
         if (self.state_dir / LAST).is_file():
             self.engine.resume(self.state_dir / LAST)

@@ -19,17 +19,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedsynth.config import ExperimentConfig, read_yaml, validate_model
+from fedsynth.config_base import Strict as _Strict
 from fedsynth.errors import PolicyRefused
 
 #: metrics that reveal nothing beyond the DP guarantee itself (always allowed to leave)
 DP_SAFE_METRICS = ("epsilon",)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class SitePrivacyFloor(_Strict):

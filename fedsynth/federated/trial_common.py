@@ -96,7 +96,7 @@ class TrialRequest:
 
     @property
     def site_csvs(self) -> dict[str, SiteCSVs]:
-        return dict(self.sites)  # type: ignore[arg-type]
+        return dict(self.sites)
 
     def load_config(self) -> ExperimentConfig:
         """The experiment config with ``rounds`` and ``overrides`` applied."""

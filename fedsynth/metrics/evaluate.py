@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from fedsynth.metrics import features as feat
 from fedsynth.metrics import radiomics as rad
 from fedsynth.metrics.images import ImageSet, check_pair, infer_config, load_real, load_synthetic
 from fedsynth.metrics.similarity import memorization, memorization_share, pairwise_ms_ssim, reconstruction_quality
+
+if TYPE_CHECKING:
+    from fedsynth.models.autoencoder import AutoencoderModel
 
 #: which way is better, for readers of the report
 DIRECTIONS = {
@@ -45,11 +48,12 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _load_autoencoder(path: str) -> torch.nn.Module:
+def _load_autoencoder(path: str) -> AutoencoderModel:
     from fedsynth.checkpoint import model_from_checkpoint
+    from fedsynth.models.autoencoder import AutoencoderModel
 
     model = model_from_checkpoint(path, device="cpu")
-    if not hasattr(model, "reconstruct"):
+    if not isinstance(model, AutoencoderModel):
         raise FedsynthError(f"--checkpoint {path}: a {model.config.family} checkpoint; reconstruction metrics and the "
                             "autoencoder encoder need an autoencoder checkpoint")
     model.eval()

@@ -17,10 +17,16 @@ decide everything, and e.g. blur goes unnoticed). Scores from different encoders
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Pool
 from scipy import linalg
+
+if TYPE_CHECKING:
+    from fedsynth.models.autoencoder import AutoencoderModel
 
 RANDOM_CONV_SEED = 0
 RANDOM_CONV_CHANNELS = (16, 32, 64, 64)
@@ -34,7 +40,7 @@ class RandomConvEncoder(torch.nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, seed: int = RANDOM_CONV_SEED,
                  channels: tuple[int, ...] = RANDOM_CONV_CHANNELS) -> None:
         super().__init__()
-        conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+        conv = Conv[Conv.CONV, spatial_dims]  # torch.nn.Conv2d / Conv3d
         gen = torch.Generator().manual_seed(seed)
         self.spatial_dims = spatial_dims
         self.layers = torch.nn.ModuleList()
@@ -66,7 +72,7 @@ class AutoencoderEncoder(torch.nn.Module):
 
     name = "autoencoder"
 
-    def __init__(self, model: torch.nn.Module, source: str) -> None:
+    def __init__(self, model: AutoencoderModel, source: str) -> None:
         super().__init__()
         self.model = model
         self.description = f"encoder of the fedsynth autoencoder checkpoint {source} (latent pooled to 4^d cells)"
@@ -74,8 +80,7 @@ class AutoencoderEncoder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         z = self.model.encode_latent(images.to(self.model.device)).float().cpu()
-        pool = F.adaptive_avg_pool2d if z.ndim == 4 else F.adaptive_avg_pool3d
-        return pool(z, 4).flatten(1)
+        return Pool[Pool.ADAPTIVEAVG, z.ndim - 2](4)(z).flatten(1)
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def write_png(report: dict[str, Any], real: ImageSet, synthetic: ImageSet, path:
             ks = comparison.get(feature, {}).get("ks_statistic")
             title = f"{feature}" + (f" (KS {ks:.2f})" if ks is not None else "")
         lo, hi = float(min(r.min(), s.min())), float(max(r.max(), s.max()))
-        bins = np.linspace(lo, hi if hi > lo else lo + 1, 25)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 25).tolist()
         ax.hist(r, bins=bins, alpha=0.55, density=True, label="real", color="tab:blue")
         ax.hist(s, bins=bins, alpha=0.55, density=True, label="synthetic", color="tab:orange")
         ax.set_title(title, fontsize=9)

@@ -1,19 +1,28 @@
 """Image-space similarity: MS-SSIM diversity, autoencoder reconstruction quality, memorization.
 
-MS-SSIM is MONAI's SSIM/contrast-structure terms (``compute_ssim_and_cs``) combined over a
-number of scales adapted to the image size (the standard 11-pixel kernel and 5 scales need
-images of at least 161 pixels per axis); negative terms are clamped at 0 before the
-weighted product, as torchmetrics' ``normalize="relu"`` does.
+MS-SSIM, SSIM and PSNR are MONAI's metrics (``MultiScaleSSIMMetric``, ``SSIMMetric``,
+``PSNRMetric``), with the kernel and the number of scales adapted to the image size: the
+standard 11-pixel kernel and 5 scales need images of at least 161 pixels per axis, so smaller
+images get a smaller kernel and the first scales' weights, renormalised to sum to 1. MONAI
+clamps negative terms at 0 before the weighted product, as torchmetrics' ``normalize="relu"``,
+and computes in float32.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.metrics.regression import compute_ssim_and_cs
+from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
+if TYPE_CHECKING:
+    from fedsynth.models.autoencoder import AutoencoderModel
+
+#: MS-SSIM's per-scale weights (Wang et al. 2003; MONAI's default), finest scale first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+#: PSNR of a perfect reconstruction (MSE floored at 1e-10 for data range 1), instead of infinity.
+PSNR_CAP_DB = 100.0
 
 
 def ssim_geometry(size: int) -> tuple[int, int]:
@@ -25,32 +34,12 @@ def ssim_geometry(size: int) -> tuple[int, int]:
     return kernel, scales
 
 
-def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-pair MS-SSIM of two ``(N, C, *spatial)`` batches in [0, 1] (shape ``(N,)``)."""
-    spatial_dims = a.ndim - 2
-    kernel, scales = ssim_geometry(min(a.shape[2:]))
-    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=torch.float64)
-    weights = weights / weights.sum()
-    pool = F.avg_pool2d if spatial_dims == 2 else F.avg_pool3d
-    terms = []
-    x, y = a.double(), b.double()
-    for level in range(scales):
-        ssim, cs = compute_ssim_and_cs(x, y, spatial_dims, [kernel] * spatial_dims, [1.5] * spatial_dims, data_range=1.0)
-        value = ssim if level == scales - 1 else cs
-        terms.append(value.flatten(1).mean(1).clamp_min(0))
-        if level < scales - 1:
-            x, y = pool(x, 2), pool(y, 2)
-    stacked = torch.stack(terms, dim=1)
-    return torch.prod(stacked ** weights[None, :], dim=1)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-pair single-scale SSIM (kernel adapted to the size), shape ``(N,)``."""
-    spatial_dims = a.ndim - 2
-    kernel, _ = ssim_geometry(min(a.shape[2:]))
-    value, _ = compute_ssim_and_cs(a.double(), b.double(), spatial_dims, [kernel] * spatial_dims, [1.5] * spatial_dims,
-                                   data_range=1.0)
-    return value.flatten(1).mean(1)
+def ms_ssim_metric(spatial_dims: int, size: int) -> MultiScaleSSIMMetric:
+    """MONAI's MS-SSIM (data range 1, per-pair values) for images whose smallest side is ``size``."""
+    kernel, scales = ssim_geometry(size)
+    weights = np.array(MS_SSIM_WEIGHTS[:scales]) / sum(MS_SSIM_WEIGHTS[:scales])
+    return MultiScaleSSIMMetric(spatial_dims, data_range=1.0, kernel_size=kernel, weights=tuple(weights.tolist()),
+                                reduction="none")
 
 
 def pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 300, seed: int = 0) -> dict[str, float]:
@@ -61,22 +50,28 @@ def pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 300, seed: int = 0) ->
         rng = np.random.default_rng(seed)
         pairs = [pairs[k] for k in rng.choice(len(pairs), max_pairs, replace=False)]
     t = torch.from_numpy(np.clip(images, 0, 1))
+    metric = ms_ssim_metric(t.ndim - 2, min(t.shape[2:]))
     i, j = (list(x) for x in zip(*pairs))
-    values = torch.cat([ms_ssim(t[i[s:s + 64]], t[j[s:s + 64]]) for s in range(0, len(i), 64)]).numpy()
+    for s in range(0, len(i), 64):
+        metric(t[i[s:s + 64]], t[j[s:s + 64]])
+    values = metric.get_buffer().flatten().numpy()
     return {"mean": float(values.mean()), "std": float(values.std()), "pairs": len(pairs)}
 
 
-def reconstruction_quality(model: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
-    """SSIM and PSNR (data range 1) of an autoencoder's reconstructions of ``images``."""
-    ssims, psnrs = [], []
+def reconstruction_quality(model: AutoencoderModel, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
+    """Mean per-image SSIM (kernel adapted to the size) and PSNR (data range 1) of an autoencoder's
+    reconstructions of ``images``."""
+    spatial_dims = images.ndim - 2
+    kernel, _ = ssim_geometry(min(images.shape[2:]))
+    ssim = SSIMMetric(spatial_dims, data_range=1.0, win_size=kernel, reduction="none")
+    psnr = PSNRMetric(max_val=1.0, reduction="none")
     for s in range(0, len(images), batch_size):
         x = torch.from_numpy(images[s:s + batch_size]).float().clamp(0, 1)
         recon = model.reconstruct(x).float().cpu().clamp(0, 1)
-        ssims.append(ssim(recon, x))
-        mse = ((recon - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-        psnrs.append(10 * torch.log10(1.0 / mse))
-    ssim_all, psnr_all = torch.cat(ssims), torch.cat(psnrs)
-    return {"ssim": float(ssim_all.mean()), "psnr": float(psnr_all.mean()), "count": len(images)}
+        ssim(recon, x)
+        psnr(recon, x)
+    return {"ssim": float(ssim.get_buffer().mean()), "psnr": float(psnr.get_buffer().clamp_max(PSNR_CAP_DB).mean()),
+            "count": len(images)}
 
 
 def _nearest(a: np.ndarray, b: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:

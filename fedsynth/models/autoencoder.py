@@ -10,20 +10,55 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from monai.metrics import PSNRMetric
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
+from pydantic import Field, field_validator
+from torch import nn
 
-from fedsynth.config import AutoencoderConfig, ExperimentConfig
+from fedsynth.config_base import FamilyConfig
+from fedsynth.families import Family
+from fedsynth.geometry import check_groups, fail, nearest, size_rule
 from fedsynth.models.base import Batch, FrozenParameters, GroupSpec, SynthesisModel, to_data_range, to_model_range
-from fedsynth.models.losses import discriminator_loss, generator_loss, kl_loss, patch_logits, reconstruction_loss
+from fedsynth.models.losses import kl_loss, patch_discriminator_loss, patch_generator_loss, reconstruction_loss
+
+if TYPE_CHECKING:
+    from fedsynth.config import ExperimentConfig
+
+#: PatchDiscriminator uses GroupNorm(min(8, channels))
+PATCH_DISCRIMINATOR_GROUPS = 8
+
+
+class AutoencoderConfig(FamilyConfig):
+    """AutoencoderKL (KL-regularised) or VQVAE from MONAI, optionally with a patch discriminator."""
+
+    family: Literal["autoencoder"] = "autoencoder"
+    architecture: Literal["kl", "vqvae"] = Field("kl", description="MONAI AutoencoderKL or VQVAE")
+    channels: list[int] = Field([32, 64], description="feature channels per resolution level")
+    num_res_blocks: int = Field(1, ge=1)
+    latent_channels: int = Field(3, ge=1, description="KL latent channels / VQ embedding dim")
+    attention: bool = Field(False, description="self-attention at the lowest level (needs einops)")
+    norm_num_groups: int = Field(8, ge=1)
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (kl only)")
+    num_embeddings: int = Field(64, ge=2, description="codebook size (vqvae only)")
+    adversarial_weight: float = Field(0.0, ge=0, description="> 0 adds a PatchDiscriminator group")
+    adversarial_start_step: int = Field(0, ge=0, description="train reconstruction + KL only before this step (warm-up)")
+    discriminator_channels: int = Field(32, ge=1)
+    discriminator_layers: int = Field(2, ge=1)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_positive(cls, v: list[int]) -> list[int]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError("a non-empty list of positive integers")
+        return v
+
 
 
 class AutoencoderModel(SynthesisModel):
-    """Reconstruction (L1) + KL or VQ loss, with an optional adversarial patch loss."""
+    """Reconstruction (L1) + KL or VQ loss, with an optional least-squares patch adversarial loss (MONAI's)."""
 
     family = "autoencoder"
     default_federation_policy = {"encoder": "shared", "decoder": "shared", "discriminator": "shared"}
@@ -78,7 +113,7 @@ class AutoencoderModel(SynthesisModel):
                 channels=cfg.discriminator_channels,
                 in_channels=self.in_channels,
                 num_layers_d=cfg.discriminator_layers,
-                norm=("GROUP", {"num_groups": min(8, cfg.discriminator_channels)}),
+                norm=("GROUP", {"num_groups": min(PATCH_DISCRIMINATOR_GROUPS, cfg.discriminator_channels)}),
             )
 
     def group_specs(self) -> dict[str, GroupSpec]:
@@ -125,10 +160,10 @@ class AutoencoderModel(SynthesisModel):
 
     def discriminator_objective(self, discriminator: torch.nn.Module, real: torch.Tensor,
                                 recon: torch.Tensor) -> torch.Tensor:
-        """Patch D's loss: real images and reconstructions in one forward, one mean logit per image."""
+        """Patch D's loss: real images and reconstructions in one forward, scored per patch."""
         n = real.shape[0]
-        logits = patch_logits(discriminator(torch.cat([real, recon]))[-1])
-        return discriminator_loss(logits[:n], logits[n:])
+        logits = discriminator(torch.cat([real, recon]))[-1]
+        return patch_discriminator_loss(logits[:n], logits[n:])
 
     def training_step(self, batch: Batch, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
         x = to_model_range(batch.images)
@@ -142,7 +177,7 @@ class AutoencoderModel(SynthesisModel):
         frozen = FrozenParameters(self.net("discriminator")) if use_adv else contextlib.nullcontext()
         with frozen:
             if use_adv:
-                g_adv = generator_loss(self.plain_net("discriminator")(recon)[-1])
+                g_adv = patch_generator_loss(self.plain_net("discriminator")(recon)[-1])
                 loss = loss + self.cfg.adversarial_weight * g_adv
                 metrics["g_adv"] = float(g_adv.detach())
             for group in ("encoder", "decoder"):
@@ -163,9 +198,10 @@ class AutoencoderModel(SynthesisModel):
     def validation_step(self, batch: Batch) -> dict[str, float]:
         x = to_model_range(batch.images)
         recon, rec, reg = self.codec_losses(x, self.plain_net("autoencoder")(x))
-        mse = F.mse_loss(to_data_range(recon), batch.images.clamp(0, 1))
-        psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-        return {"loss": float(rec + reg), "recon_loss": float(rec), "psnr": float(psnr)}
+        # MONAI's per-image PSNR (data range 1), averaged as `fedsynth evaluate` does; a perfect copy scores 100 dB
+        psnr = PSNRMetric(max_val=1.0)
+        psnr(to_data_range(recon), batch.images.clamp(0, 1))
+        return {"loss": float(rec + reg), "recon_loss": float(rec), "psnr": float(psnr.get_buffer().clamp_max(100.0).mean())}
 
     # ------------------------------------------------------------------ latent interface
 
@@ -175,12 +211,18 @@ class AutoencoderModel(SynthesisModel):
         x = to_model_range(images.to(self.device))
         return to_data_range(self.plain_net("autoencoder")(x)[0])
 
+    def codec(self) -> AutoencoderKL | VQVAE:
+        """The MONAI autoencoder network, unwrapped."""
+        net = self.plain_net("autoencoder")
+        assert isinstance(net, (AutoencoderKL, VQVAE))
+        return net
+
     @torch.no_grad()
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         """Deterministic latent (KL mean, or VQ-quantised embedding) of data-range images."""
-        net = self.plain_net("autoencoder")
+        net = self.codec()
         x = to_model_range(images)
-        if self.cfg.architecture == "kl":
+        if isinstance(net, AutoencoderKL):
             mu, _ = net.encode(x)
             return mu
         quantized, _ = net.quantize(net.encode(x))
@@ -189,7 +231,7 @@ class AutoencoderModel(SynthesisModel):
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Decode a latent back to data-range images."""
-        return to_data_range(self.plain_net("autoencoder").decode(latent))
+        return to_data_range(self.codec().decode(latent))
 
     def latent_shape(self) -> tuple[int, ...]:
         return (self.cfg.latent_channels, *(s // self.latent_factor for s in self.image_size))
@@ -203,15 +245,64 @@ class AutoencoderModel(SynthesisModel):
             raise ValueError("autoencoders are unconditional: do not pass a label")
         self.check_prompts(prompts, num_images)
         shape = self.latent_shape()
-        net = self.plain_net("autoencoder")
+        net = self.codec()
         if self.cfg.architecture == "kl":
             z = torch.randn(num_images, *shape, generator=generator, device=generator.device).to(self.device)
         else:
             idx = torch.randint(0, self.cfg.num_embeddings, (num_images, *shape[1:]), generator=generator,
                                 device=generator.device).to(self.device)
+            assert isinstance(net, VQVAE)
             z = net.quantizer.embed(idx).contiguous()
         return self.decode_latent(z)
 
 
 def _no_codebook_update(module: nn.Module, _args: tuple[Any, ...]) -> None:
     module.training = False  # MONAI's EMAQuantizer updates its codebook only in training mode
+
+
+# --------------------------------------------------------------------------- the family
+
+
+def check_geometry(config: ExperimentConfig) -> None:
+    """The image sizes and channel counts the KL/VQ autoencoder and its patch discriminator accept."""
+    m = config.model
+    assert isinstance(m, AutoencoderConfig)
+    levels = len(m.channels)
+    if m.architecture == "kl":
+        check_groups("model.channels", list(m.channels), m.norm_num_groups, "model.norm_num_groups")
+        divisor = 2 ** (levels - 1)
+    else:
+        divisor = 2**levels
+    size_rule(config, lambda size: divisor if any(s % divisor for s in size) else None,
+              f"{levels} level(s) of the {m.architecture} autoencoder")
+    if m.adversarial_weight > 0:
+        c = m.discriminator_channels
+        g = min(PATCH_DISCRIMINATOR_GROUPS, c)
+        if c % g:
+            fail("model.discriminator_channels", c, f"must be a multiple of {g} (the patch discriminator's GroupNorm)",
+                 nearest(c, lambda v: v % min(PATCH_DISCRIMINATOR_GROUPS, v) == 0))
+        # the first conv and each of the num_layers_d - 1 further ones halve the image, the last
+        # two convolutions (kernel 4) take 2 more pixels: the smallest side must keep >= 3
+        smallest = min(config.image_size)
+        if smallest // 2**m.discriminator_layers < 3:
+            fit = [v for v in range(1, 12) if smallest // 2**v >= 3]
+            fail("model.discriminator_layers", m.discriminator_layers,
+                 f"halves image_size {list(config.image_size)} below 3 pixels (the patch discriminator)",
+                 str(max(fit)) if fit else "none: image_size must be >= 6 with adversarial_weight > 0")
+
+
+def recipe(spatial_dims: int, size: list[int]) -> dict[str, Any]:
+    """KL autoencoder, 3 levels from 64 pixels (2D), a patch adversarial loss after a warm-up (docs/recipes.md)."""
+    small = min(size) < 32
+    model: dict[str, Any] = {"family": "autoencoder", "channels": [32, 64] if small or spatial_dims == 3 else [32, 64, 64],
+                             "latent_channels": 4 if spatial_dims == 2 else 3}
+    if spatial_dims == 2 and min(size) >= 64:  # sharper decoder: patch adversarial loss after a warm-up
+        model.update(adversarial_weight=0.02, adversarial_start_step=1000)
+    training = {"learning_rate": 5e-4, "betas": [0.9, 0.999], "ema_decay": 0.999, "warmup_steps": 100}
+    return {"model": model, "training": training}
+
+
+FAMILY = Family(
+    name="autoencoder", config=AutoencoderConfig, model=AutoencoderModel, recipe=recipe, check_geometry=check_geometry,
+    conditioning=("none",), test_model={"channels": [8, 16], "latent_channels": 2},
+)

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedsynth.config import ExperimentConfig, TrainingConfig
 from fedsynth.errors import WeightsError
+
+if TYPE_CHECKING:
+    from fedsynth.config import ExperimentConfig, TrainingConfig
 
 GROUP_SEP = "/"
 
@@ -45,7 +47,7 @@ def unwrap(module: nn.Module) -> nn.Module:
         if isinstance(module, nn.parallel.DistributedDataParallel):
             module = module.module
         elif hasattr(module, "_module") and isinstance(getattr(module, "_module"), nn.Module):
-            module = module._module  # Opacus GradSampleModule
+            module = getattr(module, "_module")  # Opacus GradSampleModule
         else:
             return module
 
@@ -75,6 +77,7 @@ class SynthesisModel(nn.Module):
     default_federation_policy: ClassVar[dict[str, str]] = {}
     #: the groups that make the images (EMA-averaged for sampling): generator, unet, codec
     generating: ClassVar[tuple[str, ...]] = ()
+    weights_loaded: str = "raw"  # which weights a checkpoint put in: "raw" or "ema" (see load_for_inference)
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__()

@@ -11,23 +11,76 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from pydantic import Field, model_validator
 from torch import nn
 
-from fedsynth.config import DiffusionConfig, ExperimentConfig
+from fedsynth.config_base import FamilyConfig
+from fedsynth.families import Family
+from fedsynth.geometry import check_groups, fail, nearest, size_rule
+from fedsynth.models.autoencoder import AutoencoderConfig, AutoencoderModel
+from fedsynth.models.autoencoder import recipe as autoencoder_recipe
 from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
 from fedsynth.models.losses import denoising_loss
 from fedsynth.models.text import TransformerTextEncoder, build_text_encoder
+
+if TYPE_CHECKING:
+    from fedsynth.config import ExperimentConfig
+
+
+class DiffusionConfig(FamilyConfig):
+    """DDPM-trained DiffusionModelUNet; optional latent diffusion on a trained autoencoder run."""
+
+    family: Literal["diffusion"] = "diffusion"
+    channels: list[int] = Field([32, 64], description="UNet channels per level")
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: list[bool] | None = Field(None, description="default: attention at the last level")
+    num_head_channels: int = Field(16, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    num_train_timesteps: int = Field(1000, ge=10)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = Field(
+        "cosine", description="noise schedule (cosine: Nichol & Dhariwal 2021)")
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "v_prediction", description="what the UNet predicts (v: stable with the cosine schedule)")
+    sampler: Literal["ddpm", "ddim"] = Field("ddim", description="default sampler for generate")
+    sampling_steps: int = Field(50, ge=1, description="default DDIM steps for generate")
+    guidance_scale: float = Field(3.0, ge=0, description="classifier-free guidance at generation")
+    class_dropout: float = Field(0.1, ge=0, le=1, description="label drop rate for CFG training")
+    autoencoder_checkpoint: str | None = Field(
+        None, description="checkpoint of a trained autoencoder run: enables latent diffusion"
+    )
+    first_stage: AutoencoderConfig | None = Field(
+        None, description="latent diffusion from one config: train this autoencoder first (fedsynth train), then the UNet"
+    )
+    first_stage_steps: int = Field(2000, ge=1, description="optimiser steps of the first stage (with first_stage)")
+    first_stage_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="set by a federation that ships its first stage: model.first_stage is then its architecture, "
+                    "its weights travel with the global model and every site checks them against this hash")
+
+    @model_validator(mode="after")
+    def _attention_matches(self) -> "DiffusionConfig":
+        if self.attention_levels is not None and len(self.attention_levels) != len(self.channels):
+            raise ValueError(
+                f"attention_levels must have one entry per level ({len(self.channels)}), "
+                f"got {len(self.attention_levels)}"
+            )
+        return self
+
 
 
 class LatentCodec(nn.Module):
     """A frozen trained autoencoder plus the scale that brings its latents to unit variance."""
 
-    def __init__(self, autoencoder: SynthesisModel) -> None:
+    scale: torch.Tensor
+
+    def __init__(self, autoencoder: AutoencoderModel) -> None:
         super().__init__()
         self.autoencoder = autoencoder
         self.register_buffer("scale", torch.zeros(()))
@@ -75,15 +128,17 @@ class DiffusionModel(SynthesisModel):
         assert isinstance(cfg, DiffusionConfig)
         self.cfg = cfg
         if autoencoder is not None:
+            assert isinstance(autoencoder, AutoencoderModel)
             self.nets["autoencoder"] = LatentCodec(autoencoder)
-            sample_shape = tuple(autoencoder.latent_shape())  # type: ignore[attr-defined]
+            sample_shape = tuple(autoencoder.latent_shape())
         else:
             sample_shape = (self.in_channels, *self.image_size)
         self.sample_shape: tuple[int, ...] = sample_shape
         context_dim = None
         if config.text is not None:
-            self.nets["text_encoder"] = build_text_encoder(config.text)
-            context_dim = self.nets["text_encoder"].width
+            text_encoder = build_text_encoder(config.text)
+            self.nets["text_encoder"] = text_encoder
+            context_dim = text_encoder.width
         levels = len(cfg.channels)
         attention = cfg.attention_levels or [False] * (levels - 1) + [True]
         for s in sample_shape[1:]:
@@ -126,18 +181,15 @@ class DiffusionModel(SynthesisModel):
             return ["latent diffusion: latent scale factor fixed to 1.0 (computing it from the data would leak)"]
         return []
 
-    def make_scheduler(self, sampler: str) -> Scheduler:
+    def make_scheduler(self, sampler: str) -> DDIMScheduler | DDPMScheduler:
         """Build a fresh scheduler from the config (rebuildable on any host)."""
-        kwargs = dict(
-            num_train_timesteps=self.cfg.num_train_timesteps,
-            schedule=self.cfg.schedule,
-            prediction_type=self.cfg.prediction_type,
-            clip_sample=not self.is_latent,
-        )
+        cfg = self.cfg
         if sampler == "ddim":
-            return DDIMScheduler(**kwargs)
+            return DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                                 prediction_type=cfg.prediction_type, clip_sample=not self.is_latent)
         if sampler == "ddpm":
-            return DDPMScheduler(**kwargs)
+            return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                                 prediction_type=cfg.prediction_type, clip_sample=not self.is_latent)
         raise ValueError(f"unknown sampler '{sampler}': expected 'ddpm' or 'ddim'")
 
     # ------------------------------------------------------------------ training
@@ -248,7 +300,123 @@ class DiffusionModel(SynthesisModel):
                 model_output = uncond + scale * (cond - uncond)
             else:
                 model_output = unet(x, timesteps=t_batch, context=context, class_labels=labels)
-            x, _ = scheduler.step(model_output, int(t), x, generator=generator)  # type: ignore[call-arg]
+            x, _ = scheduler.step(model_output, int(t), x, generator=generator)
         if self.is_latent:
-            return self.plain_net("autoencoder").decode(x).clamp(0, 1)  # type: ignore[operator]
+            codec = self.plain_net("autoencoder")
+            assert isinstance(codec, LatentCodec)
+            return codec.decode(x).clamp(0, 1)
         return to_data_range(x)
+
+
+# --------------------------------------------------------------------------- the family
+
+
+def build(config: ExperimentConfig, autoencoder: SynthesisModel | None = None) -> DiffusionModel:
+    """The diffusion model of ``config``; latent diffusion gets its first stage ``autoencoder``, or
+    loads it from ``model.autoencoder_checkpoint`` (checked against ``model.first_stage_sha256``)."""
+    cfg = config.model
+    assert isinstance(cfg, DiffusionConfig)
+    ae_path, shipped = cfg.autoencoder_checkpoint, cfg.first_stage_sha256
+    if shipped and ae_path and not Path(ae_path).is_file():
+        ae_path = None  # a site without the copy: the weights come with the global model, checked by hash
+    if autoencoder is None and ae_path:
+        from fedsynth.checkpoint import model_from_checkpoint
+
+        autoencoder = model_from_checkpoint(ae_path)
+    elif autoencoder is None and shipped and cfg.first_stage is not None:
+        autoencoder = AutoencoderModel(first_stage_config(config))  # weights: from the federation
+        ae_path = "<shipped first stage>"
+    if autoencoder is None and cfg.first_stage is not None:
+        from fedsynth.errors import ConfigError
+
+        raise ConfigError("model.first_stage: the first-stage autoencoder is trained by `fedsynth train` "
+                          "(it writes RUN_DIR/first_stage/last.ckpt); elsewhere set model.autoencoder_checkpoint "
+                          "to a trained autoencoder checkpoint")
+    if autoencoder is not None:
+        _check_first_stage(autoencoder, config, ae_path or "<autoencoder>")
+    model = DiffusionModel(config, autoencoder=autoencoder)
+    if shipped and ae_path and ae_path != "<shipped first stage>":
+        check_first_stage(model.get_weights(["autoencoder"]), shipped, f"model.autoencoder_checkpoint {ae_path}")
+    return model
+
+
+def first_stage_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The autoencoder experiment of a latent-diffusion config's ``model.first_stage``."""
+    from fedsynth.config import config_from_dict
+
+    data = config.to_dict()
+    data["model"] = data["model"]["first_stage"]
+    data["text"] = None  # the first stage learns images only; prompts condition the UNet
+    assert isinstance(config.model, DiffusionConfig)
+    data["training"]["max_steps"] = config.model.first_stage_steps
+    data["training"]["epochs"] = 10**6
+    data["privacy"] = config.privacy.model_dump(mode="json")
+    return config_from_dict(data, "model.first_stage")
+
+
+def check_first_stage(weights: Mapping[str, np.ndarray], expected_sha256: str, source: str) -> None:
+    """Raise :class:`WeightsError` unless ``weights`` hold the first stage ``expected_sha256`` pins."""
+    from fedsynth.errors import WeightsError
+
+    actual = first_stage_digest(weights)
+    if actual != expected_sha256:
+        raise WeightsError(f"{source}: the first-stage autoencoder's weights have sha256 {actual}, "
+                           f"model.first_stage_sha256 pins {expected_sha256}")
+
+
+def _check_first_stage(autoencoder: SynthesisModel, config: ExperimentConfig, source: str) -> None:
+    from fedsynth.errors import ConfigError
+
+    if autoencoder.family != "autoencoder":
+        raise ConfigError(f"model.autoencoder_checkpoint {source}: expected an autoencoder run, got a {autoencoder.family} checkpoint")
+    ae_cfg = autoencoder.config
+    if (ae_cfg.spatial_dims, ae_cfg.channels, list(ae_cfg.image_size)) != (config.spatial_dims, config.channels, list(config.image_size)):
+        raise ConfigError(
+            f"model.autoencoder_checkpoint {source}: autoencoder was trained on spatial_dims={ae_cfg.spatial_dims}, "
+            f"channels={ae_cfg.channels}, image_size={ae_cfg.image_size}; this config has "
+            f"{config.spatial_dims}, {config.channels}, {config.image_size}"
+        )
+    if "discriminator" in autoencoder.nets:  # only the codec is needed for latent diffusion
+        del autoencoder.nets["discriminator"]
+    autoencoder.eval()
+
+
+def check_geometry(config: ExperimentConfig) -> None:
+    """GroupNorm groups, attention heads and the UNet's levels (pixel diffusion: the image size)."""
+    m = config.model
+    assert isinstance(m, DiffusionConfig)
+    levels = len(m.channels)
+    check_groups("model.channels", list(m.channels), m.norm_num_groups, "model.norm_num_groups")
+    attention = m.attention_levels or [False] * (levels - 1) + [True]
+    for c, att in zip(m.channels, attention):
+        if att and c % m.num_head_channels:
+            fail("model.num_head_channels", m.num_head_channels,
+                 f"must divide the channels {c} of every attention level",
+                 nearest(m.num_head_channels, lambda h: all(ch % h == 0 for ch, a in zip(m.channels, attention) if a), span=c + 1))
+    if m.autoencoder_checkpoint:  # the UNet sees latents: their size is checked when the model is built
+        return
+    divisor = 2 ** (levels - 1)
+    size_rule(config, lambda size: divisor if any(s % divisor for s in size) else None,
+              f"the UNet halves it {levels - 1} time(s) for {levels} levels of model.channels")
+
+
+def recipe(spatial_dims: int, size: list[int], latent: bool = False) -> dict[str, Any]:
+    """Cosine schedule, v-prediction, warm-up, cosine decay and clipping; ``latent``: on a first-stage
+    autoencoder trained from the same config (docs/recipes.md)."""
+    small = min(size) < 32
+    model: dict[str, Any] = {"family": "diffusion", "channels": [32, 64] if small or spatial_dims == 3 else [32, 64, 64],
+                             "schedule": "cosine", "prediction_type": "v_prediction"}
+    if latent:
+        model["channels"] = [64, 128]
+        model["first_stage"] = autoencoder_recipe(spatial_dims, size)["model"]
+        model["first_stage_steps"] = 2000
+    training = {"learning_rate": 5e-4, "betas": [0.9, 0.999], "ema_decay": 0.999, "warmup_steps": 200,
+                "lr_schedule": "cosine", "grad_clip_norm": 1.0}
+    return {"model": model, "training": training}
+
+
+FAMILY = Family(
+    name="diffusion", config=DiffusionConfig, model=DiffusionModel, recipe=recipe, check_geometry=check_geometry,
+    build=build, conditioning=("none", "class", "text"), options=("latent",),
+    test_model={"channels": [16, 32], "num_train_timesteps": 100, "sampling_steps": 5, "num_head_channels": 8},
+)

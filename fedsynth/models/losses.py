@@ -5,10 +5,17 @@ check per-sample gradients under differential privacy, so a test can never drift
 the model actually minimises. The R1 gradient penalty is a regulariser and lives in
 :mod:`fedsynth.recipes.regularizers`.
 
-The non-saturating adversarial losses are written with ``softplus`` rather than MONAI's
-``PatchAdversarialLoss(criterion="bce")``: that one applies a sigmoid and then ``BCELoss``, which
-clamps the log at -100 (a logit of -120 scores 100 instead of 120) and rounds differently, so
-it is not the same loss.
+The autoencoder's patch-adversarial loss is MONAI's ``PatchAdversarialLoss`` with its
+least-squares criterion (per patch, after its LeakyReLU(0.05) on the logits, as in MONAI's
+autoencoder tutorials): no exp or log, so nothing saturates. The GAN's losses (``model.loss``) stay written here because MONAI has no
+equivalent: its ``criterion="bce"`` is a sigmoid then ``BCELoss``, which in float32 rounds
+``sigmoid(20)`` to 1, scores a fake at logit 20 as 100 instead of 20 and gives it no gradient
+(the saturation the non-saturating loss exists to avoid; ``softplus`` is exact), and its
+``criterion="hinge"`` applies ``tanh`` first, a bounded variant rather than the hinge loss of
+SAGAN/BigGAN (``tests/test_models.py`` checks both differences).
+
+Every loss is a mean over examples (and patches) of per-example terms, so under DP it never
+couples examples (``tests/test_privacy_grads.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
 
 AdversarialLoss = Literal["nonsaturating", "hinge"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
+
+_PATCH_ADVERSARIAL = PatchAdversarialLoss(criterion="least_squares")
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
@@ -37,9 +47,15 @@ def generator_loss(fake_logits: torch.Tensor, kind: AdversarialLoss = "nonsatura
     return F.softplus(-fake_logits).mean()
 
 
-def patch_logits(logits: torch.Tensor) -> torch.Tensor:
-    """One logit per image from a patch discriminator's map: the mean over its patches."""
-    return logits.flatten(1).mean(1)
+def patch_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """A patch discriminator's least-squares loss (MONAI's): real patches towards 1 plus fake ones towards 0."""
+    return (_PATCH_ADVERSARIAL(real_logits, target_is_real=True, for_discriminator=True)
+            + _PATCH_ADVERSARIAL(fake_logits, target_is_real=False, for_discriminator=True))
+
+
+def patch_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The least-squares loss (MONAI's) that pulls a patch discriminator's logits for fakes towards real."""
+    return _PATCH_ADVERSARIAL(fake_logits, target_is_real=True, for_discriminator=False)
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

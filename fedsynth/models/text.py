@@ -17,13 +17,16 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from monai.networks.blocks import TransformerBlock
 from torch import nn
 
-from fedsynth.config import TextConfig
 from fedsynth.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedsynth.config import TextConfig
 
 PAD = 0
 BEGIN = 1

@@ -43,7 +43,7 @@ def translation(x: torch.Tensor, gen: torch.Generator | None = None, ratio: floa
     out = torch.empty_like(x)
     for i in range(n):  # per-sample crop of the padded image (gradients flow through the slice)
         index = tuple(slice(p - int(d[i]), p - int(d[i]) + s) for p, d, s in zip(pad, shifts, spatial))
-        out[i] = padded[(i, slice(None), *index)]
+        out[i] = padded[i][(slice(None), *index)]
     return out
 
 
@@ -55,7 +55,7 @@ def cutout(x: torch.Tensor, gen: torch.Generator | None = None, ratio: float = 0
     centres = [(_rand(n, x, gen) * (s + 1 - c % 2)).long().flatten() for s, c in zip(spatial, sizes)]
     for i in range(n):
         index = tuple(slice(max(0, int(c[i]) - z // 2), max(0, int(c[i]) - z // 2) + z) for c, z in zip(centres, sizes))
-        mask[(i, slice(None), *index)] = 0.0
+        mask[i][(slice(None), *index)] = 0.0
     return x * mask + (mask - 1.0)  # masked voxels -> -1
 
 

@@ -18,19 +18,18 @@ that fails drops it, so the next one starts again from the state on disk.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsynth.config import ExperimentConfig, config_from_dict
 from fedsynth.errors import ConfigError, PolicyRefused, SiteFailure
 from fedsynth.federated.aggregation import from_transport
-from fedsynth.federated.flower.records import VERDICT_KEY, encode, metrics_record, record_to_weights
+from fedsynth.federated.flower.messages import DATA_CONFIG, EvaluateReply, RoundInstruction, TrainReply, Verdict
+from fedsynth.federated.flower.records import encode, record_to_weights
 from fedsynth.federated.site_config import SiteDataConfig, SitePolicy, write_site_config
 from fedsynth.federated.site_config import load_site_config as _load
 
@@ -38,55 +37,45 @@ __all__ = ["SiteDataConfig", "app", "load_site_config", "write_site_config"]
 
 log = logging.getLogger("fedsynth.flower.client")
 
-DATA_CONFIG_KEY = "data-config"
-
 
 def load_site_config(path: str | Path) -> SiteDataConfig:
     """Read and validate a site data config (see :mod:`fedsynth.federated.site_config`)."""
-    return _load(path, " (pass --node-config 'data-config=\"/abs/site.yaml\"')")
-
-
-def _experiment(msg: Message) -> ExperimentConfig:
-    return config_from_dict(json.loads(str(msg.content["config"]["experiment"])), "config sent by the server")
+    return _load(path, f" (pass --node-config '{DATA_CONFIG}=\"/abs/site.yaml\"')")
 
 
 #: the site of the last message, for a long-lived ClientApp process: (key, site, data config)
 _cached: tuple[tuple[str, int, str], Any, SiteDataConfig] | None = None
 
 
-def _site(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+def _site(instruction: RoundInstruction, context: Context):  # noqa: ANN202 (Site is imported lazily)
     """This message's ``Site``: the cached one when the server config and data config are unchanged."""
     global _cached
     from fedsynth.federated.site import Site
 
-    if DATA_CONFIG_KEY not in context.node_config:
-        raise ConfigError(f"this SuperNode has no '{DATA_CONFIG_KEY}' in --node-config; start it with "
-                          f"--node-config '{DATA_CONFIG_KEY}=\"/abs/path/site.yaml\"'")
-    path = Path(str(context.node_config[DATA_CONFIG_KEY]))
-    experiment = str(msg.content["config"]["experiment"])
-    key = (str(path.resolve()), path.stat().st_mtime_ns if path.is_file() else -1, experiment)
+    if DATA_CONFIG not in context.node_config:
+        raise ConfigError(f"this SuperNode has no '{DATA_CONFIG}' in --node-config; start it with "
+                          f"--node-config '{DATA_CONFIG}=\"/abs/path/site.yaml\"'")
+    path = Path(str(context.node_config[DATA_CONFIG]))
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.is_file() else -1, instruction.experiment)
     if _cached is not None and _cached[0] == key:
         log.info("site %s: engine, data and state reused from memory", _cached[2].site_id)
         return _cached[1], _cached[2]
     _cached = None
     data = load_site_config(path)
     state_dir = data.state_dir or path.parent.resolve() / "state"
-    site = Site(_experiment(msg), data.train_csv, state_dir, site_id=data.site_id, val_csv=data.val_csv,
+    site = Site(instruction.config(), data.train_csv, state_dir, site_id=data.site_id, val_csv=data.val_csv,
                 policy=SitePolicy.of(data))
     _cached = (key, site, data)
     log.info("site %s: engine built, state from %s", data.site_id, site.state_dir)
     return site, data
 
 
-def report_verdict(msg: Message, site_id: str) -> str | None:
+def report_verdict(verdict: Verdict | None, site_id: str) -> Verdict | None:
     """Log what the server did with this site's previous update (sent with the next message);
     a rejection is a warning in the site's own log. Returns the verdict, if any."""
-    config = msg.content["config"]
-    if VERDICT_KEY not in config:
-        return None
-    verdict = str(config[VERDICT_KEY])
-    if ": rejected" in verdict:
-        log.warning("site %s: the server rejected this site's update of %s", site_id, verdict.replace(": rejected", ""))
+    if verdict is not None and not verdict.accepted:
+        log.warning("site %s: the server rejected this site's update of round %s: %s", site_id, verdict.server_round,
+                    verdict.reason)
     return verdict
 
 
@@ -97,7 +86,7 @@ def _forget_site() -> None:
 
 def _site_id(context: Context) -> str:
     try:
-        return load_site_config(str(context.node_config.get(DATA_CONFIG_KEY, ""))).site_id
+        return load_site_config(str(context.node_config.get(DATA_CONFIG, ""))).site_id
     except Exception:
         return "?"
 
@@ -125,38 +114,30 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
 app = ClientApp()
 
 
+def _open(msg: Message, context: Context):  # noqa: ANN202 (Site is imported lazily)
+    """A server message's instruction, this site (cached), its data config and the received weights."""
+    instruction = RoundInstruction.from_record(msg.content)
+    site, data = _site(instruction, context)
+    report_verdict(instruction.verdict, data.site_id)
+    return instruction, site, data, from_transport(record_to_weights(instruction.arrays), site.shared_weights())
+
+
 @app.train()
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """Apply the global shared groups, train one round with the engine, return the shared groups."""
-    site, data = _site(msg, context)
-    report_verdict(msg, data.site_id)
-    server_round = int(msg.content["config"]["server-round"])
-    reference = site.shared_weights()
-    received = from_transport(record_to_weights(msg.content["arrays"]), reference)
-    result = site.train_round(received, server_round)
-    dtype = site.config.federation.transport_dtype
-    content = RecordDict({
-        "arrays": encode(result.weights, dtype, site.frozen),
-        "metrics": metrics_record(result.metrics, num_samples=int(result.num_samples)),
-        "site": ConfigRecord({"site-id": data.site_id}),
-    })
-    log.info("site %s: round %s trained on %s samples", data.site_id, server_round, result.num_samples)
-    return Message(content, reply_to=msg)
+    instruction, site, data, received = _open(msg, context)
+    result = site.train_round(received, instruction.server_round)
+    reply = TrainReply(data.site_id, encode(result.weights, site.config.federation.transport_dtype, site.frozen),
+                       int(result.num_samples), result.metrics)
+    log.info("site %s: round %s trained on %s samples", data.site_id, instruction.server_round, result.num_samples)
+    return Message(reply.to_record(), reply_to=msg)
 
 
 @app.evaluate()
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation loss of the global model on this site's data (never changes the site's state)."""
-    site, data = _site(msg, context)
-    report_verdict(msg, data.site_id)
-    reference = site.shared_weights()
-    received = from_transport(record_to_weights(msg.content["arrays"]), reference)
+    _, site, data, received = _open(msg, context)
     loss, n, metrics = site.evaluate(received)
-    extra = {"loss": loss} if loss is not None else {}
-    content = RecordDict({
-        "metrics": metrics_record({k: v for k, v in metrics.items() if k != "loss"}, **extra, num_samples=int(n)),
-        "site": ConfigRecord({"site-id": data.site_id}),
-    })
-    return Message(content, reply_to=msg)
+    return Message(EvaluateReply(data.site_id, int(n), loss, metrics).to_record(), reply_to=msg)

@@ -1,4 +1,5 @@
-"""Group-keyed weights and metrics <-> Flower records (the only Flower-specific encoding).
+"""Group-keyed weights and metrics <-> Flower records (the only Flower-specific encoding; the
+messages built from them are :mod:`fedsynth.federated.flower.messages`).
 
 Keys stay ``"<group>/<name>"`` end to end, so the server can tell which groups it received.
 Float arrays travel in the federation's transport dtype (``to_transport``); integer buffers
@@ -15,10 +16,6 @@ from flwr.app import Array, ArrayRecord, MetricRecord
 
 from fedsynth.errors import WeightsError
 from fedsynth.federated.aggregation import group_of, to_transport
-
-
-#: config key of a message that tells a site what became of its previous update
-VERDICT_KEY = "last-update"
 
 
 def encode(weights: Mapping[str, np.ndarray], dtype: str, exact_groups: Iterable[str] = ()) -> ArrayRecord:
@@ -55,7 +52,7 @@ def record_nbytes(record: ArrayRecord) -> int:
 
 def metrics_record(metrics: Mapping[str, float | int], **extra: float | int) -> MetricRecord:
     """A :class:`MetricRecord` of plain finite floats/ints (Flower refuses numpy scalars)."""
-    out: dict[str, float | int] = {}
+    out: dict[str, int | float | list[int] | list[float]] = {}
     for key, value in {**metrics, **extra}.items():
         if isinstance(value, (bool, np.bool_)):
             out[key] = int(value)

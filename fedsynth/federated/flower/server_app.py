@@ -24,26 +24,47 @@ import time
 from collections.abc import Iterator
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import ExperimentConfig, load_config
 from fedsynth.errors import ConfigError, FedsynthError
 from fedsynth.federated.aggregation import SiteUpdate, mean_metrics
-from fedsynth.federated.flower.records import VERDICT_KEY, encode, record_groups, record_nbytes, record_to_weights
-from fedsynth.federated.server import GlobalModel
+from fedsynth.federated.flower.messages import (
+    LOSS, RUN_CONFIG_PATH, RUN_DIR, RUN_EVALUATE, RUN_ROUNDS, EvaluateReply, MessageError, RoundInstruction, TrainReply,
+    Verdict,
+)
+from fedsynth.federated.flower.records import encode, record_groups, record_nbytes, record_to_weights
+from fedsynth.federated.server import GlobalModel, RoundSummary
 
 POLL_S = 0.25  # seconds between pulls of replies from the SuperLink (127.0.0.1, cheap)
 
+#: times one round sends a node its message again after the SuperLink lost it (:func:`lost_before_delivery`)
+MAX_RESENDS = 3
 
-def verdicts(server_round: int, summary: dict[str, Any]) -> dict[str, str]:
-    """Each site's outcome of ``server_round`` as sent back to it: ``accepted`` or ``rejected: <reason>``
-    (the server's own reason, e.g. NaN or a wrong shape; it names only the site and the weight key)."""
-    out = {site: f"round {server_round}: accepted" for site in summary["accepted"]}
-    out.update({site: f"round {server_round}: rejected: {reason}" for site, reason in summary["rejected"]})
+_Reply = TypeVar("_Reply", TrainReply, EvaluateReply)
+
+
+def lost_before_delivery(reply: Message) -> bool:
+    """Whether ``reply`` is the SuperLink saying it no longer has the message it answers.
+
+    flwr 1.23's SuperLink stores a pushed message before it registers the message's objects; a
+    SuperNode that pulls in between gets nothing, and the SuperLink deletes the message. The site
+    never saw it, so sending it again is safe (at worst a site trains twice in a round, which only
+    spends more of its own privacy budget: its accountant counts every step it takes).
+    """
+    return reply.has_error() and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+
+
+def verdicts(server_round: int, summary: RoundSummary) -> dict[str, Verdict]:
+    """Each site's outcome of ``server_round`` as sent back to it: accepted, or rejected with the
+    server's own reason (e.g. NaN or a wrong shape; it names only the site and the weight key)."""
+    out = {site: Verdict(server_round, True) for site in summary["accepted"]}
+    out.update({site: Verdict(server_round, False, reason) for site, reason in summary["rejected"]})
     return out
 
 
@@ -61,7 +82,7 @@ class FlowerFederation:
         self._experiment = json.dumps(self.global_model.site_config.to_dict())  # no server paths
         self._failures: list[str] = []
         self._node_site: dict[int, str] = {}  # node id -> site id, from the sites' replies
-        self._verdicts: dict[str, str] = {}  # site id -> what became of its last update (sent with the next message)
+        self._verdicts: dict[str, Verdict] = {}  # site id -> what became of its last update (sent with the next message)
 
     # ------------------------------------------------------------------ logs
 
@@ -102,8 +123,8 @@ class FlowerFederation:
         val: dict[str, float] = {}
         if self.evaluate:
             val = self._evaluate(server_round, nodes)
-            if "loss" in val:
-                self.global_model.record_evaluation(val.pop("loss"), val)
+            if LOSS in val:
+                self.global_model.record_evaluation(val.pop(LOSS), val)
         path = self.global_model.save()
         self.event("round_end", round=server_round, accepted=summary["accepted"], rejected=summary["rejected"],
                    clipped=summary["clipped"], metrics=self.global_model.state.metrics,
@@ -129,20 +150,33 @@ class FlowerFederation:
         """
         ttl = max(self.fed.round_timeout_s + 60.0, 120.0)
 
-        def config(node: int) -> ConfigRecord:
+        def instruction(node: int) -> RoundInstruction:
             site = self._node_site.get(node)
-            verdict = {VERDICT_KEY: self._verdicts[site]} if site in self._verdicts else {}
-            return ConfigRecord({"server-round": server_round, "experiment": self._experiment, **verdict})
+            verdict = self._verdicts.get(site) if site is not None else None
+            return RoundInstruction(server_round, self._experiment, arrays, verdict)
 
-        messages = [Message(RecordDict({"arrays": arrays, "config": config(node)}), dst_node_id=node,
-                            message_type=message_type, ttl=ttl) for node in nodes]
-        pending = dict(zip(self.grid.push_messages(messages), nodes))
+        pending: dict[str, int] = {}  # message id -> node
+
+        def send(to: list[int]) -> None:
+            messages = [Message(instruction(node).to_record(), dst_node_id=node, message_type=message_type, ttl=ttl)
+                        for node in to]
+            pending.update(zip(self.grid.push_messages(messages), to))
+
+        send(nodes)
+        resent: dict[int, int] = {}
         deadline = time.monotonic() + self.fed.round_timeout_s
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    yield node, reply
+                if node is None:
+                    continue
+                if lost_before_delivery(reply) and resent.get(node, 0) < MAX_RESENDS:
+                    resent[node] = resent.get(node, 0) + 1
+                    log(WARNING, "[fedsynth] round %s: the SuperLink lost the message to node %s (%s); sending it "
+                        "again (%s of %s)", server_round, node, reply.error.reason, resent[node], MAX_RESENDS)
+                    send([node])
+                    continue
+                yield node, reply
             if pending:
                 online = set(self.grid.get_node_ids())
                 for message_id, node in list(pending.items()):
@@ -155,38 +189,42 @@ class FlowerFederation:
             log(WARNING, "[fedsynth] round %s: node %s did not answer within %.0f s; continuing without it",
                 server_round, node, self.fed.round_timeout_s)
 
-    def _train_updates(self, server_round: int, nodes: list[int], arrays: ArrayRecord) -> Iterator[SiteUpdate]:
-        for node, reply in self._exchange(server_round, nodes, MessageType.TRAIN, arrays):
-            if reply.has_error():
-                log(WARNING, "[fedsynth] round %s: node %s failed: %s", server_round, node, reply.error.reason)
-                self._failures.append(f"node {node} failed: {reply.error.reason}")
-                self._append("received.jsonl", {"round": server_round, "phase": "train", "node": node,
-                                                 "error": reply.error.reason})
+    def _replies(self, server_round: int, nodes: list[int], message_type: str, arrays: ArrayRecord,
+                 kind: type[_Reply]) -> Iterator[tuple[int, _Reply]]:
+        """The decoded replies of ``_exchange``; a failed or malformed one is logged (train: also a
+        round failure and a line in ``received.jsonl``) and skipped."""
+        phase = "train" if message_type == MessageType.TRAIN else "evaluate"
+        for node, reply in self._exchange(server_round, nodes, message_type, arrays):
+            problem = f"node {node} failed: {reply.error.reason}" if reply.has_error() else None
+            if problem is None:
+                try:
+                    decoded = kind.from_record(reply.content, f"the {phase} reply of node {node}")
+                except MessageError as err:
+                    problem = str(err)
+            if problem is not None:
+                log(WARNING, "[fedsynth] round %s (%s): %s", server_round, phase, problem)
+                if phase == "train":
+                    self._failures.append(problem)
+                    self._append("received.jsonl", {"round": server_round, "phase": phase, "node": node, "error": problem})
                 continue
-            content = reply.content
-            site = str(content["site"]["site-id"]) if "site" in content else f"node-{node}"
-            self._node_site[node] = site
-            record = content["arrays"]
-            metrics = {k: float(v) for k, v in content["metrics"].items()}  # type: ignore[arg-type]
-            num_samples = int(metrics.pop("num_samples", 0))
-            self._append("received.jsonl", {"round": server_round, "phase": "train", "node": node, "site": site,
+            yield node, decoded
+
+    def _train_updates(self, server_round: int, nodes: list[int], arrays: ArrayRecord) -> Iterator[SiteUpdate]:
+        for node, reply in self._replies(server_round, nodes, MessageType.TRAIN, arrays, TrainReply):
+            self._node_site[node] = reply.site_id
+            record = reply.arrays
+            self._append("received.jsonl", {"round": server_round, "phase": "train", "node": node, "site": reply.site_id,
                                              "groups": record_groups(record), "keys": len(record),
                                              "bytes": record_nbytes(record),
                                              "dtypes": sorted({a.dtype for a in record.values()})})
-            yield SiteUpdate(site, record_to_weights(record), num_samples, metrics)
+            yield SiteUpdate(reply.site_id, record_to_weights(record), reply.num_samples, dict(reply.metrics))
 
     def _evaluate(self, server_round: int, nodes: list[int]) -> dict[str, float]:
         """Sample-weighted validation metrics of the new global model over the sites that answer
         (each metric over the sites that reported it finite: :func:`mean_metrics`)."""
         arrays = encode(self.global_model.shared_weights(), self.fed.transport_dtype, self.global_model.frozen)
-        reports: list[tuple[float, dict[str, float]]] = []
-        for node, reply in self._exchange(server_round, nodes, MessageType.EVALUATE, arrays):
-            if reply.has_error():
-                log(WARNING, "[fedsynth] round %s: node %s failed to evaluate: %s", server_round, node, reply.error.reason)
-                continue
-            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
-            reports.append((metrics.pop("num_samples", 0.0), metrics))
-        return mean_metrics(reports)
+        return mean_metrics([(float(reply.num_samples), reply.report()) for _, reply in
+                             self._replies(server_round, nodes, MessageType.EVALUATE, arrays, EvaluateReply)])
 
 
 app = ServerApp()
@@ -196,14 +234,14 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point: read the run config, then run (or resume) the federation."""
     rc = context.run_config
-    config_path = Path(str(rc.get("config-path", "")))
+    config_path = Path(str(rc.get(RUN_CONFIG_PATH, "")))
     if not config_path.is_absolute():
-        raise ConfigError(f"run config 'config-path' must be an absolute path to the experiment YAML, got '{config_path}'")
+        raise ConfigError(f"run config '{RUN_CONFIG_PATH}' must be an absolute path to the experiment YAML, got '{config_path}'")
     config = load_config(config_path)
-    rounds = int(rc.get("rounds", 0) or 0)
+    rounds = int(rc.get(RUN_ROUNDS, 0) or 0)
     if rounds > 0:
         config.federation.rounds = rounds
-    federation = FlowerFederation(grid, config, Path(str(rc.get("run-dir", ""))), evaluate=bool(rc.get("evaluate", True)))
+    federation = FlowerFederation(grid, config, Path(str(rc.get(RUN_DIR, ""))), evaluate=bool(rc.get(RUN_EVALUATE, True)))
     try:
         federation.run()
     except BaseException as err:

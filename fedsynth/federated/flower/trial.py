@@ -14,7 +14,6 @@ Layout of ``RUN_DIR``::
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +28,9 @@ from fedsynth.federated.trial_common import (
     SITE_SYNTAX, TrialRequest, TrialResult, check_site_id, check_trial, read_result, threads_per_site,
 )
 from fedsynth.federated.flower.launcher import (
-    FederationError, Processes, SuperLinkPorts, TLSFiles, flower_env, flwr_cli, follow, free_port, superlink_argv,
-    site_worker_argv, supernode_argv, wait_for_port,
+    FederationError, SuperLinkPorts, TLSFiles, flower_env, flwr_cli, follow, site_worker_argv, superlink_argv, supernode_argv,
 )
+from fedsynth.processes import ProcessGroup, free_port, sigterm_raises
 
 EventHook = Callable[[dict[str, Any], "LocalFederation"], None]
 
@@ -46,7 +45,7 @@ class LocalFederation:
             raise ConfigError(f"give at least one --site {SITE_SYNTAX}")
         for site_id in request.sites:
             check_site_id(site_id)
-        self.processes = Processes()
+        self.processes = ProcessGroup()
         self.ports = SuperLinkPorts.pick()
         self.env = flower_env(self.run_dir / "flwr-home")
         self.certs = self.run_dir / "certs"
@@ -94,12 +93,9 @@ class LocalFederation:
         """Start the SuperLink (``database``: keep its state on disk, as a real deployment does, so a
         restarted SuperLink still knows the sites; ``register=False`` on such a restart)."""
         argv = superlink_argv(self.ports, self.tls_files, node_auth=self.node_auth, database=database)
-        self.processes.start("superlink", argv, self.run_dir / "logs" / "superlink.log", self.env, self.run_dir / "superlink")
+        self.processes.start("superlink", argv, self.run_dir / "superlink", self.run_dir / "logs" / "superlink.log", self.env)
         for port in (self.ports.fleet, self.ports.control):
-            try:
-                wait_for_port(port, timeout, alive=lambda: self.processes.alive("superlink"))
-            except FederationError as err:
-                raise FederationError(f"SuperLink did not start: {err}\n{self.processes.tail('superlink')}") from None
+            self.processes.wait_for_port("superlink", port, timeout)
         if self.node_auth and register:
             for site_id in self.request.sites:
                 self.register(self.certs / f"{site_id}.auth.pub")
@@ -124,10 +120,10 @@ class LocalFederation:
         name = name or site_id
         # sites train at the same time on one machine: share the cores out (as the OpenFL trial does)
         env = {**self.env, "OMP_NUM_THREADS": threads_per_site(len(self.request.sites))}
-        supernode = self.processes.start(name, argv, self.run_dir / "logs" / f"{name}.log", env, site_dir)
+        supernode = self.processes.start(name, argv, site_dir, self.run_dir / "logs" / f"{name}.log", env)
         if long_lived:  # the site's ClientApp process, alive across rounds; it exits with its SuperNode
-            self.processes.start(f"{name}.worker", site_worker_argv(appio_port, flwr_dir, supernode.pid),
-                                 self.run_dir / "logs" / f"{name}.log", env, site_dir)
+            self.processes.start(f"{name}.worker", site_worker_argv(appio_port, flwr_dir, supernode.pid), site_dir,
+                                 self.run_dir / "logs" / f"{name}.log", env)
         return name
 
     def submit(self) -> int:
@@ -180,12 +176,9 @@ class LocalFederation:
         return finished
 
     def run(self, on_event: EventHook | None = None) -> dict[str, Any]:
-        """Prepare, start everything, run the federation to the end; always stops every process."""
-        previous = signal.getsignal(signal.SIGTERM)
-        in_main = _is_main_thread()
-        if in_main:
-            signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
+        """Prepare, start everything, run the federation to the end; always stops every process
+        (also on SIGTERM, which ends the run with exit status 143)."""
+        with sigterm_raises(), self.processes:
             self.prepare()
             progress = self.run_dir / "server" / "progress.jsonl"
             offset = progress.stat().st_size if progress.is_file() else 0
@@ -194,26 +187,12 @@ class LocalFederation:
                 self.start_supernode(site_id)
             self.submit()
             return self.wait(on_event, offset=offset)
-        finally:
-            self.processes.stop_all()
-            if in_main:
-                signal.signal(signal.SIGTERM, previous)
 
     def __enter__(self) -> LocalFederation:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.processes.stop_all()
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_trial(request: TrialRequest, on_event: EventHook | None = None) -> TrialResult:

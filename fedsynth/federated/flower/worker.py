@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import time
+
+from fedsynth.processes import exit_on_sigterm
 
 log = logging.getLogger("fedsynth.flower.worker")
 
@@ -31,7 +32,7 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
     """Serve ClientApp messages of the SuperNode at ``clientappio_address`` until it goes away."""
     from flwr.common.grpc import create_channel
     from flwr.common.retry_invoker import _make_simple_grpc_retry_invoker, _wrap_stub
-    from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest  # type: ignore[attr-defined]
+    from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest
     from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supernode.runtime.run_clientapp import run_clientapp
@@ -86,8 +87,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Configure logging, exit cleanly on SIGTERM, and serve until the SuperNode goes away."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedsynth").setLevel(logging.INFO)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stopped by its service manager / the trial
+    exit_on_sigterm()  # stopped by its service manager / the trial
     run_site_worker(args.clientappio_api_address, args.flwr_dir, supernode_pid=args.supernode_pid)
     return 0
 

@@ -119,7 +119,7 @@ class GroupRoutedFedAvg(AggregationFunction):
                                                          metrics=metrics.get(site, {})) for site, weight in sites.items()])
         gm.save()
         log.info("round %d: aggregated %s (rejected %s, clipped %s)", fl_round, summary["accepted"],
-                 [s for s, _ in summary["rejected"]], summary["clipped"])  # type: ignore[union-attr]
+                 [s for s, _ in summary["rejected"]], summary["clipped"])
         return {k: np.asarray(v, dtype=np.float32) for k, v in gm.shared_weights().items()}
 
     @staticmethod

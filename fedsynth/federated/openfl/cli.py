@@ -14,7 +14,7 @@ def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argpar
 
     p = federate_subparsers.add_parser(
         "openfl", help="one-machine OpenFL federation: fx workspace, mTLS on 127.0.0.1, export",
-        description="Builds an OpenFL workspace from plans/<family>, runs the fx PKI flow, one aggregator "
+        description="Builds the family's OpenFL workspace from plans/workspace, runs the fx PKI flow, one aggregator "
                     "(bound to 127.0.0.1) and one collaborator per --site, writing RUN_DIR/global/{last,best,round_NNNN}.ckpt "
                     "and history.json as the Flower trial does. Every process is stopped at the end, also on failure.")
     p.add_argument("-c", "--config", required=True, help="fedsynth experiment YAML")

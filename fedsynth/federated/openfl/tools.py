@@ -94,13 +94,13 @@ def ship_first_stage(config_path: Path, config: Any) -> Any:
     from fedsynth.models import build_model
 
     source = getattr(config.model, "autoencoder_checkpoint", None)
-    if config.family != "diffusion" or not source or source == FIRST_STAGE_IN_WORKSPACE:
+    if not source or source == FIRST_STAGE_IN_WORKSPACE:  # not a latent model, or shipped already
         return config
     model = build_model(config)
     out = shipped_config(config, model, resolve_group_policy(model, config.federation))
     with atomic_path(Path(FIRST_STAGE_IN_WORKSPACE), durable=True) as tmp:
         shutil.copyfile(source, tmp)
-    out.model.autoencoder_checkpoint = FIRST_STAGE_IN_WORKSPACE
+    out.model = out.model.model_copy(update={"autoencoder_checkpoint": FIRST_STAGE_IN_WORKSPACE})
     save_config(out, config_path)
     return out
 
@@ -130,7 +130,7 @@ def _let_recovery_end_a_round() -> None:
         original(self, round_num, logs)
 
     on_round_end._fedsynth = True  # type: ignore[attr-defined]
-    MetricWriter.on_round_end = on_round_end  # type: ignore[method-assign]
+    MetricWriter.on_round_end = on_round_end
 
 
 def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/cols.yaml") -> None:
@@ -146,7 +146,7 @@ def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/
     # round first starts the next one up to 10 s late; ask idle collaborators back sooner instead
     from openfl.component.aggregator.aggregator import Aggregator
 
-    Aggregator._get_sleep_time = staticmethod(lambda: IDLE_POLL_S)  # type: ignore[method-assign]
+    Aggregator._get_sleep_time = staticmethod(lambda: IDLE_POLL_S)
     _let_recovery_end_a_round()
     setup_logger("info")
     parsed = Plan.parse(plan_config_path=Path(plan).absolute(), cols_config_path=Path(cols).absolute())

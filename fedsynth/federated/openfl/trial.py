@@ -8,29 +8,17 @@ also on failure or timeout (the error names the process that failed and shows it
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fedsynth.engine import BEST, LAST
 from fedsynth.errors import ConfigError, DataError
-from fedsynth.federated.openfl.processes import ProcessGroup
 from fedsynth.federated.openfl.workspace import Workspace, create_workspace, set_up_pki_and_plan
 from fedsynth.federated.site_config import write_trial_site_config
 from fedsynth.federated.trial_common import TrialRequest, TrialResult, check_trial, read_result, threads_per_site
-
-BIND = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((BIND, 0))
-        return int(s.getsockname()[1])
+from fedsynth.processes import HOST, ProcessGroup, free_port, sigterm_raises
 
 
 def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, ...] | None = None,
@@ -45,8 +33,8 @@ def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, .
     names = collaborators or ws.collaborators
     env = {"OMP_NUM_THREADS": threads_per_site(len(names)), "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
-    with _sigterm_raises(), ProcessGroup() as group:
-        agg = group.start("aggregator", [sys.executable, "-m", "fedsynth.federated.openfl", "aggregator", "--bind", BIND],
+    with sigterm_raises(), ProcessGroup(grace=5.0) as group:
+        agg = group.start("aggregator", [sys.executable, "-m", "fedsynth.federated.openfl", "aggregator", "--bind", HOST],
                           ws.path, ws.logs / "aggregator.log", env)
         for name, (cmd, cwd) in (extra or {}).items():
             group.start(name, cmd, cwd, ws.logs / f"{name}.log", env)
@@ -57,23 +45,6 @@ def run_federation(ws: Workspace, *, timeout: float, collaborators: tuple[str, .
                             ws.logs / f"collaborator_{n}.log", env) for n in names]
         group.wait_all([agg, *cols], deadline=start + timeout)
     return {"federation_s": time.monotonic() - start}
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit while processes run, so they are stopped on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _fx() -> str:
@@ -87,16 +58,11 @@ def export_run(ws: Workspace, run_dir: Path) -> dict[str, Path]:
     ``run_dir/openfl/`` (``last.ckpt``, ``best.ckpt``); the federation's checkpoints are ``RUN/global``."""
     from fedsynth.federated.openfl.tools import export_checkpoint
 
-    cwd = os.getcwd()
-    os.chdir(ws.path)
-    try:
-        out = {}
-        out["last"] = export_checkpoint("last", run_dir / "openfl" / LAST)
+    with contextlib.chdir(ws.path):
+        out = {"last": export_checkpoint("last", run_dir / "openfl" / LAST)}
         if (ws.path / "save" / "best.pbuf").is_file():
             out["best"] = export_checkpoint("best", run_dir / "openfl" / BEST)
         return out
-    finally:
-        os.chdir(cwd)
 
 
 def run_trial(request: TrialRequest) -> TrialResult:

@@ -1,12 +1,15 @@
-"""Build an OpenFL workspace from ``plans/<family>`` and run the standard ``fx`` set-up flow.
+"""Build an OpenFL workspace from ``plans/workspace`` and run the standard ``fx`` set-up flow.
 
 OpenFL 1.9's ``fx workspace create --template`` only accepts its built-in templates (a click
-``Choice``), so each ``plans/<family>`` folder is itself a complete workspace: copying it is the
-``workspace create`` step; everything after that is plain ``fx``.
+``Choice``), so fedsynth writes the workspace itself: ``plans/workspace`` is one template for
+every family; :func:`write_template` fills in a registered family (the plan's family line,
+``plan/fedsynth.yaml`` and the ``config_sha256`` pins), which is the ``workspace create`` step;
+everything after that is plain ``fx``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from collections.abc import Mapping
@@ -18,9 +21,9 @@ import yaml
 from fedsynth.config import ExperimentConfig, save_config
 from fedsynth.errors import ConfigError, FedsynthError
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE
-from fedsynth.federated.openfl.processes import run_checked, run_parallel
 from fedsynth.federated.openfl.tools import pin_config
 from fedsynth.io import atomic_write_text
+from fedsynth.processes import run_checked, run_parallel
 
 #: name the aggregator's certificate is issued for, and that collaborators dial, in one-machine runs
 LOCAL_AGGREGATOR_NAME = "localhost"
@@ -34,11 +37,43 @@ def plans_dir() -> Path:
     return resource_dir("plans")
 
 
-def template_dir(family: str, plans: Path | None = None) -> Path:
-    path = (plans or plans_dir()) / family
+#: the one OpenFL workspace template, a folder of ``plans/``
+TEMPLATE = "workspace"
+#: the geometry of the example ``plan/fedsynth.yaml`` of :func:`write_template`: 2D, 64x64, 1 channel
+TEMPLATE_IMAGE_SIZE = 64
+
+
+def template_dir(plans: Path | None = None) -> Path:
+    """``plans/workspace``: the OpenFL workspace template every family's workspace is written from."""
+    path = (plans or plans_dir()) / TEMPLATE
     if not (path / "plan" / "plan.yaml").is_file():
-        raise ConfigError(f"no OpenFL template for family '{family}' at {path}")
+        raise ConfigError(f"no OpenFL workspace template at {path} (plan/plan.yaml is missing)")
     return path
+
+
+def _copy_template(out: Path, family_name: str, plans: Path | None = None) -> None:
+    """The template in ``out``, its plan naming ``family_name`` (a registered family)."""
+    from fedsynth.families import family
+
+    family(family_name)  # a ConfigError lists the registered families
+    shutil.copytree(template_dir(plans), out, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "__init__.py", "*.crt", "*.key", "*.csr", "*.pbuf", "*.db"))
+    plan_path = out / "plan" / "plan.yaml"
+    atomic_write_text(plan_path, plan_path.read_text(encoding="utf-8").replace("{family}", family_name))
+
+
+def write_template(family_name: str, out: Path, plans: Path | None = None) -> Path:
+    """A ready OpenFL workspace for a registered family in ``out`` (new or empty): the template, the
+    family's default config (2D, :data:`TEMPLATE_IMAGE_SIZE` pixels) as ``plan/fedsynth.yaml`` and
+    plan.yaml pinned to it. What ``fedsynth templates openfl-<family>`` writes."""
+    from fedsynth.config import default_config, render_yaml
+
+    out = Path(out)
+    _copy_template(out, family_name, plans)
+    config = default_config(family_name, 2, TEMPLATE_IMAGE_SIZE)
+    atomic_write_text(out / CONFIG_IN_WORKSPACE, render_yaml(config))
+    pin_config_in(out)
+    return out
 
 
 def fx() -> str:
@@ -65,7 +100,7 @@ class Workspace:
 def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str, tuple[Path, Path | None]], *,
                      agg_port: int, agg_addr: str = LOCAL_AGGREGATOR_NAME, plans: Path | None = None,
                      site_configs: Mapping[str, Path] | None = None, run_dir: Path | None = None) -> Workspace:
-    """Copy the family's template to ``prefix`` and fill in config, data.yaml and network settings.
+    """Write the family's workspace to ``prefix`` with ``config``, data.yaml and the network settings.
 
     ``run_dir`` is where the aggregator's :class:`~fedsynth.federated.server.GlobalModel` writes
     ``global/`` (every task's ``aggregation_type.settings.run_dir``; default: the workspace).
@@ -79,8 +114,7 @@ def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str,
     for name in sites:
         if name != name.lower() or not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"collaborator name '{name}': use lower-case letters, digits, '-' or '_' (it is a certificate name)")
-    shutil.copytree(template_dir(config.family, plans), prefix, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.crt", "*.key", "*.csr", "*.pbuf", "*.db"))
+    _copy_template(prefix, config.family, plans)
     for d in WORKSPACE_DIRS:
         (prefix / d).mkdir(parents=True, exist_ok=True)
     save_config(config, prefix / CONFIG_IN_WORKSPACE)
@@ -105,14 +139,8 @@ def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str,
 
 
 def pin_config_in(workspace: Path) -> str:
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(workspace)
-    try:
+    with contextlib.chdir(workspace):
         return pin_config("plan/plan.yaml")
-    finally:
-        os.chdir(cwd)
 
 
 def set_up_pki_and_plan(ws: Workspace, agg_addr: str = LOCAL_AGGREGATOR_NAME, timeout: float = 300) -> None:
