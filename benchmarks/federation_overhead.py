@@ -74,21 +74,33 @@ def _bytes_per_site(config) -> dict[str, int]:  # type: ignore[no-untyped-def]
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny networks, 2 local steps (a minute or two)")
+def bench_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The overhead benchmarks' common options: ``--quick`` and ``--keep DIR``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--keep", default=None, help="keep the run folders here")
-    args = parser.parse_args()
+    return parser
+
+
+def two_sites(keep: str | None, prefix: str) -> tuple[Path, dict[str, Path]]:
+    """A work folder (``keep`` or a new temporary one) holding two real-MRI sites (24 axial slices
+    per brain at 32x32: MNI152 and Colin27), and their CSVs by site name."""
+    from fedsynth.demo import build_demo_dataset
+
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    data = build_demo_dataset(work / "data", image_size=32, count=24, spatial_dims=2)
+    return work, {"site1": Path(data["mni152"]), "site2": Path(data["colin27"])}
+
+
+def main() -> int:
+    args = bench_parser(__doc__, "tiny networks, 2 local steps (a minute or two)").parse_args()
 
     from fedsynth.config import save_config
-    from fedsynth.demo import build_demo_dataset
     from fedsynth.federated.flower.trial import LocalFederation, TrialRequest
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedsynth-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work, sites = two_sites(args.keep, "fedsynth-bench-")
     try:
-        data = build_demo_dataset(work / "data", image_size=32, count=24, spatial_dims=2)
-        sites = {"site1": Path(data["mni152"]), "site2": Path(data["colin27"])}
         config = _config(args.quick)
         save_config(config, work / "cfg.yaml")
 

@@ -15,35 +15,27 @@ Run:  python benchmarks/openfl_overhead.py [--quick] [--with-flower] [--keep DIR
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from federation_overhead import _config, _sequential  # noqa: E402  (same config and baseline as Flower's)
+from federation_overhead import _config, _sequential, bench_parser, two_sites  # noqa: E402  (same config and baseline as Flower's)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny networks, 2 local steps (a few minutes)")
+    parser = bench_parser(__doc__, "tiny networks, 2 local steps (a few minutes)")
     parser.add_argument("--with-flower", action="store_true", help="also run the Flower federation, same baseline")
-    parser.add_argument("--keep", default=None, help="keep the run folders here")
     args = parser.parse_args()
 
-    from fedsynth.demo import build_demo_dataset
     from fedsynth.federated.openfl.trial import run_trial
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedsynth-bench-openfl-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work, sites = two_sites(args.keep, "fedsynth-bench-openfl-")
     try:
-        data = build_demo_dataset(work / "data", image_size=32, count=24, spatial_dims=2)
-        sites = {"site1": Path(data["mni152"]), "site2": Path(data["colin27"])}
         config = _config(args.quick)
 
         t0 = time.perf_counter()

@@ -36,11 +36,11 @@ class Budget:
     """Step budgets and sample counts (full run defaults; ``quick()`` for CI)."""
 
     image_size: int = 64
-    gan_steps: int = 2000
+    gan_steps: int = 3000
     stylegan_steps: int = 500
-    autoencoder_steps: int = 600
+    autoencoder_steps: int = 1500
     first_stage_steps: int = 600
-    ldm_steps: int = 1200
+    ldm_steps: int = 4000
     encoder_steps: int = 400
     samples: int = 500
     ddpm_subset: int = 8
@@ -54,6 +54,9 @@ class Budget:
     text_first_stage_steps: int = 800
     text_steps: int = 2500
     reader_steps: int = 1500
+    precision: str = "auto"
+    """training precision of the quality section: ``auto`` = bf16 autocast where the CPU/GPU computes
+    it natively (:func:`fedsynth.demo.fast_precision`), else fp32"""
 
     @classmethod
     def quick(cls) -> "Budget":
@@ -248,8 +251,11 @@ def row(name: str, steps: Any, seconds: float | None, m: dict[str, Any]) -> str:
 def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tuple[list[str], Path]:
     """Each family with its recipe, scored on held-out slices; DDIM-50 vs DDPM-1000 on a subset."""
     csv = data.csvs["train"]
+    from fedsynth.demo import fast_precision
+
     families = ("gan", "stylegan", "autoencoder", "latent-diffusion")
-    cfgs = {k: family_config(k, budget) for k in ("eval-encoder", *families)}
+    precision = fast_precision() if budget.precision == "auto" else budget.precision
+    cfgs = {k: family_config(k, budget, training__precision=precision) for k in ("eval-encoder", *families)}
     # two slots: [eval encoder -> autoencoder -> latent diffusion] and [GAN -> style-based GAN]
     def chain() -> list[dict[str, Any]]:
         done = [train_run(k, cfgs[k], csv, work, budget) for k in ("eval-encoder", "autoencoder")]
@@ -289,7 +295,7 @@ def bench_quality(work: Path, budget: Budget, data: Data, grids_dir: Path) -> tu
              f"Data: `fedsynth build-dataset` — {len(data.train)} training and {len(real)} held-out real 2D T1 slices "
              f"({budget.image_size}x{budget.image_size}, axial/coronal/sagittal, MNI152 + Colin27 ch2/ch2bet/ch2better; "
              "held-out slabs at least 4 mm from any training slice). Each family trained with its `init-config` recipe "
-             f"on the training split only; {budget.samples} samples each (EMA weights; latent diffusion: DDIM-50), "
+             f"on the training split only ({precision} training, one thread per job, two jobs at a time); {budget.samples} samples each (EMA weights; latent diffusion: DDIM-50), "
              f"scored against the held-out slices. Floor row: {budget.samples} random training slices scored the same way.",
              "", f"Encoder for encoder-FID / KID / PRDC (k = 5): a separate fedsynth AutoencoderKL (channels [16, 32, 64], "
              f"8 latent channels, seed 7) trained {budget.encoder_steps} steps on the training split — *not* an ImageNet "
