@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fedsynth.families import families, family
+from fedsynth.families import family
 from fedsynth.models.autoencoder import AutoencoderModel
 from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, unwrap
 from fedsynth.models.diffusion import (DiffusionModel, check_first_stage, first_stage_config,
@@ -13,13 +13,6 @@ from fedsynth.models.gan import GanModel
 
 if TYPE_CHECKING:
     from fedsynth.config import ExperimentConfig
-
-
-def __getattr__(name: str) -> Any:
-    """``FAMILIES``: every registered family's model class, by family name."""
-    if name == "FAMILIES":
-        return {spec.name: spec.model for spec in families().values()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_model(config: ExperimentConfig, autoencoder: SynthesisModel | None = None) -> SynthesisModel:
@@ -47,6 +40,6 @@ def build_model(config: ExperimentConfig, autoencoder: SynthesisModel | None = N
                           f"channels {config.channels}): {err}") from None
 
 
-__all__ = ["FAMILIES", "Batch", "GroupSpec", "SynthesisModel", "build_model", "unwrap",
+__all__ = ["Batch", "GroupSpec", "SynthesisModel", "build_model", "unwrap",
            "check_first_stage", "first_stage_config", "first_stage_digest",
            "AutoencoderModel", "GanModel", "DiffusionModel"]
