@@ -1,5 +1,5 @@
-"""The family registry: every registered family is complete, and a new family is one module plus
-one line in ``FAMILY_MODULES``.
+"""The family registry: every registered family is complete, a new family is one module plus
+one line in ``FAMILY_MODULES``, and reading the registry (configs, ``--help``) loads no torch.
 
 The registry is read once per process (``fedsynth.config`` builds the ``model:`` union from it
 when it is first imported), so the new family is registered in a fresh interpreter, before that
@@ -31,7 +31,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fedsynth.families import Family
-from fedsynth.models import gan
+from fedsynth.families import gan
+from fedsynth.models.gan import GanModel
 
 
 class TinyGanConfig(gan.GanConfig):
@@ -40,7 +41,7 @@ class TinyGanConfig(gan.GanConfig):
     family: Literal["tinygan"] = "tinygan"
 
 
-class TinyGanModel(gan.GanModel):
+class TinyGanModel(GanModel):
     family = "tinygan"
 
 
@@ -49,7 +50,7 @@ def recipe(spatial_dims: int, size: list[int]) -> dict[str, Any]:
     return {"model": {**r["model"], "family": "tinygan", "generator_channels": 16}, "training": r["training"]}
 
 
-FAMILY = Family(name="tinygan", config=TinyGanConfig, model=TinyGanModel, recipe=recipe,
+FAMILY = Family(name="tinygan", config=TinyGanConfig, model_ref=TinyGanModel, recipe=recipe,
                 check_geometry=gan.check_geometry,
                 test_model={"latent_dim": 8, "generator_channels": 16, "discriminator_channels": 8})
 '''
@@ -141,12 +142,14 @@ def test_registry_lists_its_modules_once_and_names_unknown_families() -> None:
 def test_a_family_module_imports_first_and_config_re_exports_its_block() -> None:
     """Family modules must not import fedsynth.config at import time (it imports them); a fresh
     interpreter that starts from a family module reaches the same classes through fedsynth.config."""
-    probe = ("import fedsynth.models.gan as gan\n"
+    probe = ("import fedsynth.families.gan as gan\n"
              "from fedsynth.config import AutoencoderConfig, DiffusionConfig, GanConfig, config_from_dict\n"
              "from fedsynth.families import family\n"
              "assert GanConfig is gan.GanConfig is family('gan').config\n"
              "assert {AutoencoderConfig, DiffusionConfig} == {family('autoencoder').config, family('diffusion').config}\n"
-             "assert type(config_from_dict({'model': {'family': 'gan'}}).model) is GanConfig\n")
+             "assert type(config_from_dict({'model': {'family': 'gan'}}).model) is GanConfig\n"
+             "import fedsynth.models.gan as nets\n"
+             "assert nets.GanConfig is GanConfig and family('gan').model is nets.GanModel\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

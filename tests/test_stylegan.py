@@ -13,7 +13,8 @@ from fedsynth.errors import ConfigError
 from fedsynth.local import build_engine
 from fedsynth.models import build_model
 from fedsynth.models.base import to_model_range
-from fedsynth.models.stylegan import FAMILY, StyleDiscriminator, minibatch_stddev, modulated_conv
+from fedsynth.families.stylegan import FAMILY
+from fedsynth.models.stylegan import StyleDiscriminator, minibatch_stddev, modulated_conv
 
 DP = {"enabled": True, "noise_multiplier": 1.1, "max_grad_norm": 1.0}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedsynth.families import family
+from fedsynth.families.diffusion import first_stage_config
 from fedsynth.models.autoencoder import AutoencoderModel
 from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, unwrap
-from fedsynth.models.diffusion import (DiffusionModel, check_first_stage, first_stage_config,
-                                       first_stage_digest)
+from fedsynth.models.diffusion import DiffusionModel, check_first_stage, first_stage_digest
 from fedsynth.models.gan import GanModel
 
 if TYPE_CHECKING:
