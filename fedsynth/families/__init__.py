@@ -75,7 +75,7 @@ class Family:
     @property
     def model(self) -> type[Any]:
         """The model class (imports its module, hence torch)."""
-        return resolve(self.model_ref)  # type: ignore[no-any-return]
+        return resolve(self.model_ref)
 
     @property
     def build(self) -> Callable[..., Any] | None:
