@@ -7,25 +7,22 @@ exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from fedsynth.commands import COMMANDS, command
 from fedsynth.errors import FedsynthError
+from fedsynth.data.manifest import construct_csv
+from fedsynth.errors import CheckpointError
+from fedsynth.families import families, family
+from fedsynth.families import family_names
+from fedsynth.io import atomic_write_text, check_output_path
 
-Handler = Callable[[argparse.Namespace], int | None]
-_COMMANDS: dict[str, Handler] = {}
 #: modules that add sub-commands: each defines ``add_commands(subparsers)`` and uses ``@command``
-_EXTENSIONS: list[str] = ["fedsynth.pki", "fedsynth.federated.cli", "fedsynth.metrics.cli", "fedsynth.resources"]
-
-
-def command(name: str) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        _COMMANDS[name] = fn
-        return fn
-
-    return deco
+_EXTENSIONS: list[str] = ["fedsynth.pki", "fedsynth.federated.cli", "fedsynth.metrics.cli", "fedsynth.federated.templates"]
 
 
 # --------------------------------------------------------------------------- core commands
@@ -39,8 +36,6 @@ def _at_least(flag: str, value: int | float | None, minimum: int | float) -> Non
 @command("init-config")
 def _init_config(args: argparse.Namespace) -> None:
     from fedsynth.config import default_config, render_yaml
-    from fedsynth.families import families, family
-    from fedsynth.io import atomic_write_text, check_output_path
 
     out = check_output_path(args.output, folder=False)
     if out.exists() and not args.overwrite:
@@ -68,15 +63,12 @@ def _init_config(args: argparse.Namespace) -> None:
 
 @command("construct-csv")
 def _construct_csv(args: argparse.Namespace) -> None:
-    from fedsynth.data.manifest import construct_csv
-
     n = construct_csv(args.input_dir, args.output, channel_ids=args.channels_id, labels_from_folders=args.labels_from_folders)
     print(f"wrote {args.output} ({n} rows)")
 
 
 @command("train")
 def _train(args: argparse.Namespace) -> None:
-    from fedsynth.io import check_output_path
     from fedsynth.local import TrainRequest, train
 
     _at_least("--devices", args.devices, 1)
@@ -93,9 +85,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     from fedsynth.checkpoint import model_from_checkpoint
     from fedsynth.engine import BEST, LAST, resolve_device
-    from fedsynth.errors import CheckpointError
     from fedsynth.generation import sample, write_images
-    from fedsynth.io import check_output_path
 
     _at_least("-n/--num-images", args.num_images, 1)
     _at_least("--steps", args.steps, 1)
@@ -185,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsynth", description="Federated synthesis of medical images.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from fedsynth.families import families, family_names
 
     p = sub.add_parser("init-config", help="write a complete, commented config that trains as is")
     p.add_argument("--family", required=True, choices=family_names())
@@ -256,8 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast where the CPU/GPU computes bf16 natively, else fp32")
 
-    import importlib
-
     for module in _EXTENSIONS:
         importlib.import_module(module).add_commands(sub)
     return parser
@@ -267,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = _COMMANDS[args.command](args)
+        result = COMMANDS[args.command](args)
     except FedsynthError as err:
         print(f"fedsynth {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,8 @@ from fedsynth.config_base import FamilyConfig
 from fedsynth.config_base import Strict as _Strict
 from fedsynth.errors import ConfigError
 from fedsynth.families import families, family
+from fedsynth.geometry import check_geometry
+from fedsynth.io import atomic_write_text
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -235,7 +237,6 @@ class ExperimentConfig(_Strict):
             )
         if any(s < 8 for s in self.image_size):
             raise ValueError(f"image_size entries must be >= 8, got {self.image_size}")
-        from fedsynth.geometry import check_geometry  # the family's architecture rules
 
         check_geometry(self)
         return self
@@ -315,7 +316,6 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
     """Write the config as YAML, atomically."""
-    from fedsynth.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
 

@@ -21,6 +21,8 @@ from fedsynth.data.brains import resize as _resize
 from fedsynth.data.images import save_image
 from fedsynth.data.manifest import write_manifest
 from fedsynth.errors import DataError
+from fedsynth.io import atomic_write_text
+from fedsynth.metrics import ImageSet, evaluate_sets, load_real
 
 COLIN27 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 
@@ -133,9 +135,7 @@ def run_demo(out_dir: str | Path, *, family: str = "latent-diffusion", steps: in
     from fedsynth.extensions import sampling_weights
     from fedsynth.data.brains import available_volumes, build_brain_dataset
     from fedsynth.generation import sample, write_images
-    from fedsynth.io import atomic_write_text
     from fedsynth.local import TrainRequest, run_training
-    from fedsynth.metrics import ImageSet, evaluate_sets, load_real
     from fedsynth.metrics.evaluate import EvaluationOptions
 
     out = Path(out_dir)

@@ -11,6 +11,7 @@ import torch
 from fedsynth.data.images import save_image
 from fedsynth.io import atomic_write_text
 from fedsynth.models.base import SynthesisModel
+from fedsynth.data.manifest import IMAGE_SUFFIXES, write_manifest
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -63,7 +64,6 @@ def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str
     interrupted generation. A re-used folder first loses the previous generation's images,
     manifest and grid, so no stale image is mixed with the new ones.
     """
-    from fedsynth.data.manifest import IMAGE_SUFFIXES, write_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

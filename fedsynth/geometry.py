@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from fedsynth.families import families
 
 
 def nearest(value: int, ok: Callable[[int], bool], lo: int = 1, span: int = 4096) -> str:
@@ -56,7 +57,6 @@ def check_groups(field: str, channels: list[int], groups: int, groups_field: str
 
 def check_geometry(config: Any) -> None:
     """Raise ``ValueError`` naming the field when ``config``'s model cannot be built or trained."""
-    from fedsynth.families import families
 
     spec = families().get(config.model.family)
     if spec is None:  # not a registered family: the config union has already refused it

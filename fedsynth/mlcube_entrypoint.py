@@ -30,6 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedsynth.errors import DataError, FedsynthError
+from fedsynth import cli
+from fedsynth.data.manifest import construct_csv, read_manifest
+from fedsynth.data.manifest import write_manifest
+from fedsynth.io import atomic_write_text
 
 #: per task: the fedsynth sub-command, and its options that the parameters file may not set: the
 #: paths (the cube's parameters set them, and only those are mounted in the container)
@@ -42,9 +46,8 @@ TASKS: dict[str, tuple[str, frozenset[str]]] = {
 
 def _subparser(command: str) -> argparse.ArgumentParser | None:
     """The ``fedsynth <command>`` parser, or None when this installation has no such sub-command."""
-    from fedsynth.cli import build_parser
 
-    for action in build_parser()._actions:
+    for action in cli.build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action.choices.get(command)
     return None
@@ -107,7 +110,6 @@ def resolve_manifest(path: str | Path, parameter: str, scratch: Path) -> Path:
     Every image the CSV names must lie inside the folder mounted for it (the CSV's folder);
     a path that does not exist raises :class:`DataError` with that hint.
     """
-    from fedsynth.data.manifest import construct_csv, read_manifest
 
     p = Path(path)
     if p.is_dir():
@@ -137,7 +139,6 @@ def resolve_manifest(path: str | Path, parameter: str, scratch: Path) -> Path:
 
 def run_task(task: str, args: argparse.Namespace) -> int:
     """Run one MLCube task through :func:`fedsynth.cli.main`; returns its exit status."""
-    from fedsynth.cli import main
 
     extra = task_options(task, args.parameters)  # also checks that the sub-command exists
     with tempfile.TemporaryDirectory(prefix="fedsynth-mlcube-") as tmp:
@@ -152,7 +153,7 @@ def run_task(task: str, args: argparse.Namespace) -> int:
             real = resolve_manifest(args.real, "real", scratch)
             argv = ["evaluate", "--real", str(real), "--synthetic", args.synthetic, "-o", args.report,
                     "--png", args.report_png]
-        return main([*argv, *extra])
+        return cli.main([*argv, *extra])
 
 
 def build_example_workspace(out_dir: str | Path, *, count: int = 12) -> dict[str, Path]:
@@ -163,9 +164,7 @@ def build_example_workspace(out_dir: str | Path, *, count: int = 12) -> dict[str
     paths in the CSVs are relative to ``data/`` so the folder can be mounted anywhere.
     """
     from fedsynth.config import default_config, render_yaml
-    from fedsynth.data.manifest import write_manifest
     from fedsynth.demo import available_volumes, write_slices
-    from fedsynth.io import atomic_write_text
 
     out = Path(out_dir)
     data = out / "data"

@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedsynth.errors import FedsynthError
 from fedsynth.io import atomic_path
+from fedsynth.commands import command
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -240,7 +241,6 @@ def verify_cert(cert_path: str | Path, ca_cert_path: str | Path, host: str | Non
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """``fedsynth certs create-ca | issue-server | issue-client | verify``."""
-    from fedsynth.cli import command
 
     certs = subparsers.add_parser("certs", help="a small CA: create it, issue and verify certificates")
     sub = certs.add_subparsers(dest="certs_command", required=True)

@@ -1,8 +1,13 @@
-"""Data: CSV manifests, image reading/preprocessing, datasets and loaders."""
+"""Data: CSV manifests, image reading/preprocessing, datasets and loaders.
 
-from fedsynth.data.dataset import ImageDataset, collate, load_datasets, make_loader
-from fedsynth.data.images import read_image, save_image
-from fedsynth.data.manifest import Record, construct_csv, read_manifest, split_by_subject, write_manifest
+Names load on first use (:mod:`fedsynth.lazy`): the CSV tools in ``fedsynth.data.manifest`` need no torch.
+"""
 
-__all__ = ["ImageDataset", "Record", "collate", "construct_csv", "load_datasets", "make_loader", "read_image",
-           "read_manifest", "save_image", "split_by_subject", "write_manifest"]
+from fedsynth.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    **dict.fromkeys(["ImageDataset", "collate", "load_datasets", "make_loader"], "fedsynth.data.dataset"),
+    **dict.fromkeys(["read_image", "save_image"], "fedsynth.data.images"),
+    **dict.fromkeys(["Record", "construct_csv", "read_manifest", "split_by_subject", "write_manifest"],
+                    "fedsynth.data.manifest"),
+})

@@ -37,6 +37,8 @@ import numpy as np
 from fedsynth.data.images import save_image
 from fedsynth.data.manifest import write_manifest
 from fedsynth.errors import DataError
+from fedsynth.data.manifest import read_manifest
+from fedsynth.io import atomic_write_text
 
 MRICRON = Path("/usr/share/mricron/templates")
 #: volume name -> brain (site) it belongs to
@@ -211,7 +213,6 @@ def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: S
     import csv
     import io
 
-    from fedsynth.io import atomic_write_text
 
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -240,6 +241,5 @@ def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: S
 
 def summary(csvs: dict[str, Path]) -> str:
     """One line per CSV with its row count."""
-    from fedsynth.data.manifest import read_manifest
 
     return "\n".join(f"{k}: {v} ({len(read_manifest(v)) if k != 'slices' else 'index'} rows)" for k, v in csvs.items())

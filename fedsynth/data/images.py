@@ -15,6 +15,7 @@ from monai import transforms as mt
 
 from fedsynth.config import AugmentationConfig, DataConfig
 from fedsynth.errors import DataError
+from fedsynth.io import atomic_path
 
 
 def read_image(path: Path, *, resample_spacing: list[float] | None = None) -> np.ndarray:
@@ -157,7 +158,6 @@ def augmentation(augs: list[AugmentationConfig], spatial_dims: int) -> mt.Compos
 
 def save_image(array: np.ndarray, path: Path) -> None:
     """Write a ``(C, *spatial)`` array in [0, 1] as NIfTI (any dims) or PNG (2D, 1 or 3 channels)."""
-    from fedsynth.io import atomic_path
 
     name = path.name.lower()
     if name.endswith(".png"):

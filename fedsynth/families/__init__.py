@@ -12,6 +12,10 @@ Registering a family is one line in :data:`FAMILY_MODULES`; from there it reache
 union, ``init-config`` and the CLI's ``--family`` choices, the defaults, the geometry checks,
 the test sizes and the OpenFL workspace templates.
 
+A family whose model is built on a *first stage* (a model trained before it and frozen inside it:
+latent diffusion's autoencoder) describes it with :attr:`Family.first_stage`; local training,
+checkpoints and both federation backends ask :func:`first_stage` and never read the family's fields.
+
 The registry is read once per process, when :mod:`fedsynth.config` is first imported (it builds
 the ``model:`` union from it): extend :data:`FAMILY_MODULES` before that import, never after.
 A family module must not import :mod:`fedsynth.config` at import time (it imports the families):
@@ -24,7 +28,11 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from fedsynth.config import ExperimentConfig
+from fedsynth.errors import ConfigError
 
 FAMILY_MODULES: tuple[str, ...] = (
     "fedsynth.families.autoencoder",
@@ -42,6 +50,57 @@ def resolve(reference: str | Callable[..., Any] | type[Any]) -> Any:
     if not attribute:
         raise ValueError(f"family reference {reference!r}: expected 'package.module:attribute'")
     return getattr(importlib.import_module(module_name), attribute)
+
+
+class FirstStage(Protocol):
+    """What a config says about its first stage: a model trained before the family's own and frozen
+    inside it (latent diffusion: the autoencoder whose latents the UNet learns).
+
+    A family's light module implements it (pydantic only); :attr:`Family.first_stage` returns one
+    for a config that has a first stage. The weights themselves are the model's business
+    (:meth:`fedsynth.models.base.SynthesisModel.first_stage`).
+    """
+
+    kind: str
+    """What a run on this first stage is called in messages, e.g. ``"latent-diffusion"``."""
+    groups: tuple[str, ...]
+    """The frozen weight groups of the family's model that hold the first stage."""
+    checkpoint: str | None
+    """The trained first stage's checkpoint the config names (a path), or ``None``."""
+    pinned_sha256: str | None
+    """The hash a federation that ships the first stage pins (sites check what they receive), or ``None``."""
+
+    @property
+    def to_train(self) -> bool:
+        """The config describes a first stage to train first and names no trained one."""
+        ...
+
+    def to_load(self) -> str | None:
+        """The checkpoint to build the first stage from on this host: :attr:`checkpoint`, unless it is a
+        shipped first stage whose copy is not here (its weights then come with the global model)."""
+        ...
+
+    def check_local_training(self) -> None:
+        """Raise :class:`~fedsynth.errors.ConfigError` when local training cannot get the first stage."""
+        ...
+
+    def experiment(self) -> ExperimentConfig:
+        """The first stage's own experiment: what trains it (same data, geometry and privacy)."""
+        ...
+
+    def trained_at(self, checkpoint: str) -> ExperimentConfig:
+        """The config with its first stage trained, in ``checkpoint``."""
+        ...
+
+    def shipped(self, trained: ExperimentConfig, sha256: str) -> ExperimentConfig:
+        """The config a federation sends its sites: the trained first stage's architecture (from
+        ``trained``, its experiment config) pinned by ``sha256``, and no path on the sender's disk."""
+        ...
+
+
+def no_first_stage(config: Any) -> FirstStage | None:
+    """:attr:`Family.first_stage` of a family whose models stand alone."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,9 +127,13 @@ class Family:
     """Extra keyword options its recipe takes (e.g. ``latent`` for diffusion)."""
     build_ref: str | Callable[..., Any] | None = None
     """``build(config, first_stage) -> model`` when building takes more than ``model(config)``
-    (diffusion: the trained first-stage autoencoder of latent diffusion, given or loaded from its
-    checkpoint), as ``"module:function"`` or the function. ``None``:
-    :func:`fedsynth.models.build_model` calls ``model(config)``."""
+    (diffusion: the trained first-stage autoencoder of latent diffusion, given by the caller or
+    loaded by :func:`fedsynth.models.build_model` from :meth:`FirstStage.to_load`, else ``None``),
+    as ``"module:function"`` or the function. ``None``: :func:`fedsynth.models.build_model` calls
+    ``model(config)``."""
+    first_stage: Callable[[Any], FirstStage | None] = no_first_stage
+    """``first_stage(config) -> FirstStage | None``: the config's first stage, ``None`` when it has none
+    (always, by default). A family with one also has a :attr:`build` hook, which gets it trained."""
 
     @property
     def model(self) -> type[Any]:
@@ -99,10 +162,13 @@ def family(name: str) -> Family:
     """The registered family ``name``; a :class:`ConfigError` lists the known ones otherwise."""
     known = families()
     if name not in known:
-        from fedsynth.errors import ConfigError
-
         raise ConfigError(f"unknown family '{name}': expected one of {sorted(known)}")
     return known[name]
+
+
+def first_stage(config: ExperimentConfig) -> FirstStage | None:
+    """The first stage of ``config`` (its family's :attr:`Family.first_stage`), or ``None``."""
+    return family(config.family).first_stage(config)
 
 
 def family_names() -> list[str]:

@@ -24,6 +24,7 @@ from pydantic import Field
 from fedsynth.config import ExperimentConfig, read_yaml, validate_model
 from fedsynth.config_base import Strict as _Strict
 from fedsynth.errors import PolicyRefused
+from fedsynth.io import atomic_write_text
 
 #: metrics that reveal nothing beyond the DP guarantee itself (always allowed to leave)
 DP_SAFE_METRICS = ("epsilon",)
@@ -65,7 +66,6 @@ def load_site_config(path: str | Path, hint: str = "") -> SiteDataConfig:
 
 def write_site_config(path: str | Path, cfg: SiteDataConfig) -> Path:
     """Write a site data config as YAML (atomically)."""
-    from fedsynth.io import atomic_write_text
 
     data = cfg.model_dump(mode="json")
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

@@ -22,6 +22,7 @@ from typing import Any
 from fedsynth.config import ExperimentConfig
 from fedsynth.errors import ConfigError
 from fedsynth.federated.aggregation import NoValidUpdates
+from fedsynth.errors import CheckpointError
 
 #: a site's CSVs: (training CSV, optional validation CSV)
 SiteCSVs = tuple[Path, "Path | None"]
@@ -139,7 +140,6 @@ def read_result(backend: str, run_dir: Path, **kwargs: Any) -> TrialResult:
     """The :class:`TrialResult` of a run folder written through ``GlobalModel``."""
     import json
 
-    from fedsynth.errors import CheckpointError
 
     gdir = Path(run_dir) / "global"
     history_path = gdir / "history.json"

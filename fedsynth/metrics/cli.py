@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedsynth.cli import command
+from fedsynth.commands import command
+from fedsynth.errors import FedsynthError
 
 
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> None:
-    from fedsynth.errors import FedsynthError
     from fedsynth.metrics.evaluate import EvaluationOptions, evaluate, write_report
 
     if args.bin_count < 2:

@@ -18,6 +18,7 @@ from fedsynth.metrics import features as feat
 from fedsynth.metrics import radiomics as rad
 from fedsynth.metrics.images import ImageSet, check_pair, infer_config, load_real, load_synthetic
 from fedsynth.metrics.similarity import memorization, memorization_share, pairwise_ms_ssim, reconstruction_quality
+from fedsynth.io import atomic_write_text
 
 if TYPE_CHECKING:
     from fedsynth.models.autoencoder import AutoencoderModel
@@ -176,6 +177,5 @@ def evaluate(real_csv: str, synthetic: str, options: EvaluationOptions | None = 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:
     """Write the report as indented JSON, atomically."""
-    from fedsynth.io import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(report, indent=2, allow_nan=False) + "\n")

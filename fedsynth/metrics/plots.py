@@ -10,6 +10,7 @@ import numpy as np
 from fedsynth.generation import image_grid
 from fedsynth.metrics import radiomics as rad
 from fedsynth.metrics.images import ImageSet
+from fedsynth.io import atomic_path
 
 #: first-order features shown as histograms (the rest are in the JSON)
 SHOWN_FEATURES = ("Mean", "Variance", "Entropy", "Skewness", "Kurtosis", "90Percentile")
@@ -23,7 +24,6 @@ def write_png(report: dict[str, Any], real: ImageSet, synthetic: ImageSet, path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from fedsynth.io import atomic_path
 
     fig = plt.figure(figsize=(12, 9), dpi=100)
     grid = fig.add_gridspec(3, 4, height_ratios=[2.2, 1, 1])

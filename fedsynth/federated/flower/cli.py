@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from fedsynth.errors import ConfigError, require
+from fedsynth.commands import command
+from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
+from fedsynth.federated.flower.worker import add_arguments
+from fedsynth.federated.flower.worker import run_from_args
 
 
 def _print_event(event: dict[str, Any], _federation: object) -> None:
@@ -30,7 +34,6 @@ def _print_event(event: dict[str, Any], _federation: object) -> None:
 
 def add_flower_command(backends: argparse._SubParsersAction) -> None:
     """Register ``federate flower`` and ``federate flower-app``."""
-    from fedsynth.cli import command
 
     p = backends.add_parser("flower", help="one-machine trial: real SuperLink + one SuperNode per site, TLS, flwr run")
     p.add_argument("-c", "--config", required=True, help="experiment YAML (its federation block)")
@@ -49,7 +52,6 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
 
     p = backends.add_parser("flower-site-worker",
                             help="a site's long-lived ClientApp process, for a SuperNode started with --isolation process")
-    from fedsynth.federated.flower.worker import add_arguments
 
     add_arguments(p)
     p.set_defaults(command="federate flower-site-worker")
@@ -86,7 +88,6 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
     @command("federate flower-site-worker")
     def _worker(args: argparse.Namespace) -> None:
         require("flwr", "flower", "fedsynth federate flower-site-worker")
-        from fedsynth.federated.flower.worker import run_from_args
 
         run_from_args(args)
 
@@ -94,7 +95,6 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
     def _app(args: argparse.Namespace) -> None:
         require("flwr", "flower", "fedsynth federate flower-app")
         from fedsynth.config import load_config
-        from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
 
         if not args.insecure and not args.ca:
             raise ConfigError("give --ca ca.crt (the CA of the SuperLink's certificate), or --insecure for a test")

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 from fedsynth.errors import require
+from fedsynth.commands import command
 
 
 def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``openfl`` under the ``federate`` sub-command (handler registered as ``federate openfl``)."""
-    from fedsynth.cli import command
 
     p = federate_subparsers.add_parser(
         "openfl", help="one-machine OpenFL federation: fx workspace, mTLS on 127.0.0.1, export",

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import yaml
 
-from fedsynth.config import ExperimentConfig, save_config
+from fedsynth.config import ExperimentConfig, default_config, render_yaml, save_config
 from fedsynth.errors import ConfigError, FedsynthError
+from fedsynth.families import family
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE
 from fedsynth.federated.openfl.tools import pin_config
 from fedsynth.io import atomic_write_text
 from fedsynth.processes import run_checked, run_parallel
+from fedsynth.resources import resource_dir
 
 #: name the aggregator's certificate is issued for, and that collaborators dial, in one-machine runs
 LOCAL_AGGREGATOR_NAME = "localhost"
@@ -32,8 +34,6 @@ WORKSPACE_DIRS = ("cert", "data", "logs", "save", "local_state", "src")
 
 def plans_dir() -> Path:
     """The OpenFL templates, ``plans/`` (the package ``fedsynth.plans`` once installed from a wheel)."""
-    from fedsynth.resources import resource_dir
-
     return resource_dir("plans")
 
 
@@ -53,8 +53,6 @@ def template_dir(plans: Path | None = None) -> Path:
 
 def _copy_template(out: Path, family_name: str, plans: Path | None = None) -> None:
     """The template in ``out``, its plan naming ``family_name`` (a registered family)."""
-    from fedsynth.families import family
-
     family(family_name)  # a ConfigError lists the registered families
     shutil.copytree(template_dir(plans), out, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__", "__init__.py", "*.crt", "*.key", "*.csr", "*.pbuf", "*.db"))
@@ -66,8 +64,6 @@ def write_template(family_name: str, out: Path, plans: Path | None = None) -> Pa
     """A ready OpenFL workspace for a registered family in ``out`` (new or empty): the template, the
     family's default config (2D, :data:`TEMPLATE_IMAGE_SIZE` pixels) as ``plan/fedsynth.yaml`` and
     plan.yaml pinned to it. What ``fedsynth templates openfl-<family>`` writes."""
-    from fedsynth.config import default_config, render_yaml
-
     out = Path(out)
     _copy_template(out, family_name, plans)
     config = default_config(family_name, 2, TEMPLATE_IMAGE_SIZE)
