@@ -10,31 +10,18 @@ runs the same SuperNode with the same arguments and behaviour, except that the i
 from __future__ import annotations
 
 import sys
-import time as _time
-from typing import Any
+
+from fedsynth.federated.compat import shorten_supernode_idle_poll
 
 #: seconds a SuperNode waits before asking the SuperLink again when it had no message (flwr: 3)
 IDLE_POLL_S = 0.25
-_FLWR_IDLE_S = 3
-
-
-class _ShortIdlePoll:
-    """Stands in for the ``time`` module inside flwr's SuperNode loop: only its 3 s idle sleep is shortened."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        _time.sleep(IDLE_POLL_S if seconds == _FLWR_IDLE_S else seconds)
 
 
 def main() -> int:
     """Run ``flower-supernode`` with the arguments given (see ``flower-supernode --help``)."""
-    import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
-    loop.time = _ShortIdlePoll()  # type: ignore[assignment]
+    shorten_supernode_idle_poll(IDLE_POLL_S)
     sys.argv[0] = "flower-supernode"
     flower_supernode()
     return 0

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 
+from fedsynth.federated.compat import clientappio_stub
 from fedsynth.processes import exit_on_sigterm
 
 log = logging.getLogger("fedsynth.flower.worker")
@@ -30,10 +31,7 @@ log = logging.getLogger("fedsynth.flower.worker")
 def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, supernode_pid: int | None = None,
                     poll_s: float = 0.2) -> None:
     """Serve ClientApp messages of the SuperNode at ``clientappio_address`` until it goes away."""
-    from flwr.common.grpc import create_channel
-    from flwr.common.retry_invoker import _make_simple_grpc_retry_invoker, _wrap_stub
     from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest
-    from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -41,9 +39,7 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
         start_parent_process_monitor(supernode_pid)  # exits (SIGKILL to itself) when the SuperNode is gone
     import fedsynth.federated.flower.client_app  # noqa: F401  (torch, MONAI and the app: imported once)
 
-    channel = create_channel(server_address=clientappio_address, insecure=True, root_certificates=None)
-    stub = ClientAppIoStub(channel)
-    _wrap_stub(stub, _make_simple_grpc_retry_invoker())
+    channel, stub = clientappio_stub(clientappio_address)
     busy: tuple[threading.Thread, int] | None = None  # the message being handled and its run
     log.info("fedsynth site worker: serving the SuperNode at %s", clientappio_address)
     try:

@@ -31,6 +31,7 @@ from openfl.interface.aggregation_functions import AggregationFunction
 
 from fedsynth.engine import seed_everything
 from fedsynth.errors import FedsynthError
+from fedsynth.federated.compat import end_openfl_aggregator
 from fedsynth.federated.aggregation import SHARED, NoValidUpdates, SiteUpdate, from_transport, group_of, resolve_group_policy
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
 from fedsynth.federated.server import GlobalModel
@@ -80,12 +81,8 @@ class GroupRoutedFedAvg(AggregationFunction):
             except NoValidUpdates as err:
                 if not EXIT_ON_ROUND_FAILURE:
                     raise
-                import os
-                import sys
-
                 log.error("the federation failed: %s", err)
-                print(f"fedsynth: the federation failed: NoValidUpdates: {err}", file=sys.stderr, flush=True)
-                os._exit(ROUND_FAILURE_STATUS)
+                end_openfl_aggregator(ROUND_FAILURE_STATUS, f"NoValidUpdates: {err}")
         result = self._rounds[key]
         if tensor_name not in result:
             raise FedsynthError(f"tensor '{tensor_name}' is not part of round {fl_round}'s global model")

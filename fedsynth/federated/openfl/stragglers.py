@@ -15,11 +15,11 @@ stops the federation forever. ``pin-config`` writes this policy into plan.yaml w
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 
 from openfl.component.aggregator.straggler_handling import CutoffTimePolicy
+
+from fedsynth.federated.compat import end_openfl_aggregator
 
 log = logging.getLogger("fedsynth.openfl")
 
@@ -50,6 +50,5 @@ class RoundTimeoutPolicy(CutoffTimePolicy):
                    f"federation.min_sites={self.minimum_reporting}")
         log.error("the federation failed: %s", message)
         if aggregation.EXIT_ON_ROUND_FAILURE:
-            print(f"fedsynth: the federation failed: {message}", file=sys.stderr, flush=True)
-            os._exit(aggregation.ROUND_FAILURE_STATUS)
+            end_openfl_aggregator(aggregation.ROUND_FAILURE_STATUS, message)
         return False

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
 from fedsynth.errors import CheckpointError, ConfigError
+from fedsynth.federated.compat import openfl_bind, openfl_check_collaborators, openfl_let_recovery_end_a_round, openfl_set_idle_poll
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, file_sha256, load_pinned_config
 
 log = logging.getLogger("fedsynth.openfl")
@@ -109,30 +111,6 @@ def ship_first_stage(config_path: Path, config: Any) -> Any:
 IDLE_POLL_S = 1
 
 
-def _let_recovery_end_a_round() -> None:
-    """OpenFL 1.9: an aggregator restarted from ``tensor.db`` replays the stored task results; when they
-    complete a round, its metric writer's ``on_round_end`` runs before any ``on_round_begin`` /
-    ``on_experiment_begin`` and crashes (``time.monotonic() - None``), so the restart fails. Open the
-    writer's file and start its round clock on first use instead."""
-    import time as _time
-
-    from openfl.callbacks.metric_writer import MetricWriter
-
-    if getattr(MetricWriter.on_round_end, "_fedsynth", False):
-        return
-    original = MetricWriter.on_round_end
-
-    def on_round_end(self: Any, round_num: int, logs: Any = None) -> None:
-        if self._log_file_handle is None:
-            self.on_experiment_begin()
-        if self._round_start_time is None:
-            self._round_start_time = _time.monotonic()
-        original(self, round_num, logs)
-
-    on_round_end._fedsynth = True  # type: ignore[attr-defined]
-    MetricWriter.on_round_end = on_round_end
-
-
 def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/cols.yaml") -> None:
     """Start the aggregator like ``fx aggregator start``, listening on ``bind`` only; a round with too
     few valid updates ends it, and idle collaborators poll every ``IDLE_POLL_S`` s (not OpenFL's 10 s)."""
@@ -142,12 +120,8 @@ def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/
     from fedsynth.federated.openfl import aggregation
 
     aggregation.EXIT_ON_ROUND_FAILURE = True  # a round with too few valid updates ends the federation
-    # OpenFL tells a collaborator with no task to sleep a fixed 10 s, so a site that finished its
-    # round first starts the next one up to 10 s late; ask idle collaborators back sooner instead
-    from openfl.component.aggregator.aggregator import Aggregator
-
-    Aggregator._get_sleep_time = staticmethod(lambda: IDLE_POLL_S)
-    _let_recovery_end_a_round()
+    openfl_set_idle_poll(IDLE_POLL_S)
+    openfl_let_recovery_end_a_round()
     setup_logger("info")
     parsed = Plan.parse(plan_config_path=Path(plan).absolute(), cols_config_path=Path(cols).absolute())
     if not parsed.authorized_cols:
@@ -155,8 +129,7 @@ def start_aggregator(bind: str, plan: str = "plan/plan.yaml", cols: str = "plan/
     server = parsed.get_server()
     log_refusals(server.aggregator, cols)
     port = parsed.config["network"]["settings"]["agg_port"]
-    host = f"[{bind}]" if ":" in bind else bind
-    server.uri = f"{host}:{port}"  # OpenFL 1.9 hard-codes "[::]:port"
+    openfl_bind(server, bind, port)
     log.info("fedsynth: aggregator listening on %s only", server.uri)
     server.serve()
 
@@ -170,7 +143,6 @@ def log_refusals(aggregator: Any, cols: str = "plan/cols.yaml", every_s: float =
     """
     import time as _time
 
-    check = aggregator.valid_collaborator_cn_and_id
     last: dict[tuple[str, str, str], float] = {}
     cols_path = Path(cols)
     seen_mtime = [cols_path.stat().st_mtime_ns if cols_path.is_file() else 0]
@@ -186,7 +158,7 @@ def log_refusals(aggregator: Any, cols: str = "plan/cols.yaml", every_s: float =
             aggregator.authorized_cols.remove(name)
             log.warning("revoked collaborator '%s': removed from %s, refused from now on", name, cols)
 
-    def checked(cert_common_name: str, collaborator_common_name: str) -> bool:
+    def checked(check: Callable[[str, str], bool], cert_common_name: str, collaborator_common_name: str) -> bool:
         apply_revocations()
         allowed = bool(check(cert_common_name, collaborator_common_name))
         if not allowed:
@@ -203,7 +175,7 @@ def log_refusals(aggregator: Any, cols: str = "plan/cols.yaml", every_s: float =
                             collaborator_common_name, cert_common_name, reason)
         return allowed
 
-    aggregator.valid_collaborator_cn_and_id = checked
+    openfl_check_collaborators(aggregator, checked)
 
 
 def _cols(path: Path) -> list[str]:

@@ -1,0 +1,144 @@
+"""Every place fedsynth reaches into Flower's or OpenFL's internals, in one module.
+
+Each patch names the framework release series it was written against and checks it before it
+touches anything: on another series it raises one clear :class:`~fedsynth.errors.FedsynthError`
+(what was patched, which version it was written for, which one is installed) instead of
+silently patching an attribute that no longer means the same thing. Moving to a new Flower or
+OpenFL release means reading this module, nothing else.
+
+Imports of the frameworks stay inside the functions: this module is imported by processes that
+run one backend only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fedsynth.errors import FedsynthError
+
+#: the release series each patch below was written and tested against
+FLOWER_SERIES = ("1.23",)
+OPENFL_SERIES = ("1.9",)
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (e.g. ``"flwr"``), or ``None``."""
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def require_series(distribution: str, series: tuple[str, ...], what: str) -> str:
+    """The installed version of ``distribution`` when it belongs to one of ``series`` (``"1.23"``
+    matches 1.23.x); otherwise a :class:`FedsynthError` naming ``what`` needs it."""
+    found = installed_version(distribution)
+    if found is None:
+        raise FedsynthError(f"{what} needs {distribution} {' or '.join(series)}.x, which is not installed "
+                            f"(pip install \"fedsynth[{'flower' if distribution == 'flwr' else 'openfl'}]\")")
+    if not any(found == s or found.startswith(s + ".") for s in series):
+        raise FedsynthError(f"{what} was written for {distribution} {' or '.join(s + '.x' for s in series)}, "
+                            f"but {distribution} {found} is installed: install the supported series or update "
+                            "fedsynth/federated/compat.py for it")
+    return found
+
+
+# --------------------------------------------------------------------------- Flower
+
+
+def shorten_supernode_idle_poll(seconds: float) -> None:
+    """flwr 1.23's SuperNode sleeps a fixed 3 s whenever it asks the SuperLink for a message and
+    there is none (``flwr.supernode.start_client_internal``, not configurable); make that wait
+    ``seconds``, leaving every other sleep of the loop as it is."""
+    require_series("flwr", FLOWER_SERIES, "fedsynth-supernode's short idle poll")
+    import flwr.supernode.start_client_internal as loop
+
+    flwr_idle_s = 3
+
+    class ShortIdlePoll:
+        """Stands in for the ``time`` module inside flwr's SuperNode loop."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(wait: float) -> None:
+            time.sleep(seconds if wait == flwr_idle_s else wait)
+
+    loop.time = ShortIdlePoll()  # type: ignore[assignment]
+
+
+def clientappio_stub(address: str) -> tuple[Any, Any]:
+    """``(channel, stub)`` for a SuperNode's ClientAppIo API, with flwr's own retry policy (the
+    same private helpers flwr's ``flwr-clientapp`` executor uses)."""
+    require_series("flwr", FLOWER_SERIES, "the fedsynth site worker (ClientAppIo API)")
+    from flwr.common.grpc import create_channel
+    from flwr.common.retry_invoker import _make_simple_grpc_retry_invoker, _wrap_stub
+    from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
+
+    channel = create_channel(server_address=address, insecure=True, root_certificates=None)
+    stub = ClientAppIoStub(channel)
+    _wrap_stub(stub, _make_simple_grpc_retry_invoker())
+    return channel, stub
+
+
+# --------------------------------------------------------------------------- OpenFL
+
+
+def openfl_let_recovery_end_a_round() -> None:
+    """OpenFL 1.9: an aggregator restarted from ``tensor.db`` replays the stored task results; when they
+    complete a round, its metric writer's ``on_round_end`` runs before any ``on_round_begin`` /
+    ``on_experiment_begin`` and crashes (``time.monotonic() - None``), so the restart fails. Open the
+    writer's file and start its round clock on first use instead."""
+    require_series("openfl", OPENFL_SERIES, "the aggregator's restart from tensor.db")
+    from openfl.callbacks.metric_writer import MetricWriter
+
+    if getattr(MetricWriter.on_round_end, "_fedsynth", False):
+        return
+    original = MetricWriter.on_round_end
+
+    def on_round_end(self: Any, round_num: int, logs: Any = None) -> None:
+        if self._log_file_handle is None:
+            self.on_experiment_begin()
+        if self._round_start_time is None:
+            self._round_start_time = time.monotonic()
+        original(self, round_num, logs)
+
+    on_round_end._fedsynth = True  # type: ignore[attr-defined]
+    MetricWriter.on_round_end = on_round_end  # type: ignore[method-assign]
+
+
+def openfl_set_idle_poll(seconds: float) -> None:
+    """OpenFL tells a collaborator with no task to sleep a fixed 10 s, so a site that finished its
+    round first starts the next one up to 10 s late; ask idle collaborators back after ``seconds``."""
+    require_series("openfl", OPENFL_SERIES, "the aggregator's idle poll")
+    from openfl.component.aggregator.aggregator import Aggregator
+
+    Aggregator._get_sleep_time = staticmethod(lambda: seconds)  # type: ignore[method-assign,assignment]
+
+
+def openfl_bind(server: Any, host: str, port: int) -> None:
+    """Make OpenFL's gRPC server listen on ``host`` only (OpenFL 1.9 hard-codes ``[::]:port``)."""
+    require_series("openfl", OPENFL_SERIES, "binding the aggregator to one address")
+    server.uri = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def openfl_check_collaborators(aggregator: Any, check: Callable[[Callable[[str, str], bool], str, str], bool]) -> None:
+    """Route the aggregator's collaborator check through ``check(original, cert_cn, name)``
+    (OpenFL 1.9: ``Aggregator.valid_collaborator_cn_and_id``), e.g. to log refusals and apply revocations."""
+    require_series("openfl", OPENFL_SERIES, "the aggregator's collaborator check")
+    original = aggregator.valid_collaborator_cn_and_id
+    aggregator.valid_collaborator_cn_and_id = lambda cert_cn, name: check(original, cert_cn, name)
+
+
+def end_openfl_aggregator(status: int, message: str) -> None:
+    """End the aggregator process now with ``status``: OpenFL 1.9 turns an exception inside an
+    aggregation function or straggler policy into a failed RPC and then waits for the round forever,
+    and its gRPC threads keep a normal exit from completing."""
+    print(f"fedsynth: the federation failed: {message}", file=sys.stderr, flush=True)
+    os._exit(status)

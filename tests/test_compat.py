@@ -1,0 +1,50 @@
+"""Framework patches live in one module and refuse a framework series they were not written for."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from fedsynth.errors import FedsynthError
+from fedsynth.federated import compat
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fedsynth"
+
+
+def test_the_installed_series_is_accepted() -> None:
+    assert compat.require_series("flwr", compat.FLOWER_SERIES, "x").startswith(compat.FLOWER_SERIES)
+    assert compat.require_series("openfl", compat.OPENFL_SERIES, "x").startswith(compat.OPENFL_SERIES)
+
+
+def test_another_series_is_refused_naming_both_versions() -> None:
+    installed = compat.installed_version("flwr")
+    with pytest.raises(FedsynthError, match=rf"the idle poll was written for flwr 0\.1\.x, but flwr {installed} is installed"):
+        compat.require_series("flwr", ("0.1",), "the idle poll")
+    with pytest.raises(FedsynthError, match=r"needs no-such-framework 1\.0\.x, which is not installed"):
+        compat.require_series("no-such-framework", ("1.0",), "a patch")
+
+
+def test_a_prefix_is_not_a_series() -> None:
+    """1.2 must not match 1.23.x."""
+    with pytest.raises(FedsynthError):
+        compat.require_series("flwr", (compat.FLOWER_SERIES[0][:-1],), "a patch")
+
+
+def test_no_framework_internals_are_patched_outside_compat() -> None:
+    """Assignments to attributes of flwr/openfl objects and os._exit appear only in compat.py."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "compat.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            text = ast.unparse(node) if isinstance(node, ast.Call | ast.Assign) else ""
+            if isinstance(node, ast.Call) and text.startswith("os._exit("):
+                offenders.append(f"{path.name}:{node.lineno} {text}")
+            if isinstance(node, ast.Assign) and any(
+                    w in text for w in ("_get_sleep_time", "valid_collaborator_cn_and_id", "MetricWriter.", "loop.time",
+                                        "server.uri")):
+                offenders.append(f"{path.name}:{node.lineno} {text}")
+    assert offenders == []
