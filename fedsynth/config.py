@@ -11,6 +11,7 @@ beside its model in ``fedsynth/models/<family>.py`` and is re-exported here
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
 
@@ -279,13 +280,44 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def validate_model(model: type[ModelT], data: Any, source: str) -> ModelT:
-    """Validate ``data`` into the pydantic ``model``; one :class:`ConfigError` lists every problem."""
+    """Validate ``data`` into the pydantic ``model``; one :class:`ConfigError` lists every problem.
+
+    Validation is strict, as for JSON: ``true`` is not an integer, ``1`` and ``"yes"`` are not
+    booleans, ``"3"`` and ``2.0`` are not integers (a YAML typo must not become a setting)."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid configuration in {source}: expected a mapping at top level, got {type(data).__name__}")
     try:
-        return model.model_validate(data)
+        text = json.dumps(data, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid configuration in {source}: only numbers, strings, true/false, null, lists and "
+                          f"mappings are allowed ({err})") from None
+    try:
+        return model.model_validate_json(text, strict=True)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def read_yaml(path: str | Path, what: str = "config file", hint: str = "") -> Any:
@@ -294,7 +326,7 @@ def read_yaml(path: str | Path, what: str = "config file", hint: str = "") -> An
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}{hint}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load_unique(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{what} {path} is not UTF-8 text (byte at offset {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:

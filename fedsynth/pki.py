@@ -239,7 +239,7 @@ def verify_cert(cert_path: str | Path, ca_cert_path: str | Path, host: str | Non
 # --------------------------------------------------------------------------- CLI
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedsynth certs create-ca | issue-server | issue-client | verify``."""
 
     certs = subparsers.add_parser("certs", help="a small CA: create it, issue and verify certificates")
