@@ -22,7 +22,7 @@ from fedsynth.config_base import FamilyConfig
 from fedsynth.config_base import Strict as _Strict
 from fedsynth.errors import ConfigError
 from fedsynth.families import families, family
-from fedsynth.geometry import check_geometry
+from fedsynth.geometry import check_geometry, fail
 from fedsynth.io import atomic_write_text
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -85,11 +85,19 @@ class AugmentationConfig(_Strict):
     gamma: tuple[float, float] = Field((0.8, 1.2), description="contrast: gamma range")
     offset: float = Field(0.05, ge=0, description="intensity_shift: max offset")
 
+    @model_validator(mode="after")
+    def _gamma_ordered(self) -> AugmentationConfig:
+        lo, hi = self.gamma
+        if not 0 < lo <= hi:
+            raise ValueError(f"gamma must satisfy 0 < low <= high, got {list(self.gamma)}")
+        return self
+
 
 class DataConfig(_Strict):
     """How images are read from the CSV, preprocessed and augmented."""
 
-    resample_spacing: list[float] | None = Field(None, description="resample to this spacing (mm) first")
+    resample_spacing: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1, description="resample to this spacing (mm) first: one value per spatial dimension")
     resize_mode: Literal["resize", "crop_or_pad"] = Field(
         "resize", description="bring images to image_size by interpolation or by centre crop/pad"
     )
@@ -121,11 +129,12 @@ class TrainingConfig(_Strict):
         None, ge=1, description="also write last.ckpt every N steps inside an epoch (resume is exact from any step)"
     )
     batch_size: int = Field(16, ge=1, description="per process")
-    learning_rate: float = Field(2e-4, gt=0)
-    group_learning_rates: dict[str, float] = Field(
+    learning_rate: float = Field(2e-4, gt=0, allow_inf_nan=False)
+    group_learning_rates: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
         default_factory=dict, description="per-group override, e.g. {discriminator: 1e-4}"
     )
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.5, 0.999), description="Adam's (beta1, beta2), each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up: constant or cosine decay")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up (optimiser steps)")
@@ -214,9 +223,9 @@ class ExperimentConfig(_Strict):
     spatial_dims: Literal[2, 3] = 2
     image_size: list[int] = Field([64, 64], description="one size per spatial dimension")
     channels: int = Field(1, ge=1, description="image channels = number of Channel_* columns")
-    num_classes: int = Field(0, ge=0, description="> 0: class-conditional on the CSV's Label")
+    num_classes: int = Field(0, ge=0, description="0: unconditional; >= 2: class-conditional on the CSV's Label")
     text: TextConfig | None = Field(None, description="text-conditional on the CSV's Prompt column (diffusion)")
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**31, description="seeds every random number generator (0 <= seed < 2^31)")
     model: ModelConfig = Field(default_factory=lambda: family("gan").config())
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -238,6 +247,16 @@ class ExperimentConfig(_Strict):
             )
         if any(s < 8 for s in self.image_size):
             raise ValueError(f"image_size entries must be >= 8, got {self.image_size}")
+        if self.num_classes == 1:
+            fail("num_classes", 1, "is one class: a class-conditional model needs two or more (0 = unconditional)", "0, 2")
+        spacing = self.data.resample_spacing
+        if spacing is not None and len(spacing) != self.spatial_dims:
+            fail("data.resample_spacing", spacing, f"needs one spacing per spatial dimension ({self.spatial_dims})",
+                 str([spacing[0]] * self.spatial_dims))
+        for i, aug in enumerate(self.data.augmentations):
+            if aug.spatial_axis is not None and not 0 <= aug.spatial_axis < self.spatial_dims:
+                fail(f"data.augmentations.{i}.spatial_axis", aug.spatial_axis,
+                     f"is not an axis of a {self.spatial_dims}D image", f"0..{self.spatial_dims - 1}, or null for all")
 
         check_geometry(self)
         return self
