@@ -206,7 +206,7 @@ def sample_checkpoint(ckpt: Path, n: int, **kwargs: Any) -> tuple[np.ndarray, fl
     """``n`` samples (EMA weights) from a checkpoint and the seconds it took."""
     import torch
 
-    from fedsynth.checkpoint import model_from_checkpoint
+    from fedsynth.models import model_from_checkpoint
     from fedsynth.generation import sample
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -20,12 +20,15 @@ import numpy as np
 import torch
 
 from fedsynth import __version__
-from fedsynth.config import config_from_dict
-from fedsynth.errors import CheckpointError, ConfigError, WeightsError
+from fedsynth.errors import CheckpointError
 from fedsynth.io import atomic_path
 
 FORMAT = "fedsynth-checkpoint"
 FORMAT_VERSION = 1
+#: the ``extra`` entry that holds the experiment config of a model's trained first stage
+#: (:meth:`SynthesisModel.first_stage`), so the checkpoint rebuilds without the first stage's own
+#: file; named after latent diffusion's autoencoder, the first one, as in the files already written
+FIRST_STAGE_EXTRA = "autoencoder_config"
 
 
 @dataclass
@@ -174,9 +177,9 @@ def save_checkpoint(
         "ema": dict(ema) if ema else None,
     }
     payload.update(extension_states or {})
-    first_stage = getattr(model, "is_latent", False) and model.plain_net("autoencoder").autoencoder
-    if first_stage:
-        payload["extra"]["autoencoder_config"] = first_stage.config.to_dict()
+    first_stage = model.first_stage()
+    if first_stage is not None:
+        payload["extra"][FIRST_STAGE_EXTRA] = first_stage.config.to_dict()
     with atomic_path(path, durable=True) as tmp:
         torch.save(payload, tmp)
     return path
@@ -203,47 +206,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], device: str | torch.device = "cpu",
-                          weights: str = "ema") -> Any:
-    """Rebuild the model a checkpoint describes and load its weights (never random weights).
+def __getattr__(name: str) -> Any:
+    """``fedsynth.checkpoint.model_from_checkpoint``, for existing callers: it builds a model, so it
+    lives in :mod:`fedsynth.models` (this module only reads and writes the files, so that building a
+    model on a first stage, which loads a checkpoint, imports no cycle)."""
+    if name == "model_from_checkpoint":
+        from fedsynth.models import model_from_checkpoint
 
-    ``weights="ema"`` (default) loads the checkpoint's EMA of the generating groups over the raw
-    weights when it has one; ``"raw"`` loads the trained weights only.
-    """
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    from fedsynth.models import build_model
-
-    if isinstance(path_or_payload, Mapping):
-        payload, source = dict(path_or_payload), "<checkpoint>"
-    else:
-        payload, source = load_checkpoint(path_or_payload), str(path_or_payload)
-    try:
-        config = config_from_dict(payload["config"], f"{source} (stored config)")
-    except ConfigError as err:
-        raise CheckpointError(str(err)) from None
-    autoencoder = None
-    ae_cfg = payload.get("extra", {}).get("autoencoder_config")
-    if ae_cfg is not None:
-        autoencoder = build_model(config_from_dict(ae_cfg, f"{source} (autoencoder config)"))
-    if getattr(config.model, "autoencoder_checkpoint", None) and autoencoder is None:  # a latent model
-        raise CheckpointError(f"checkpoint {source} is a latent {config.family} run but stores no autoencoder config")
-    model = build_model(config, autoencoder=autoencoder)
-    try:
-        model.set_weights(payload["weights"], strict=True)
-    except WeightsError as err:
-        raise CheckpointError(f"checkpoint {source} does not match its model: {err}") from None
-    missing = set(model.groups()) - {k.split("/", 1)[0] for k in payload["weights"]}
-    if missing:
-        raise CheckpointError(f"checkpoint {source} has no weights for group(s) {sorted(missing)}")
-    ema = payload.get("ema")
-    if weights == "ema" and ema:
-        try:
-            model.set_weights(ema["weights"], strict=True)
-        except WeightsError as err:
-            raise CheckpointError(f"checkpoint {source}: its EMA weights do not match the model: {err}") from None
-    model.weights_loaded = "ema" if weights == "ema" and ema else "raw"
-    return model.to(device)
+        return model_from_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: config fields a resumed run may change: they alter how training goes on, not what the saved
@@ -310,7 +281,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "privacy_delta": privacy.get("delta") if privacy else None,
         "fedsynth_version": payload.get("fedsynth_version"),
         "created": payload.get("created"),
-        "latent_diffusion": "autoencoder_config" in payload.get("extra", {}),
+        "latent_diffusion": FIRST_STAGE_EXTRA in payload.get("extra", {}),  # a model on a first stage
         "ema": ({"groups": payload["ema"].get("groups"), "decay": payload["ema"].get("decay"),
                  "updates": payload["ema"].get("num_updates")} if payload.get("ema") else None),
     }

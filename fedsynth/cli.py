@@ -83,7 +83,7 @@ def _train(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
-    from fedsynth.checkpoint import model_from_checkpoint
+    from fedsynth.models import model_from_checkpoint
     from fedsynth.engine import BEST, LAST, resolve_device
     from fedsynth.generation import sample, write_images
 

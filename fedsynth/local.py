@@ -17,7 +17,7 @@ from fedsynth.config import ExperimentConfig, load_config, save_config
 from fedsynth.data.dataset import ImageDataset, load_datasets
 from fedsynth.engine import BEST, LAST, Distributed, Engine, build_engine, resolve_device
 from fedsynth.errors import CheckpointError, ConfigError, OutputError
-from fedsynth.models import first_stage_config
+from fedsynth.families import first_stage
 from fedsynth.processes import free_port
 
 
@@ -72,13 +72,11 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
     if dist.is_main:
         prepare_run_dir(request)
     train_data, val_data = load_datasets(config, request.data, request.val_data)
-    first_stage_checkpoint = getattr(config.model, "autoencoder_checkpoint", None)
-    if getattr(config.model, "first_stage_sha256", None) and not first_stage_checkpoint:
-        raise ConfigError("model.first_stage_sha256 is set: this config's first stage was shipped by a federation "
-                          "and its weights live in the federation's global checkpoint; to train locally, set "
-                          "model.autoencoder_checkpoint to that checkpoint or remove first_stage_sha256 to train a new first stage")
-    if getattr(config.model, "first_stage", None) is not None and not first_stage_checkpoint:
-        config = train_first_stage(config, run_dir, train_data, val_data, dist)
+    stage = first_stage(config)
+    if stage is not None:
+        stage.check_local_training()
+        if stage.to_train:
+            config = train_first_stage(config, run_dir, train_data, val_data, dist)
     engine = build_engine(config, run_dir, dist)
     if request.resume:
         last = run_dir / LAST
@@ -95,24 +93,25 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
 
 def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data: ImageDataset, val_data: ImageDataset | None,
                       dist: Distributed = Distributed()) -> ExperimentConfig:
-    """Latent diffusion from one config: train (or resume) the autoencoder in ``run_dir/first_stage``,
-    then return the diffusion config pointing at its checkpoint."""
+    """A model on a first stage from one config (latent diffusion: the autoencoder, then the UNet):
+    train (or resume) the first stage in ``run_dir/first_stage``, then return the config pointing
+    at its checkpoint."""
+    stage = first_stage(config)
+    assert stage is not None and stage.to_train, "train_first_stage: the config has no first stage to train"
     stage_dir = run_dir / "first_stage"
-    stage_config = first_stage_config(config)
+    stage_config = stage.experiment()
     engine = build_engine(stage_config, stage_dir, dist)
     if (stage_dir / LAST).is_file():
         engine.resume(stage_dir / LAST)
     if engine.state.step < (stage_config.training.max_steps or 0):
-        engine.log_message(f"latent diffusion: training the first-stage autoencoder for "
+        engine.log_message(f"{stage.kind}: training the first stage ({stage_config.family}) for "
                            f"{stage_config.training.max_steps} steps in {stage_dir}")
         engine.fit(train_data, val_data)
         if dist.is_main:
             engine.save(stage_dir / LAST)
     if dist.world_size > 1:
         torch_dist.barrier()
-    out = config.model_copy(deep=True)
-    out.model = out.model.model_copy(update={"autoencoder_checkpoint": str((stage_dir / LAST).resolve())})
-    return out
+    return stage.trained_at(str((stage_dir / LAST).resolve()))
 
 
 def _worker(rank: int, request: TrainRequest, world_size: int, port: int) -> None:

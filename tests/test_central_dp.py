@@ -8,8 +8,9 @@ import pytest
 from conftest import tiny_config
 from fedsynth.checkpoint import checkpoint_info
 from fedsynth.errors import ConfigError
-from fedsynth.federated.aggregation import FedAvg, SiteUpdate, make_aggregator
-from fedsynth.federated.central_dp import ClientDPFedAvg, client_level_epsilon
+from fedsynth.federated.aggregation import FedAvg, SiteUpdate
+from fedsynth.federated.central_dp import ClientLevelDP, client_level_epsilon
+from fedsynth.federated.server import make_aggregator
 
 pytest.importorskip("opacus")
 
@@ -18,9 +19,9 @@ def _reference() -> dict[str, np.ndarray]:
     return {"g/w": np.zeros(40_000, dtype=np.float32), "g/count": np.array(7, dtype=np.int64)}
 
 
-def _agg(z: float, clip: float = 1.0, rnd: int = 1, seed: int = 0) -> ClientDPFedAvg:
-    return ClientDPFedAvg(_reference(), clip_update_norm=clip, noise_multiplier=z, delta=1e-5, server_round=rnd,
-                          rng=np.random.default_rng(seed))
+def _agg(z: float, clip: float = 1.0, rnd: int = 1, seed: int = 0) -> ClientLevelDP:
+    return ClientLevelDP(FedAvg(_reference(), weighting="equal"), clip_update_norm=clip, noise_multiplier=z, delta=1e-5,
+                         server_round=rnd, rng=np.random.default_rng(seed))
 
 
 def test_updates_are_clipped_and_equally_weighted() -> None:
@@ -80,9 +81,28 @@ def test_make_aggregator_follows_the_config() -> None:
     plain = tiny_config("gan")
     assert type(make_aggregator(_reference(), plain, 1)) is FedAvg
     dp = tiny_config("gan", privacy={"client_noise_multiplier": 1.0}, federation={"clip_update_norm": 0.1})
-    assert isinstance(make_aggregator(_reference(), dp, 3), ClientDPFedAvg)
+    assert isinstance(make_aggregator(_reference(), dp, 3), ClientLevelDP)
     with pytest.raises(ConfigError, match="clip_update_norm"):
         make_aggregator(_reference(), tiny_config("gan", privacy={"client_noise_multiplier": 1.0}), 1)
+
+
+def test_client_level_dp_wraps_an_aggregation() -> None:
+    """A wrapper around the inner aggregation, not a subclass of it; a sample-weighted mean is refused
+    (the noise covers an equal-weight one), and the aggregation module does not import client-level DP."""
+    import ast
+    import inspect
+
+    import fedsynth.federated.aggregation as aggregation
+
+    inner = FedAvg(_reference(), weighting="equal")
+    agg = ClientLevelDP(inner, clip_update_norm=1.0, noise_multiplier=1.0, delta=1e-5, server_round=1)
+    assert not isinstance(agg, FedAvg) and agg.inner is inner
+    assert agg.add(SiteUpdate("a", _reference(), num_samples=3)) and inner.accepted == ["a"]
+    with pytest.raises(ValueError, match="equal"):
+        ClientLevelDP(FedAvg(_reference()), clip_update_norm=1.0, noise_multiplier=1.0, delta=1e-5, server_round=1)
+    tree = ast.parse(inspect.getsource(aggregation))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "fedsynth.federated.central_dp" not in imported
 
 
 def test_global_model_checkpoint_carries_client_epsilon(tmp_path) -> None:

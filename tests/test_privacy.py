@@ -215,7 +215,7 @@ def test_conditional_dp_gan_generator_step_ignores_the_real_batch(mri2d) -> None
     engine, train = _engine(cfg, mri2d["all"])
     engine.loader(train, train=True)
     model = engine.model
-    assert model.private_fake_batch == cfg.training.batch_size
+    assert model.fakes.size == cfg.training.batch_size and not model.r1.on
     g_before, d_before = model.get_weights(["generator"]), model.get_weights(["discriminator"])
     out = engine.train_step(Batch(torch.zeros(0, 1, 32, 32), torch.zeros(0, dtype=torch.long)))
     assert set(out) == {"g_loss"} and engine.privacy.ledger.steps == 1
@@ -225,3 +225,18 @@ def test_conditional_dp_gan_generator_step_ignores_the_real_batch(mri2d) -> None
     batch = next(iter(make_loader(train, 3, shuffle=False, seed=0)))
     out = engine.train_step(batch)
     assert math.isfinite(out["d_loss"]) and math.isfinite(out["g_loss"]) and engine.privacy.ledger.steps == 2
+
+
+def test_privacy_package_knows_no_family() -> None:
+    """What a family needs under DP is declared on its groups (GroupSpec, PrivacySpec): the privacy
+    package names no family, network or training detail of one."""
+    import re
+    from pathlib import Path
+
+    import fedsynth.privacy
+
+    family_words = re.compile(r"\b(gan|stylegan|discriminator|generator|autoencoder|vq|vqvae|diffusion|unet|latent|"
+                              r"fake|r1)s?\b", re.IGNORECASE)
+    for path in Path(fedsynth.privacy.__file__).parent.glob("*.py"):
+        found = family_words.search(path.read_text(encoding="utf-8"))
+        assert found is None, f"{path.name} names '{found.group(0) if found else ''}'"

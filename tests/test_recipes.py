@@ -196,6 +196,6 @@ def test_r1_is_skipped_under_dp_and_between_lazy_steps() -> None:
     assert "r1" in model.training_step(batch, opts)
     model.global_step = 1
     assert "r1" not in model.training_step(batch, opts)
-    model.global_step, model.private_fake_batch = 2, 4
+    model.global_step, model.r1.on, model.fakes.size = 2, False, 4  # what DP sets
     assert "r1" not in model.training_step(batch, opts)
     assert math.isfinite(model.training_step(batch, opts)["loss"])

@@ -111,7 +111,7 @@ def test_dp_on_the_discriminator(mri2d, mri3d, dims: int) -> None:
     engine.fit(train, epochs=1, max_steps=2)
     assert isinstance(model.net("discriminator"), GradSampleModule)
     assert not isinstance(model.net("generator"), GradSampleModule)
-    assert engine.privacy.ledger.steps == 2 and model.private_fake_batch == cfg.training.batch_size
+    assert engine.privacy.ledger.steps == 2 and model.fakes.size == cfg.training.batch_size
     g_after = model.get_weights(["generator"])
     assert any(not np.array_equal(g_before[k], g_after[k]) for k in g_before), "the generator did not train"
 

@@ -61,14 +61,25 @@ class FirstStage(Protocol):
     (:meth:`fedsynth.models.base.SynthesisModel.first_stage`).
     """
 
-    kind: str
-    """What a run on this first stage is called in messages, e.g. ``"latent-diffusion"``."""
-    groups: tuple[str, ...]
-    """The frozen weight groups of the family's model that hold the first stage."""
-    checkpoint: str | None
-    """The trained first stage's checkpoint the config names (a path), or ``None``."""
-    pinned_sha256: str | None
-    """The hash a federation that ships the first stage pins (sites check what they receive), or ``None``."""
+    @property
+    def kind(self) -> str:
+        """What a run on this first stage is called in messages, e.g. ``"latent-diffusion"``."""
+        ...
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The frozen weight groups of the family's model that hold the first stage."""
+        ...
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The trained first stage's checkpoint the config names (a path), or ``None``."""
+        ...
+
+    @property
+    def pinned_sha256(self) -> str | None:
+        """The hash a federation that ships the first stage pins (sites check what they receive), or ``None``."""
+        ...
 
     @property
     def to_train(self) -> bool:

@@ -1,11 +1,13 @@
 """The diffusion family's light half: its config block, recipe, architecture rules and the
-first-stage config of latent diffusion (no torch).
+first stage of latent diffusion as a config describes it (no torch).
 
 The UNet, schedulers and latent codec are in :mod:`fedsynth.models.diffusion`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -60,8 +62,6 @@ class DiffusionConfig(FamilyConfig):
         return self
 
 
-
-
 def first_stage_config(config: ExperimentConfig) -> ExperimentConfig:
     """The autoencoder experiment of a latent-diffusion config's ``model.first_stage``."""
     from fedsynth.config import config_from_dict
@@ -74,6 +74,76 @@ def first_stage_config(config: ExperimentConfig) -> ExperimentConfig:
     data["training"]["epochs"] = 10**6
     data["privacy"] = config.privacy.model_dump(mode="json")
     return config_from_dict(data, "model.first_stage")
+
+
+@dataclass(frozen=True)
+class LatentFirstStage:
+    """Latent diffusion's first stage as a config describes it (a :class:`~fedsynth.families.FirstStage`).
+
+    Three fields say it: ``model.autoencoder_checkpoint`` (a trained autoencoder run),
+    ``model.first_stage`` (an autoencoder to train first, ``first_stage_steps`` long, or the
+    architecture of a shipped one) and ``model.first_stage_sha256`` (set by a federation that
+    ships it).
+    """
+
+    config: ExperimentConfig
+    kind: str = "latent-diffusion"
+    groups: tuple[str, ...] = ("autoencoder",)
+
+    @property
+    def _model(self) -> DiffusionConfig:
+        assert isinstance(self.config.model, DiffusionConfig)
+        return self.config.model
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self._model.autoencoder_checkpoint
+
+    @property
+    def pinned_sha256(self) -> str | None:
+        return self._model.first_stage_sha256
+
+    @property
+    def to_train(self) -> bool:
+        return self._model.first_stage is not None and not self.checkpoint
+
+    def to_load(self) -> str | None:
+        if self.pinned_sha256 and self.checkpoint and not Path(self.checkpoint).is_file():
+            return None  # a site without the copy: the weights come with the global model, checked by hash
+        return self.checkpoint
+
+    def check_local_training(self) -> None:
+        if self.pinned_sha256 and not self.checkpoint:
+            from fedsynth.errors import ConfigError
+
+            raise ConfigError("model.first_stage_sha256 is set: this config's first stage was shipped by a federation "
+                              "and its weights live in the federation's global checkpoint; to train locally, set "
+                              "model.autoencoder_checkpoint to that checkpoint or remove first_stage_sha256 to train "
+                              "a new first stage")
+
+    def experiment(self) -> ExperimentConfig:
+        return first_stage_config(self.config)
+
+    def trained_at(self, checkpoint: str) -> ExperimentConfig:
+        return self._with({"autoencoder_checkpoint": checkpoint})
+
+    def shipped(self, trained: ExperimentConfig, sha256: str) -> ExperimentConfig:
+        return self._with({"first_stage": trained.model.model_copy(deep=True), "autoencoder_checkpoint": None,
+                           "first_stage_sha256": sha256})
+
+    def _with(self, fields: dict[str, Any]) -> ExperimentConfig:
+        out = self.config.model_copy(deep=True)
+        out.model = out.model.model_copy(update=fields)
+        return out
+
+
+def first_stage(config: ExperimentConfig) -> LatentFirstStage | None:
+    """The first stage of a latent-diffusion config; ``None`` for pixel diffusion."""
+    m = config.model
+    assert isinstance(m, DiffusionConfig)
+    if m.autoencoder_checkpoint or m.first_stage is not None or m.first_stage_sha256:
+        return LatentFirstStage(config)
+    return None
 
 
 
@@ -114,6 +184,6 @@ def recipe(spatial_dims: int, size: list[int], latent: bool = False) -> dict[str
 
 FAMILY = Family(
     name="diffusion", config=DiffusionConfig, model_ref="fedsynth.models.diffusion:DiffusionModel", recipe=recipe, check_geometry=check_geometry,
-    build_ref="fedsynth.models.diffusion:build", conditioning=("none", "class", "text"), options=("latent",),
+    build_ref="fedsynth.models.diffusion:build", first_stage=first_stage, conditioning=("none", "class", "text"), options=("latent",),
     test_model={"channels": [16, 32], "num_train_timesteps": 100, "sampling_steps": 5, "num_head_channels": 8},
 )

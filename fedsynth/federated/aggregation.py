@@ -7,6 +7,9 @@
   rejected (logged with the site's id) and the round goes on without it.
 - Optional L2 clipping of each site's update (its difference to the current global weights).
 - Transport dtype (float32/float16) casts that restore each array's own dtype on the way back.
+- :class:`Aggregator`: what a round's aggregation offers the server, so that a wrapper (client-level
+  DP, :class:`fedsynth.federated.central_dp.ClientLevelDP`) can stand around any aggregation; the
+  server composes them (:func:`fedsynth.federated.server.make_aggregator`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from fedsynth.config import ExperimentConfig, FederationConfig
+from fedsynth.config import FederationConfig
 from fedsynth.errors import ConfigError, FedsynthError
 
 log = logging.getLogger("fedsynth.aggregation")
@@ -150,7 +154,35 @@ def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     return total**0.5
 
 
-# --------------------------------------------------------------------------- FedAvg
+# --------------------------------------------------------------------------- aggregators
+
+
+class Aggregator(Protocol):
+    """One round's aggregation of site updates against the global weights ``reference``.
+
+    ``add`` folds one update in (``False``, recorded in ``rejected``, when it is refused);
+    ``mean_delta`` is the aggregate update, ``result`` the new global weights (from a
+    post-processed delta when one is given). ``clipped`` lists the sites whose update was
+    scaled down, ``privacy_state`` what a global checkpoint stores of the aggregation's
+    privacy guarantee (``None``: it gives none).
+    """
+
+    @property
+    def reference(self) -> Mapping[str, np.ndarray]: ...
+    @property
+    def accepted(self) -> list[str]: ...
+    @property
+    def rejected(self) -> list[tuple[str, str]]: ...
+    @property
+    def clipped(self) -> list[str]: ...
+    @property
+    def site_metrics(self) -> dict[str, dict[str, float]]: ...
+
+    def add(self, update: SiteUpdate) -> bool: ...
+    def mean_delta(self) -> dict[str, np.ndarray]: ...
+    def result(self, mean_delta: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]: ...
+    def metrics(self) -> dict[str, float]: ...
+    def privacy_state(self) -> dict[str, float | str] | None: ...
 
 
 class FedAvg:
@@ -232,19 +264,9 @@ class FedAvg:
                    num_samples=float(self._samples))
         return out
 
-
-def make_aggregator(reference: Mapping[str, np.ndarray], config: ExperimentConfig, server_round: int) -> FedAvg:
-    """The round's aggregator for both backends: FedAvg, with client-level DP when
-    ``privacy.client_noise_multiplier`` is set (see :mod:`fedsynth.federated.central_dp`).
-    ``server_round`` counts from 1 (rounds aggregated so far, this one included)."""
-    clip = config.federation.clip_update_norm
-    if config.privacy.client_noise_multiplier is not None:
-        from fedsynth.federated.central_dp import ClientDPFedAvg
-
-        return ClientDPFedAvg(reference, clip_update_norm=clip, noise_multiplier=config.privacy.client_noise_multiplier,
-                              delta=config.privacy.client_delta, server_round=server_round)
-    fed = config.federation
-    return FedAvg(reference, clip_update_norm=clip, weighting=fed.weighting, max_site_samples=fed.max_site_samples)
+    def privacy_state(self) -> dict[str, float | str] | None:
+        """Plain FedAvg gives no privacy guarantee of its own."""
+        return None
 
 
 def weighted_mean(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> np.ndarray:

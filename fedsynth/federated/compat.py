@@ -110,7 +110,7 @@ def openfl_let_recovery_end_a_round() -> None:
         original(self, round_num, logs)
 
     on_round_end._fedsynth = True  # type: ignore[attr-defined]
-    MetricWriter.on_round_end = on_round_end  # type: ignore[method-assign]
+    MetricWriter.on_round_end = on_round_end
 
 
 def openfl_set_idle_poll(seconds: float) -> None:
@@ -119,7 +119,7 @@ def openfl_set_idle_poll(seconds: float) -> None:
     require_series("openfl", OPENFL_SERIES, "the aggregator's idle poll")
     from openfl.component.aggregator.aggregator import Aggregator
 
-    Aggregator._get_sleep_time = staticmethod(lambda: seconds)  # type: ignore[method-assign,assignment]
+    Aggregator._get_sleep_time = staticmethod(lambda: seconds)
 
 
 def openfl_bind(server: Any, host: str, port: int) -> None:

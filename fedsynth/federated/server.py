@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict
 
@@ -22,15 +22,30 @@ from fedsynth.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from fedsynth.config import ExperimentConfig
 from fedsynth.engine import seed_everything
 from fedsynth.errors import ConfigError
+from fedsynth.families import first_stage
 from fedsynth.federated.aggregation import (
-    SiteUpdate, frozen_groups, make_aggregator, resolve_group_policy, shared_groups,
+    Aggregator, FedAvg, SiteUpdate, frozen_groups, resolve_group_policy, shared_groups,
 )
+from fedsynth.federated.central_dp import ClientLevelDP
 from fedsynth.io import atomic_write_text
-from fedsynth.models import SynthesisModel, build_model, first_stage_digest
-from fedsynth.models.diffusion import LATENT_SCALE_KEY, LatentCodec
+from fedsynth.models import SynthesisModel, build_model
 from fedsynth.recipes import WeightAverage
 
 log = logging.getLogger("fedsynth.server")
+
+
+def make_aggregator(reference: Mapping[str, np.ndarray], config: ExperimentConfig, server_round: int) -> Aggregator:
+    """The round's aggregator for both backends: FedAvg, wrapped in client-level DP when
+    ``privacy.client_noise_multiplier`` is set (the wrapper clips, so the FedAvg inside weights
+    sites equally and clips nothing). ``server_round`` counts from 1 (rounds aggregated so far,
+    this one included)."""
+    fed, privacy = config.federation, config.privacy
+    if privacy.client_noise_multiplier is not None:
+        return ClientLevelDP(FedAvg(reference, weighting="equal"), clip_update_norm=fed.clip_update_norm,
+                             noise_multiplier=privacy.client_noise_multiplier, delta=privacy.client_delta,
+                             server_round=server_round)
+    return FedAvg(reference, clip_update_norm=fed.clip_update_norm, weighting=fed.weighting,
+                  max_site_samples=fed.max_site_samples)
 
 
 class RoundSummary(TypedDict):
@@ -48,23 +63,23 @@ class RoundSummary(TypedDict):
 def shipped_config(config: ExperimentConfig, model: SynthesisModel, policy: dict[str, str]) -> ExperimentConfig:
     """The experiment config sites build their model from.
 
-    A latent-diffusion first stage travels with the model, never as a path: the server loads
-    ``model.autoencoder_checkpoint`` on its own disk, and sites get its architecture in
-    ``model.first_stage`` and its hash in ``model.first_stage_sha256``; its weights are the
-    frozen ``autoencoder`` group of the global weights, checked against the hash at every site.
+    A first stage (:func:`fedsynth.families.first_stage`; latent diffusion's autoencoder) travels
+    with the model, never as a path: the server loads the checkpoint the config names on its own
+    disk, and sites get the first stage's architecture and hash (latent diffusion:
+    ``model.first_stage`` and ``model.first_stage_sha256``); its weights are the frozen first-stage
+    groups of the global weights, checked against the hash at every site.
     """
-    if not getattr(model, "is_latent", False) or not getattr(config.model, "autoencoder_checkpoint", None):
+    stage = first_stage(config)
+    trained = model.first_stage()
+    if stage is None or trained is None or not stage.checkpoint:
         return config
-    if policy.get("autoencoder") != "shared":
-        raise ConfigError("federation.groups.autoencoder: a latent-diffusion federation ships its first stage "
-                          "to every site, so the 'autoencoder' group must be 'shared'")
-    codec = model.plain_net("autoencoder")
-    assert isinstance(codec, LatentCodec), "a latent diffusion model's 'autoencoder' network is its LatentCodec"
-    shipped = {"first_stage": codec.autoencoder.config.model.model_copy(deep=True), "autoencoder_checkpoint": None,
-               "first_stage_sha256": first_stage_digest(model.get_weights(["autoencoder"]))}
-    out = config.model_copy(deep=True)
-    out.model = out.model.model_copy(update=shipped)
-    return out
+    for group in stage.groups:
+        if policy.get(group) != "shared":
+            raise ConfigError(f"federation.groups.{group}: a {stage.kind} federation ships its first stage "
+                              f"to every site, so the '{group}' group must be 'shared'")
+    sha256 = model.first_stage_sha256()
+    assert sha256 is not None, "a model with a first stage has its hash"
+    return stage.shipped(trained.config, sha256)
 
 
 class GlobalModel:
@@ -127,8 +142,9 @@ class GlobalModel:
         if self.ema is not None:
             self.ema.update(self.model)
         self.state.round = server_round
-        if hasattr(fedavg, "privacy_state"):  # client-level DP: the global checkpoint carries its epsilon
-            self.state.privacy = fedavg.privacy_state()
+        privacy = fedavg.privacy_state()
+        if privacy is not None:  # client-level DP: the global checkpoint carries its epsilon
+            self.state.privacy = privacy
         self.state.metrics = dict(fedavg.metrics())  # site metrics are already train_*/val_* prefixed
         summary: RoundSummary = {
             "round": server_round, "accepted": fedavg.accepted, "rejected": fedavg.rejected,
@@ -141,12 +157,13 @@ class GlobalModel:
         return summary
 
     def _keep_frozen(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Frozen groups are nobody's to change (client-level DP noise included); only the latent
-        scale, which sites fix from their first batch, is averaged."""
+        """Frozen groups are nobody's to change (client-level DP noise included); only what sites set
+        from their own data (:meth:`SynthesisModel.averaged_frozen_keys`: the latent scale) is averaged."""
         if not self.frozen:
             return weights
         current = self.model.get_weights(self.frozen)
-        return {k: current[k] if k in current and k != LATENT_SCALE_KEY else v for k, v in weights.items()}
+        averaged = self.model.averaged_frozen_keys()
+        return {k: current[k] if k in current and k not in averaged else v for k, v in weights.items()}
 
     def record_evaluation(self, loss: float, metrics: dict[str, float] | None = None) -> None:
         """Store the sample-weighted validation loss of the current global model."""

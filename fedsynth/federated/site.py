@@ -91,11 +91,7 @@ class Site:
         local = sorted({group_of(k) for k in weights} - set(self.shared))
         if local:
             raise WeightsError(f"site '{self.site_id}': received weights for non-shared group(s) {local}")
-        pinned = getattr(self.config.model, "first_stage_sha256", None)
-        if pinned:  # a shipped latent-diffusion first stage: exactly the one the federation pinned
-            from fedsynth.models import check_first_stage
-
-            check_first_stage(weights, pinned, f"site '{self.site_id}': the first stage received from the server")
+        self.engine.model.check_received(weights, f"site '{self.site_id}'")  # e.g. a shipped first stage's hash
         self.engine.model.set_weights(weights, strict=True)
 
     def train_round(self, global_weights: Mapping[str, np.ndarray], server_round: int) -> RoundResult:

@@ -50,7 +50,7 @@ def _finite(value: float) -> float | None:
 
 
 def _load_autoencoder(path: str) -> AutoencoderModel:
-    from fedsynth.checkpoint import model_from_checkpoint
+    from fedsynth.models import model_from_checkpoint
     from fedsynth.models.autoencoder import AutoencoderModel
 
     model = model_from_checkpoint(path, device="cpu")

@@ -1,7 +1,9 @@
 """Autoencoder family: MONAI ``AutoencoderKL`` or ``VQVAE``, optional ``PatchDiscriminator``.
 
 Groups: ``encoder`` and ``decoder`` (the VQ codebook belongs to the encoder), plus
-``discriminator`` when ``adversarial_weight > 0``. All of them see real images.
+``discriminator`` when ``adversarial_weight > 0``. All of them see real images. Under DP the
+discriminator's per-example gradient folds its real and reconstructed rows, and the VQ codebook's
+EMA update is frozen (declared in :meth:`AutoencoderModel.group_specs`).
 A trained autoencoder run is also the first stage of latent diffusion
 (:meth:`AutoencoderModel.encode_latent` / :meth:`decode_latent`).
 """
@@ -18,7 +20,9 @@ from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 from torch import nn
 
 from fedsynth.families.autoencoder import PATCH_DISCRIMINATOR_GROUPS, AutoencoderConfig
-from fedsynth.models.base import Batch, FrozenParameters, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.models.base import (
+    Batch, FrozenParameters, GroupSpec, PrivacySpec, SynthesisModel, to_data_range, to_model_range,
+)
 from fedsynth.models.losses import kl_loss, patch_discriminator_loss, patch_generator_loss, reconstruction_loss
 
 if TYPE_CHECKING:
@@ -91,22 +95,23 @@ class AutoencoderModel(SynthesisModel):
             }
         else:
             specs = {
-                "encoder": GroupSpec("autoencoder", ("encoder", "quantizer")),
+                "encoder": GroupSpec("autoencoder", ("encoder", "quantizer"), privacy=PrivacySpec(freezes=(self.freeze_codebook,))),
                 "decoder": GroupSpec("autoencoder", ("decoder",)),
             }
         if "discriminator" in self.nets:
-            specs["discriminator"] = GroupSpec("discriminator")
+            # real images and reconstructions in one forward (discriminator_objective)
+            specs["discriminator"] = GroupSpec("discriminator", privacy=PrivacySpec(rows_per_example=2))
         return specs
 
-    def prepare_private(self, nets: list[str]) -> list[str]:
-        """The VQ codebook's EMA update reads raw images outside DP: frozen (the codebook keeps its entries)."""
+    def freeze_codebook(self) -> list[str]:
+        """Stop the VQ codebook's EMA update, which is computed from raw images (outside DP when the
+        encoder trains privately); the codebook keeps its current entries."""
         said = []
-        for name in nets:
-            for module in self.nets[name].modules():
-                if type(module).__name__ == "EMAQuantizer":
-                    module.register_forward_pre_hook(_no_codebook_update)
-                    said.append(f"network '{name}': the VQ codebook's EMA update is frozen under DP "
-                                "(it is computed from raw images outside DP); the codebook keeps its current entries")
+        for module in self.nets["autoencoder"].modules():
+            if type(module).__name__ == "EMAQuantizer":
+                module.register_forward_pre_hook(_no_codebook_update)
+                said.append("network 'autoencoder': the VQ codebook's EMA update is frozen under DP "
+                            "(it is computed from raw images outside DP); the codebook keeps its current entries")
         return said
 
     # ------------------------------------------------------------------ losses

@@ -5,14 +5,16 @@ their parameters split into *groups* (``generator``, ``discriminator``, ``encode
 Weights travel between processes, frameworks and files only as a flat mapping
 ``"<group>/<parameter or buffer name>" -> np.ndarray`` produced by :meth:`get_weights` and
 consumed by :meth:`set_weights`. The engine owns the loop; a family fills in three hooks:
-:meth:`training_step`, :meth:`validation_step` and :meth:`generate`.
+:meth:`training_step`, :meth:`validation_step` and :meth:`generate`. What differential privacy
+needs of a family is declared, not hooked: each group's :class:`GroupSpec` says whether it sees
+real images and carries a :class:`PrivacySpec`, which :mod:`fedsynth.privacy` acts on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -26,19 +28,104 @@ if TYPE_CHECKING:
 GROUP_SEP = "/"
 
 
+ConfigValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ConfigSwitch:
+    """A model-config setting that per-example DP forbids in a private group's network.
+
+    When ``model.<setting>`` is not one of ``allowed``, DP sets it to ``value`` (so the stored
+    config, and every network rebuilt from a checkpoint, says so) and rebuilds the group's
+    network with :meth:`SynthesisModel.build_net`. ``change`` says what that does to the network,
+    ``reason`` why DP forbids the setting (both end up in the run's privacy messages).
+    """
+
+    setting: str
+    allowed: tuple[ConfigValue, ...]
+    value: ConfigValue
+    change: str
+    reason: str
+
+
+@dataclass
+class Feature:
+    """A training feature the model reads at every step (e.g. a regulariser) and DP switches off
+    while the group declaring it is private. The config is left as it is: the feature is off for
+    this run only, and a federation's config (hashed into each site's state folder) is unchanged."""
+
+    name: str
+    reason: str
+    on: bool = True
+
+
+class Freeze(Protocol):
+    """Family code that freezes a statistic the model would otherwise compute from raw images
+    outside DP (run once, before the group's optimizer exists); returns what it froze, in words."""
+
+    def __call__(self) -> list[str]: ...
+
+
+class DrawnStep(Protocol):
+    """One step of a group that never sees real images, alone, on the sample the model draws."""
+
+    def __call__(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]: ...
+
+
+@dataclass
+class DrawnSample:
+    """The sample a group that never sees real images steps on, drawn by the model itself (a GAN's
+    generator steps on fakes).
+
+    ``size`` ``None``: as many draws as the real batch, with its labels. An int: that many draws with
+    random labels, whatever the real batch. Under DP, where the group is not private, the privacy
+    plugin sets it to the expected Poisson batch, so the group's step depends on the private groups
+    only, and takes ``step`` on an empty Poisson batch too, so the batch's emptiness shows nowhere.
+    """
+
+    step: DrawnStep
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """What example-level DP needs of one parameter group, declared by its family and acted on by
+    :mod:`fedsynth.privacy` (which knows no family). The default needs nothing beyond the wrapping.
+
+    While the group is private:
+
+    - ``rows_per_example``: rows its network sees per real example in one training forward (a
+      discriminator scores ``[real; fake]``: 2); they are folded into one per-example gradient
+      before clipping, so one image changes one clipped vector.
+    - ``switches``: config settings of its network that DP forbids (they mix examples).
+    - ``features``: training features DP switches off for the run.
+    - ``freezes``: statistics of raw data, computed outside DP, that must stay fixed.
+
+    While the group trains but is not private: ``drawn``, the sample it steps on instead of the data.
+    """
+
+    rows_per_example: int = 1
+    switches: tuple[ConfigSwitch, ...] = ()
+    features: tuple[Feature, ...] = ()
+    freezes: tuple[Freeze, ...] = ()
+    drawn: DrawnSample | None = None
+
+
 @dataclass(frozen=True)
 class GroupSpec:
-    """Which part of which network forms a parameter group.
+    """Which part of which network forms a parameter group, and what DP needs of it.
 
     ``modules`` lists child-module names inside ``self.nets[net]``; empty means the whole net.
     A group that is not ``trainable`` gets no optimizer (e.g. a frozen autoencoder).
-    ``sees_real_data`` marks groups whose gradients are computed from real images (DP default).
+    ``sees_real_data`` marks groups whose gradients are computed from real images: the ones
+    example-level DP wraps by default. ``privacy`` declares the rest (:class:`PrivacySpec`).
     """
 
     net: str
     modules: tuple[str, ...] = ()
     trainable: bool = True
     sees_real_data: bool = True
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -182,6 +269,28 @@ class SynthesisModel(nn.Module):
                 incoming[name] = tensor.to(dtype=current[name].dtype)
             module.load_state_dict(incoming, strict=False)
 
+    # ------------------------------------------------------------------ first stage (fedsynth.families.FirstStage)
+
+    def first_stage(self) -> SynthesisModel | None:
+        """The trained model this one is built on and keeps frozen in its first stage's groups
+        (latent diffusion: the autoencoder), or ``None``. Checkpoints store its config so they
+        rebuild without it; a federation ships its architecture. Default: none."""
+        return None
+
+    def first_stage_sha256(self, weights: Mapping[str, np.ndarray] | None = None) -> str | None:
+        """The identity of the first stage held in ``weights`` (default: this model's own), what a
+        federation pins; ``None`` for a model without a first stage."""
+        return None
+
+    def check_received(self, weights: Mapping[str, np.ndarray], source: str) -> None:
+        """Raise :class:`WeightsError` when weights a site received from ``source`` break what its
+        config pins (a shipped first stage's hash). Default: nothing is pinned."""
+
+    def averaged_frozen_keys(self) -> frozenset[str]:
+        """Weight keys of frozen groups that each site still sets from its own data and the server
+        averages (the latent scale); every other frozen weight is nobody's to change. Default: none."""
+        return frozenset()
+
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self, training: TrainingConfig) -> dict[str, torch.optim.Optimizer]:
@@ -194,26 +303,12 @@ class SynthesisModel(nn.Module):
             )
         return optimizers
 
-    # ------------------------------------------------------------------ privacy hooks (fedsynth.privacy)
+    # ------------------------------------------------------------------ networks
 
-    def prepare_private(self, nets: list[str]) -> list[str]:
-        """Make networks ``nets`` trainable under example-level DP, before optimizers exist.
-
-        Returns what was changed, in words (logged and kept with the run). The privacy plugin
-        handles what every family shares (Opacus' layer fixes, contiguous inputs); a family
-        overrides this for what only it knows. Default: nothing to change.
-        """
-        return []
-
-    def on_private_sampling(self, expected_batch: int, private_groups: list[str]) -> None:
-        """Told once DP wraps the model: Poisson batches of ``expected_batch`` examples on average
-        will train ``private_groups``. Default: nothing to do."""
-
-    def empty_batch_step(self, optimizers: Mapping[str, torch.optim.Optimizer],
-                         private_groups: list[str]) -> dict[str, float]:
-        """The non-private part of a step whose Poisson batch is empty (the private groups take a
-        noise-only step in the plugin). Default: nothing else trains."""
-        return {}
+    def build_net(self, name: str) -> nn.Module:
+        """Network ``name`` built afresh from the current config: what a :class:`ConfigSwitch`
+        needs after changing a setting (families that declare switches implement it)."""
+        raise NotImplementedError(f"the {self.family} family cannot rebuild network '{name}' from its config")
 
     # ------------------------------------------------------------------ family hooks
 

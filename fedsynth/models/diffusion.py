@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,9 +19,10 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from fedsynth.families.diffusion import DiffusionConfig, first_stage_config
+from fedsynth.families.diffusion import DiffusionConfig
+from fedsynth.families.diffusion import first_stage as latent_first_stage
 from fedsynth.models.autoencoder import AutoencoderModel
-from fedsynth.models.base import Batch, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.models.base import Batch, GroupSpec, PrivacySpec, SynthesisModel, to_data_range, to_model_range
 from fedsynth.models.losses import denoising_loss
 from fedsynth.models.text import TransformerTextEncoder, build_text_encoder
 
@@ -118,8 +118,31 @@ class DiffusionModel(SynthesisModel):
     def is_latent(self) -> bool:
         return "autoencoder" in self.nets
 
+    # the first stage, told through SynthesisModel's generic hooks (callers never ask is_latent)
+
+    def first_stage(self) -> SynthesisModel | None:
+        if not self.is_latent:
+            return None
+        codec = self.plain_net("autoencoder")
+        assert isinstance(codec, LatentCodec), "a latent diffusion model's 'autoencoder' network is its LatentCodec"
+        return codec.autoencoder
+
+    def first_stage_sha256(self, weights: Mapping[str, np.ndarray] | None = None) -> str | None:
+        if not self.is_latent:
+            return None
+        return first_stage_digest(self.get_weights(["autoencoder"]) if weights is None else weights)
+
+    def check_received(self, weights: Mapping[str, np.ndarray], source: str) -> None:
+        pinned = self.cfg.first_stage_sha256
+        if pinned:  # a shipped first stage: exactly the one the federation pinned
+            check_first_stage(weights, pinned, f"{source}: the first stage received from the server")
+
+    def averaged_frozen_keys(self) -> frozenset[str]:
+        return frozenset({LATENT_SCALE_KEY}) if self.is_latent else frozenset()
+
     def group_specs(self) -> dict[str, GroupSpec]:
-        specs = {"unet": GroupSpec("unet")}
+        # the UNet learns the latents' distribution at their scale: under DP that scale is frozen
+        specs = {"unet": GroupSpec("unet", privacy=PrivacySpec(freezes=(self.fix_latent_scale,)))}
         if self.is_latent:
             specs["autoencoder"] = GroupSpec("autoencoder", trainable=False, sees_real_data=False)
         if "text_encoder" in self.nets:
@@ -127,9 +150,9 @@ class DiffusionModel(SynthesisModel):
             specs["text_encoder"] = GroupSpec("text_encoder", trainable=trained, sees_real_data=trained)
         return specs
 
-    def prepare_private(self, nets: list[str]) -> list[str]:
-        """Latent diffusion: the latent scale factor would be computed from the first real batch
-        (outside DP), so it is fixed to 1."""
+    def fix_latent_scale(self) -> list[str]:
+        """Latent diffusion: fix a latent scale factor still to be computed from the first real
+        batch (which would read raw images outside DP) to 1."""
         codec = self.nets["autoencoder"] if self.is_latent else None
         if codec is not None and float(codec.scale) == 0.0:  # type: ignore[arg-type]
             codec.scale.fill_(1.0)  # type: ignore[operator]
@@ -267,21 +290,19 @@ class DiffusionModel(SynthesisModel):
 
 
 def build(config: ExperimentConfig, autoencoder: SynthesisModel | None = None) -> DiffusionModel:
-    """The diffusion model of ``config``; latent diffusion gets its first stage ``autoencoder``, or
-    loads it from ``model.autoencoder_checkpoint`` (checked against ``model.first_stage_sha256``)."""
+    """The diffusion model of ``config``; latent diffusion gets its first stage ``autoencoder``
+    (:func:`fedsynth.models.build_model` loads it from ``model.autoencoder_checkpoint``), checked
+    against ``model.first_stage_sha256`` when that is set."""
     cfg = config.model
     assert isinstance(cfg, DiffusionConfig)
-    ae_path, shipped = cfg.autoencoder_checkpoint, cfg.first_stage_sha256
-    if shipped and ae_path and not Path(ae_path).is_file():
-        ae_path = None  # a site without the copy: the weights come with the global model, checked by hash
-    if autoencoder is None and ae_path:
-        from fedsynth.checkpoint import model_from_checkpoint
-
-        autoencoder = model_from_checkpoint(ae_path)
-    elif autoencoder is None and shipped and cfg.first_stage is not None:
-        autoencoder = AutoencoderModel(first_stage_config(config))  # weights: from the federation
+    stage = latent_first_stage(config)
+    ae_path = stage.to_load() if stage is not None else None
+    shipped = stage.pinned_sha256 if stage is not None else None
+    assert autoencoder is not None or not ae_path, "build_model loads the first stage from its checkpoint"
+    if autoencoder is None and stage is not None and shipped and cfg.first_stage is not None:
+        autoencoder = AutoencoderModel(stage.experiment())  # weights: from the federation
         ae_path = "<shipped first stage>"
-    if autoencoder is None and cfg.first_stage is not None:
+    if autoencoder is None and stage is not None and stage.to_train:
         from fedsynth.errors import ConfigError
 
         raise ConfigError("model.first_stage: the first-stage autoencoder is trained by `fedsynth train` "

@@ -2,7 +2,10 @@
 ``Discriminator`` networks, 2D or 3D, optionally class-conditional.
 
 Groups: ``generator`` and ``discriminator``. Only the discriminator sees real images, so it is
-the group differential privacy wraps; the generator learns through it (post-processing).
+the group differential privacy wraps; the generator learns through it (post-processing). What DP
+needs besides is declared in :meth:`GanModel.group_specs`: the discriminator scores real and fake
+rows in one forward, BatchNorm is switched to GroupNorm, R1 is off, and the generator steps on a
+fixed number of fakes (:class:`~fedsynth.models.base.DrawnSample`).
 
 Conditioning: the generator gets a learned label embedding concatenated to its noise vector;
 the discriminator gets one-hot label maps concatenated to its input channels.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +25,10 @@ from monai.networks.nets import Discriminator, Generator
 from torch import nn
 
 from fedsynth.families.gan import GROUP_NORM_GROUPS, GanConfig, gan_levels
-from fedsynth.models.base import Batch, FrozenParameters, GroupSpec, SynthesisModel, to_data_range, to_model_range
+from fedsynth.models.base import (
+    Batch, ConfigSwitch, DrawnSample, Feature, FrozenParameters, GroupSpec, PrivacySpec, SynthesisModel, to_data_range,
+    to_model_range,
+)
 from fedsynth.models.losses import discriminator_loss, generator_loss
 from fedsynth.recipes import diff_augment, r1_penalty
 
@@ -144,20 +150,44 @@ class GanModel(SynthesisModel):
     # it local saves half the traffic and keeps the only data-facing network on site.
     default_federation_policy = {"generator": "shared", "discriminator": "shared"}
     generating = ("generator",)
+    #: discriminator settings per-example DP forbids (the style-based GAN declares its own)
+    discriminator_switches: ClassVar[tuple[ConfigSwitch, ...]] = (
+        ConfigSwitch("discriminator_norm", allowed=("group", "none"), value="group", change="BatchNorm replaced by GroupNorm",
+                     reason="BatchNorm mixes examples, which per-example DP forbids"),
+    )
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)
         cfg = config.model
         assert isinstance(cfg, GanConfig)
         self.cfg = cfg
-        self.private_fake_batch: int | None = None  # set under DP by on_private_sampling (see generator_step)
-        self.nets["generator"] = ConditionalGenerator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
-        self.nets["discriminator"] = ConditionalDiscriminator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
+        self._build()
+
+    def _build(self) -> None:
+        """The per-step features and the two networks (shared with the style-based GAN)."""
+        # R1 differentiates D twice on real images: a gradient per-example clipping would not bound
+        self.r1 = Feature("the R1 penalty", "it takes a second gradient of the discriminator on real images, "
+                                            "which per-example clipping does not bound")
+        self.fakes = DrawnSample(self._generator_only_step)  # what generator_step draws (see DrawnSample)
+        self.nets["generator"] = self.build_net("generator")
+        self.nets["discriminator"] = self.build_net("discriminator")
+
+    def build_net(self, name: str) -> nn.Module:
+        if name == "generator":
+            return ConditionalGenerator(self.cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
+        if name == "discriminator":
+            return ConditionalDiscriminator(self.cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
+        return super().build_net(name)
 
     def group_specs(self) -> dict[str, GroupSpec]:
+        discriminator = PrivacySpec(
+            rows_per_example=2,  # real and fake in one forward (discriminator_objective)
+            switches=self.discriminator_switches,
+            features=(self.r1,) if self.cfg.r1_gamma > 0 else (),
+        )
         return {
-            "generator": GroupSpec("generator", sees_real_data=False),
-            "discriminator": GroupSpec("discriminator"),
+            "generator": GroupSpec("generator", sees_real_data=False, privacy=PrivacySpec(drawn=self.fakes)),
+            "discriminator": GroupSpec("discriminator", privacy=discriminator),
         }
 
     def _noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -192,9 +222,8 @@ class GanModel(SynthesisModel):
         d_loss = self.discriminator_objective(discriminator, real, fake, labels)
         metrics: dict[str, float] = {}
         total = d_loss
-        # R1 on (augmented) reals, lazily every r1_every steps; not under DP (double backprop
-        # through per-sample-gradient hooks), where on_private_sampling sets private_fake_batch.
-        if self.cfg.r1_gamma > 0 and self.private_fake_batch is None and self.global_step % self.cfg.r1_every == 0:
+        # R1 on (augmented) reals, lazily every r1_every steps, unless switched off (self.r1, under DP)
+        if self.cfg.r1_gamma > 0 and self.r1.on and self.global_step % self.cfg.r1_every == 0:
             r1 = r1_penalty(lambda x: discriminator(x, labels), self.augment(real))
             total = d_loss + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
             metrics["r1"] = float(r1.detach())
@@ -210,12 +239,12 @@ class GanModel(SynthesisModel):
         """One generator step on ``n`` fakes; returns the generator loss.
 
         Gradients flow through D (unwrapped: no DDP sync, no DP per-sample hooks) but D's
-        parameters get no gradient and only G's optimizer steps. Under DP on_private_sampling sets
-        ``private_fake_batch``: the step then uses that many fakes with random labels, so it
-        depends only on the (private) discriminator, never on the real batch's size or labels.
+        parameters get no gradient and only G's optimizer steps. With ``self.fakes.size`` set (DP
+        sets it) the step uses that many fakes with random labels, so it depends only on the
+        (private) discriminator, never on the real batch's size or labels.
         """
-        if self.private_fake_batch is not None:
-            n = self.private_fake_batch
+        if self.fakes.size is not None:
+            n = self.fakes.size
             labels = torch.randint(0, self.num_classes, (n,), device=self.device) if self.num_classes else None
         fake = self.net("generator")(self._noise(n), labels)
         with self.discriminator_frozen():
@@ -226,35 +255,9 @@ class GanModel(SynthesisModel):
         optimizers["discriminator"].zero_grad(set_to_none=True)
         return float(g_loss.detach())
 
-    # ------------------------------------------------------------------ privacy hooks
-
-    def prepare_private(self, nets: list[str]) -> list[str]:
-        """BatchNorm mixes examples, which per-example DP forbids: a BatchNorm discriminator is
-        rebuilt with GroupNorm (and the stored config says so)."""
-        if "discriminator" not in nets or self.cfg.discriminator_norm != "batch":
-            return []
-        from fedsynth.errors import ConfigError
-
-        try:
-            self.cfg.discriminator_norm = "group"
-            self.nets["discriminator"] = ConditionalDiscriminator(self.cfg, self.spatial_dims, self.in_channels,
-                                                                  self.image_size, self.num_classes)
-        except ValueError as err:
-            raise ConfigError(f"privacy needs GroupNorm in the discriminator: {err}") from None
-        return ["network 'discriminator': BatchNorm replaced by GroupNorm (model.discriminator_norm set to 'group' "
-                "in the stored config; BatchNorm mixes examples, which per-example DP forbids)"]
-
-    def on_private_sampling(self, expected_batch: int, private_groups: list[str]) -> None:
-        """A public generator steps on a fixed number of fakes, independent of the real batch."""
-        if "generator" not in private_groups:
-            self.private_fake_batch = expected_batch
-
-    def empty_batch_step(self, optimizers: Mapping[str, torch.optim.Optimizer],
-                         private_groups: list[str]) -> dict[str, float]:
-        """The generator still takes its (data-independent) step, so an empty batch reveals nothing."""
-        if "generator" in optimizers and "generator" not in private_groups:
-            return {"g_loss": self.generator_step(optimizers, 0, None)}
-        return {}
+    def _generator_only_step(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+        """The generator's step alone, on ``self.fakes.size`` fakes (DP takes it on an empty batch)."""
+        return {"g_loss": self.generator_step(optimizers, 0, None)}
 
     def discriminator_frozen(self) -> FrozenParameters:
         """Context in which D computes no parameter gradients (and no per-sample gradients under DP)."""

@@ -8,8 +8,9 @@ Discriminator: StyleGAN2's residual network (equalised learning rate, average-po
 minibatch standard deviation, projection on the label for class conditioning), without
 normalisation layers, so Opacus computes its per-sample gradients.
 
-Groups, losses and the training, privacy and validation hooks are the GAN family's
-(:class:`~fedsynth.models.gan.GanModel`): only the networks differ. The quality recipe is the
+Groups (and what DP needs of them), losses, training and validation are the GAN family's
+(:class:`~fedsynth.models.gan.GanModel`): only the networks differ, and under DP the minibatch
+stddev is switched off instead of BatchNorm. The quality recipe is the
 same too: EMA of the generator (the engine's EMA extension), DiffAugment of real and fake images,
 lazy R1 (skipped under DP) and per-group learning rates (``training.group_learning_rates``).
 """
@@ -17,7 +18,7 @@ lazy R1 (skipped under DP) and per-group learning rates (``training.group_learni
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import nn
 
 from fedsynth.families.gan import gan_levels
 from fedsynth.families.stylegan import StyleGanConfig
-from fedsynth.models.base import SynthesisModel, to_data_range
+from fedsynth.models.base import ConfigSwitch, SynthesisModel, to_data_range
 from fedsynth.models.gan import GanModel
 
 if TYPE_CHECKING:
@@ -274,28 +275,25 @@ class StyleGanModel(GanModel):
     DP on the discriminator with a fixed-size fake batch) on StyleGAN2-like networks."""
 
     family = "stylegan"
+    # minibatch stddev makes each logit depend on the other examples of the batch
+    discriminator_switches: ClassVar[tuple[ConfigSwitch, ...]] = (
+        ConfigSwitch("minibatch_stddev", allowed=(False,), value=False, change="minibatch standard deviation removed",
+                     reason="it mixes examples, which per-example DP forbids"),
+    )
 
     def __init__(self, config: ExperimentConfig) -> None:
-        SynthesisModel.__init__(self, config)  # not GanModel's: its networks are the DCGAN ones
+        SynthesisModel.__init__(self, config)  # not GanModel's: its config is the DCGAN one
         cfg = config.model
         assert isinstance(cfg, StyleGanConfig)
         self.cfg: StyleGanConfig = cfg  # type: ignore[assignment]
-        self.private_fake_batch: int | None = None  # set under DP by on_private_sampling (GanModel.generator_step)
-        self.nets["generator"] = StyleGenerator(cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
-        self.nets["discriminator"] = self._discriminator()
+        self._build()
 
-    def _discriminator(self) -> StyleDiscriminator:
-        return StyleDiscriminator(self.cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
-
-    def prepare_private(self, nets: list[str]) -> list[str]:
-        """Minibatch stddev makes each logit depend on other examples, which per-example DP forbids:
-        the discriminator is rebuilt without it (and the stored config says so)."""
-        if "discriminator" not in nets or not self.cfg.minibatch_stddev:
-            return []
-        self.cfg.minibatch_stddev = False
-        self.nets["discriminator"] = self._discriminator()
-        return ["network 'discriminator': minibatch standard deviation removed (model.minibatch_stddev set to false "
-                "in the stored config; it mixes examples, which per-example DP forbids)"]
+    def build_net(self, name: str) -> nn.Module:
+        if name == "generator":
+            return StyleGenerator(self.cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
+        if name == "discriminator":
+            return StyleDiscriminator(self.cfg, self.spatial_dims, self.in_channels, self.image_size, self.num_classes)
+        return SynthesisModel.build_net(self, name)
 
     @torch.no_grad()
     def generate(self, num_images: int, *, generator: torch.Generator, labels: torch.Tensor | None = None,

@@ -1,30 +1,36 @@
 """Example-level differential privacy (DP-SGD with Opacus) as an engine extension (:mod:`fedsynth.extensions`).
 
+The plugin knows no family: it acts on what each model declares on its parameter groups
+(:class:`~fedsynth.models.base.GroupSpec`, :class:`~fedsynth.models.base.PrivacySpec`).
 What happens, and why:
 
 - **Which groups.** By default every trainable group whose gradients are computed from real
-  images (``GroupSpec.sees_real_data``): GAN → discriminator (the generator only sees the
-  discriminator, so it inherits the guarantee by post-processing); autoencoder → encoder,
-  decoder (and its discriminator); diffusion → unet. Leaving such a group out is an error.
+  images (``GroupSpec.sees_real_data``); a group that only sees what private groups output
+  inherits the guarantee by post-processing. Leaving a data-facing group out is an error.
 - **Before the optimizers exist** (:func:`make_privacy_plugin`, called by ``build_engine``):
-  layers Opacus cannot handle are replaced (BatchNorm → GroupNorm, with a message), every
-  layer's input is made contiguous (Opacus' hook mode gives silently wrong per-sample
-  gradients for channels-last conv inputs, which MONAI's attention blocks produce), the VQ-VAE's
-  EMA codebook update is frozen (it reads raw data outside DP), and a latent-diffusion scale
-  factor that would be computed from data is fixed to 1.
+  each private group's declared needs are applied: config settings that mix examples are
+  switched and the network rebuilt (``switches``), training features are switched off for the
+  run (``features``), statistics of raw data computed outside DP are frozen (``freezes``). Then
+  layers Opacus cannot handle are replaced (BatchNorm → GroupNorm, with a message) and every
+  layer's input is made contiguous (Opacus' hook mode gives silently wrong per-sample gradients
+  for channels-last conv inputs, which MONAI's attention blocks produce).
 - **make_private** (once per dataset): each private network becomes a ``GradSampleModule``
   (``_module.`` never reaches group keys: models export through ``unwrap``), each private group's
   optimizer a ``DPOptimizer``, and the loader a Poisson-sampling loader whose empty batches
-  are handled by a noise-only step that is still accounted.
-- **One mechanism per batch.** A batch may update k private groups (autoencoder: 2 or 3), each
-  clipping and noising on its own. Each group clips to ``max_grad_norm / sqrt(k)`` with noise
-  multiplier ``noise_multiplier * sqrt(k)``: the concatenated per-example gradient then has norm
-  ≤ ``max_grad_norm`` and per-coordinate noise ``noise_multiplier * max_grad_norm``, i.e. exactly
-  one subsampled Gaussian mechanism with ``noise_multiplier``, which the ledger records once.
-- **Rows per example.** Discriminators see ``[real; fake]`` (or ``[real; reconstruction]``) in
-  one forward: 2n rows for n examples. Row i and row n+i are folded into example i's gradient
-  before clipping, so adding or removing one image changes one clipped vector (sensitivity
-  ``max_grad_norm``), never two.
+  are handled by a noise-only step that is still accounted. A trainable group outside DP that
+  steps on a sample the model draws (``PrivacySpec.drawn``) gets a fixed sample size, the
+  expected batch, and takes its step on empty batches too: its step then shows nothing of the
+  real batch (its size, labels or emptiness) beyond what the private groups release.
+- **One mechanism per batch.** A batch may update k private groups (e.g. an encoder, a decoder
+  and a critic), each clipping and noising on its own. Each group clips to
+  ``max_grad_norm / sqrt(k)`` with noise multiplier ``noise_multiplier * sqrt(k)``: the
+  concatenated per-example gradient then has norm ≤ ``max_grad_norm`` and per-coordinate noise
+  ``noise_multiplier * max_grad_norm``, i.e. exactly one subsampled Gaussian mechanism with
+  ``noise_multiplier``, which the ledger records once.
+- **Rows per example.** A network may see several rows per real example in one forward (a critic
+  scoring ``[real; synthetic]``: ``PrivacySpec.rows_per_example`` = 2, 2n rows for n examples).
+  Row i, n+i, ... are folded into example i's gradient before clipping, so adding or removing one
+  image changes one clipped vector (sensitivity ``max_grad_norm``), never several.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import collate
 from fedsynth.errors import ConfigError
 from fedsynth.extensions import Extension, TrainingStep
-from fedsynth.models.base import GROUP_SEP, Batch, SynthesisModel
+from fedsynth.models.base import GROUP_SEP, Batch, ConfigSwitch, ConfigValue, DrawnSample, SynthesisModel
 from fedsynth.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedsynth.privacy")
@@ -86,23 +92,25 @@ def make_privacy_plugin(config: ExperimentConfig, model: SynthesisModel) -> "Opa
 
 
 class PairedDPOptimizer(DPOptimizer):
-    """A ``DPOptimizer`` that folds the rows fed per example (``[real; fake]``) into one before clipping."""
+    """A ``DPOptimizer`` that folds the rows its group sees per example (``PrivacySpec.rows_per_example``)
+    into one per-example gradient before clipping."""
 
     examples: int | None = None  # real examples in the current batch (set per step by the plugin)
+    rows_per_example: int = 1  # what the group declares
     group: str = "?"
 
     def clip_and_accumulate(self) -> None:
-        n = self.examples
+        n, k = self.examples, self.rows_per_example
         if n is not None:
             for p in self.params:
                 gs = getattr(p, "grad_sample", None)
                 if isinstance(gs, torch.Tensor) and gs.shape[0] != n:
-                    if n == 0 or gs.shape[0] % n:
+                    if gs.shape[0] != k * n:
                         raise RuntimeError(
                             f"group '{self.group}': per-sample gradients have {gs.shape[0]} rows for a batch of {n} "
-                            "examples; a private network must see k whole copies of the batch ([real; fake])"
+                            f"examples; the group declares {k} row(s) per example (PrivacySpec.rows_per_example), "
+                            "each a whole copy of the batch"
                         )
-                    k = gs.shape[0] // n
                     p.grad_sample = gs.reshape(k, n, *gs.shape[1:]).sum(0) / k
         super().clip_and_accumulate()
 
@@ -137,6 +145,7 @@ class OpacusPrivacy(Extension):
         self.messages: list[str] = []
         self._model: SynthesisModel | None = None
         self._dp_optimizers: dict[str, PairedDPOptimizer] = {}
+        self._drawn: list[tuple[str, DrawnSample]] = []  # trainable groups outside DP, on drawn samples
         self._released: set[str] = set()
         self._private_loader: DataLoader | None = None
         self._prepare(model)
@@ -148,8 +157,18 @@ class OpacusPrivacy(Extension):
         log.warning("privacy: %s", message)
 
     def _prepare(self, model: SynthesisModel) -> None:
-        for message in model.prepare_private(self.net_names):  # what only the family knows
-            self._say(message)
+        specs = model.group_specs()
+        for group in self.groups:  # what the family declares each private group needs
+            spec = specs[group]
+            for switch in spec.privacy.switches:
+                self._switch(model, spec.net, switch)
+            for feature in spec.privacy.features:
+                if feature.on:
+                    feature.on = False
+                    self._say(f"group '{group}': {feature.name} is off under DP ({feature.reason})")
+            for freeze in spec.privacy.freezes:
+                for message in freeze():
+                    self._say(message)
         for name in self.net_names:
             net = model.nets[name]
             if ModuleValidator.validate(net, strict=False):
@@ -163,6 +182,20 @@ class OpacusPrivacy(Extension):
             for module in model.nets[name].modules():
                 if any(p.requires_grad for p in module.parameters(recurse=False)):
                     module.register_forward_pre_hook(_contiguous_inputs)
+
+    def _switch(self, model: SynthesisModel, net: str, switch: ConfigSwitch) -> None:
+        """Apply one declared config switch to network ``net`` (a no-op when the setting is allowed)."""
+        cfg = model.config.model
+        if getattr(cfg, switch.setting) in switch.allowed:
+            return
+        setattr(cfg, switch.setting, switch.value)  # the stored config must rebuild the network trained
+        try:
+            model.nets[net] = model.build_net(net)
+        except ValueError as err:
+            raise ConfigError(f"privacy needs model.{switch.setting} = {_shown(switch.value)} "
+                              f"({switch.reason}): {err}") from None
+        self._say(f"network '{net}': {switch.change} (model.{switch.setting} set to {_shown(switch.value)} "
+                  f"in the stored config; {switch.reason})")
 
     # ------------------------------------------------------------------ extension hooks
 
@@ -200,12 +233,13 @@ class OpacusPrivacy(Extension):
                                    max_grad_norm=self.cfg.max_grad_norm / math.sqrt(k),
                                    expected_batch_size=expected, loss_reduction="mean")
             dp.group = group
+            dp.rows_per_example = model.group_specs()[group].privacy.rows_per_example
             dp.attach_step_hook(self._release_hook(group))
             self._dp_optimizers[group] = dp
             out[group] = dp
         self._model = model
         self._check_keys(model)
-        model.on_private_sampling(expected, list(self.groups))
+        self._fix_drawn_samples(model, expected)
         sampler = UniformWithReplacementSampler(num_samples=n_data, sample_rate=self.sample_rate)
         private_loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(self.config),
                                     num_workers=loader.num_workers)
@@ -257,6 +291,15 @@ class OpacusPrivacy(Extension):
             model.nets[name] = GradSampleModule(net, batch_first=True, loss_reduction="mean", strict=True,
                                                 force_functorch=self.grad_sample_mode == "functorch")
 
+    def _fix_drawn_samples(self, model: SynthesisModel, size: int) -> None:
+        """Trainable groups outside DP that step on what the model draws: ``size`` draws every step."""
+        self._drawn = []
+        for group, spec in model.group_specs().items():
+            drawn = spec.privacy.drawn
+            if drawn is not None and spec.trainable and group not in self.groups:
+                drawn.size = size
+                self._drawn.append((group, drawn))
+
     def _release_hook(self, group: str) -> Callable[[DPOptimizer], None]:
         def hook(_optimizer: DPOptimizer) -> None:
             if group in self._released:
@@ -285,14 +328,20 @@ class OpacusPrivacy(Extension):
 
     def _noise_only_step(self, model: SynthesisModel, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
         """An empty Poisson batch: every private group takes a zero-gradient, noised step (accounted),
-        then the model's own non-private work (:meth:`SynthesisModel.empty_batch_step`)."""
+        then every group outside DP that steps on drawn samples takes that step, as on any batch."""
         for opt in self._dp_optimizers.values():
             opt.zero_grad(set_to_none=True)
             for p in opt.params:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return model.empty_batch_step(optimizers, list(self.groups))
+        metrics: dict[str, float] = {}
+        stepped: list[DrawnSample] = []
+        for group, drawn in self._drawn:
+            if group in optimizers and not any(d is drawn for d in stepped):  # a sample shared by groups steps once
+                stepped.append(drawn)
+                metrics.update(drawn.step(optimizers))
+        return metrics
 
     def _check_keys(self, model: SynthesisModel) -> None:
         for group in model.groups():
@@ -314,6 +363,13 @@ class _EmptySafeCollate:
             return collate(items)
         return Batch(torch.zeros(self.shape), torch.zeros(0, dtype=torch.long) if self.conditional else None,
                      [] if self.text else None)
+
+
+def _shown(value: ConfigValue) -> str:
+    """A config value as the YAML file spells it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"'{value}'" if isinstance(value, str) else str(value)
 
 
 def _contiguous_inputs(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -75,34 +75,39 @@ def pin_config(plan_path: str | Path = "plan/plan.yaml") -> str:
     return digest
 
 
-#: where a latent-diffusion federation keeps its first stage in the workspace (travels with plan/)
+#: where a federation on a first stage (latent diffusion) keeps it in the workspace (travels with plan/)
 FIRST_STAGE_IN_WORKSPACE = "plan/first_stage.ckpt"
 
 
 def ship_first_stage(config_path: Path, config: Any) -> Any:
-    """Latent diffusion: copy ``model.autoencoder_checkpoint`` into the workspace and pin its hash.
+    """A model on a first stage (latent diffusion): copy the first stage's checkpoint into the
+    workspace and pin its hash.
 
     ``plan/fedsynth.yaml`` then names the workspace copy (a path relative to the workspace, never
-    one on the authoring host) with the first stage's architecture and ``first_stage_sha256``;
-    the aggregator builds the initial model from it and every collaborator checks the first stage
-    it receives against the hash (a collaborator without the copy builds the architecture only).
+    one on the authoring host) with the first stage's architecture and hash (latent diffusion:
+    ``model.first_stage`` and ``first_stage_sha256``); the aggregator builds the initial model from
+    it and every collaborator checks the first stage it receives against the hash (a collaborator
+    without the copy builds the architecture only).
     """
     import shutil
 
     from fedsynth.config import save_config
+    from fedsynth.families import first_stage
     from fedsynth.federated.aggregation import resolve_group_policy
     from fedsynth.federated.server import shipped_config
     from fedsynth.io import atomic_path
     from fedsynth.models import build_model
 
-    source = getattr(config.model, "autoencoder_checkpoint", None)
-    if not source or source == FIRST_STAGE_IN_WORKSPACE:  # not a latent model, or shipped already
+    stage = first_stage(config)
+    source = stage.checkpoint if stage is not None else None
+    if not source or source == FIRST_STAGE_IN_WORKSPACE:  # no trained first stage, or shipped already
         return config
     model = build_model(config)
-    out = shipped_config(config, model, resolve_group_policy(model, config.federation))
+    shipped = first_stage(shipped_config(config, model, resolve_group_policy(model, config.federation)))
+    assert shipped is not None, "a shipped config describes its first stage"
     with atomic_path(Path(FIRST_STAGE_IN_WORKSPACE), durable=True) as tmp:
         shutil.copyfile(source, tmp)
-    out.model = out.model.model_copy(update={"autoencoder_checkpoint": FIRST_STAGE_IN_WORKSPACE})
+    out = shipped.trained_at(FIRST_STAGE_IN_WORKSPACE)
     save_config(out, config_path)
     return out
 
