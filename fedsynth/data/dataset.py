@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,14 +45,25 @@ class ImageDataset(Dataset):
                 self.skipped.append(rec)
                 continue
             if config.data.cache:
-                self._cache[len(kept)] = self.pre(array)
+                self._cache[len(kept)] = self._preprocess(rec, array)
             kept.append(rec)
         if not kept:
             raise DataError(f"{records[0].source}: every image is constant ({len(records)} row(s)); nothing to train on")
         self.records = kept
 
     def _load(self, index: int) -> torch.Tensor:
-        return self.pre(self._read(self.records[index]))
+        rec = self.records[index]
+        return self._preprocess(rec, self._read(rec))
+
+    def _preprocess(self, rec: Record, array: np.ndarray) -> torch.Tensor:
+        """Preprocess one image; intensities too large for float32 arithmetic are named by row here,
+        not found later as a diverging loss."""
+        image = self.pre(array)
+        if not torch.isfinite(torch.as_tensor(image)).all():
+            raise DataError(f"{rec.where()}: the image's intensities (from {float(array.min()):.4g} to "
+                            f"{float(array.max()):.4g}) overflow float32 during data.normalization: "
+                            f"{self.config.data.normalization}; rescale the image or fix its values")
+        return image
 
     def _read(self, rec: Record) -> np.ndarray:
         """The record's channels as one checked ``(C, *spatial)`` array (errors name the row)."""
@@ -117,6 +129,30 @@ def load_datasets(config: ExperimentConfig, train_csv: str, val_csv: str | None 
         val_records = read_manifest(val_csv, **checks)  # type: ignore[arg-type]
     else:
         train_records, val_records = split_by_subject(records, config.data.val_fraction, config.seed)
+    if val_csv is not None:
+        _refuse_overlap(train_records, val_records, train_csv, val_csv)
+    _check_classes(train_records, config.num_classes, train_csv)
     train = ImageDataset(train_records, config, train=True)
     val = ImageDataset(val_records, config, train=False) if val_records else None
     return train, val
+
+
+def _refuse_overlap(train: Sequence[Record], val: Sequence[Record], train_csv: str, val_csv: str) -> None:
+    """Validation images that are also training images would make ``best.ckpt`` a measure of memory."""
+    train_files = {f for r in train for f in r.channels}
+    shared = [r for r in val if any(f in train_files for f in r.channels)]
+    if shared:
+        same = " (it is the training CSV)" if Path(val_csv).resolve() == Path(train_csv).resolve() else ""
+        raise DataError(f"--val-data {val_csv}{same}: {len(shared)} of its {len(val)} image(s) are training images "
+                        f"of {train_csv}, first {shared[0].where()}: {shared[0].channels[0]}; validate on held-out images")
+
+
+def _check_classes(records: Sequence[Record], num_classes: int, csv: str) -> None:
+    """A class the training data never shows cannot be learnt: generating it would be noise."""
+    if num_classes <= 0:
+        return
+    present = {r.label for r in records}
+    missing = [c for c in range(num_classes) if c not in present]
+    if missing:
+        raise DataError(f"{csv}: num_classes is {num_classes} but no training row has Label "
+                        f"{', '.join(map(str, missing))}; set num_classes to the classes the data has or add images")

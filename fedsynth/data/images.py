@@ -41,6 +41,8 @@ def read_image(path: Path, *, resample_spacing: list[float] | None = None) -> np
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise DataError(f"cannot read image {path}: {first}") from None
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        check_real(np.dtype(np.complex64), f"image {path}")
     if resample_spacing is not None:
         image = _resample(image, resample_spacing, path)
     array = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -75,7 +77,15 @@ def check_nifti(path: Path) -> None:
         data = np.asanyarray(img.dataobj)
     except Exception as err:
         raise DataError(f"image {path} is truncated or corrupt: {_reason(err)}") from None
+    check_real(data.dtype, f"image {path}")
     check_finite(data, f"image {path}")
+
+
+def check_real(dtype: np.dtype, what: str) -> None:
+    """Refuse complex-valued images (e.g. raw k-space or phase data): a magnitude is a choice the user makes."""
+    if np.issubdtype(dtype, np.complexfloating):
+        raise DataError(f"{what} is complex-valued ({dtype}); store the magnitude (or the channel you want) as a "
+                        "real-valued image")
 
 
 def check_finite(array: np.ndarray, what: str) -> None:

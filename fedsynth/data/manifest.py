@@ -9,7 +9,8 @@ CSV's own folder.
 The duplicate rule: rows sharing a SubjectID are the same subject's images *by design* only when
 they point at different files. Two rows with the same channel files are an error (a copied row
 would be trained on twice), and so is one file listed under two SubjectIDs (the subject-level
-split would put the same image on both sides). The CSV is read as UTF-8; a UTF-8 byte-order mark
+split would put the same image on both sides). "The same file" is the same file on disk: paths
+are compared after resolving symbolic links and ``..``, and hard links by device and inode. The CSV is read as UTF-8; a UTF-8 byte-order mark
 (as Excel writes) is accepted, any other encoding is an error naming the row and byte.
 """
 
@@ -84,7 +85,7 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
         if num_classes > 0 and not has_label:
             raise DataError(f"{path}: the config is class-conditional (num_classes: {num_classes}) but the CSV has no 'Label' column")
         records: list[Record] = []
-        seen_files: dict[Path, Record] = {}
+        seen_files: dict[Path | tuple[int, int], Record] = {}
         for row_no, raw in enumerate(reader, start=1):
             if None in raw:
                 raise DataError(f"{path}, row {row_no}: {len(header) + len(raw[None])} values but the header has "
@@ -100,8 +101,7 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
                 if not value:
                     raise DataError(f"{where} (SubjectID '{subject}'): empty {col}")
                 file = Path(value)
-                if not file.is_absolute():
-                    file = (path.parent / file).resolve()
+                file = (file if file.is_absolute() else path.parent / file).resolve()
                 if check_files and not file.exists():
                     raise DataError(f"{where} (SubjectID '{subject}'): {col} file not found: {file}")
                 files.append(file)
@@ -112,15 +112,32 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
                                 "description of every image")
             rec = Record(subject, tuple(files), label, row_no, str(path), prompt or None)
             for file in files:
-                if (other := seen_files.get(file)) is not None and other.row != row_no:
+                identity = _identity(file)
+                if (other := seen_files.get(identity)) is not None and other.row != row_no:
                     same = "repeats" if other.subject_id == subject else "lists under another SubjectID"
+                    alias = "" if file in other.channels else f" (the same file on disk as {_same_as(other, identity)})"
                     raise DataError(f"{rec.where()} {same} the file of row {other.row} (SubjectID '{other.subject_id}'): "
-                                    f"{file}; each image must appear once (rows sharing a SubjectID must be different images)")
-                seen_files[file] = rec
+                                    f"{file}{alias}; each image must appear once (rows sharing a SubjectID must be "
+                                    "different images)")
+                seen_files[identity] = rec
             records.append(rec)
     if not records:
         raise DataError(f"{path}: the CSV has a header but no data rows")
     return records
+
+
+def _identity(file: Path) -> Path | tuple[int, int]:
+    """What makes two paths one image: the device and inode of an existing file (hard links
+    included), else the resolved path."""
+    try:
+        st = file.stat()
+    except OSError:
+        return file
+    return (st.st_dev, st.st_ino) if st.st_ino else file
+
+
+def _same_as(other: Record, identity: Path | tuple[int, int]) -> str:
+    return next((str(f) for f in other.channels if _identity(f) == identity), str(other.channels[0]))
 
 
 def _parse_label(value: str, num_classes: int, where: str, subject: str) -> int | None:

@@ -45,10 +45,10 @@ def infer_config(real_csv: str | Path, config_path: str | Path | None = None) ->
     records = read_manifest(real_csv)
     first = records[0]
     array = read_image(first.channels[0])
-    array = to_spatial_dims(array, 3 if array.ndim - 1 >= 3 else 2, f"{first.where()}, file {first.channels[0]}")
+    # a 2D slice stored as a one-slice volume (a trailing or leading singleton axis) is 2D
+    spatial_dims = 3 if sum(s > 1 for s in array.shape[1:]) >= 3 else 2
+    array = to_spatial_dims(array, spatial_dims, f"{first.where()}, file {first.channels[0]}")
     size = [int(s) for s in array.shape[1:]]
-    if len(size) == 3 and min(size) == 1:  # a 2D image stored as one-slice volume
-        size = [s for s in size if s != 1]
     if any(s < 8 for s in size):
         raise DataError(f"{first.where()}: image size {size} is below 8 pixels per axis; pass --config with image_size")
     return default_config("autoencoder", len(size), size, channels=len(first.channels) * array.shape[0])
