@@ -206,17 +206,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def __getattr__(name: str) -> Any:
-    """``fedsynth.checkpoint.model_from_checkpoint``, for existing callers: it builds a model, so it
-    lives in :mod:`fedsynth.models` (this module only reads and writes the files, so that building a
-    model on a first stage, which loads a checkpoint, imports no cycle)."""
-    if name == "model_from_checkpoint":
-        from fedsynth.models import model_from_checkpoint
-
-        return model_from_checkpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 #: config fields a resumed run may change: they alter how training goes on, not what the saved
 #: state means. Every other change (geometry, model, data, seed, batch size, privacy) is refused.
 RESUME_CHANGEABLE = (

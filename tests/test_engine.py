@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedsynth.checkpoint import checkpoint_info, load_checkpoint, model_from_checkpoint
+from fedsynth.checkpoint import checkpoint_info, load_checkpoint
+from fedsynth.models import model_from_checkpoint
 from fedsynth.cli import main
 from fedsynth.config import render_yaml
 from fedsynth.data import load_datasets, read_manifest

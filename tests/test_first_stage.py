@@ -56,7 +56,8 @@ def test_sites_get_the_architecture_and_hash_never_the_servers_path(ldm_config, 
     assert first_stage_digest(server.shared_weights()) == sent.first_stage_sha256
     assert float(server.shared_weights()[LATENT_SCALE_KEY]) > 0
     last = server.save()
-    from fedsynth.checkpoint import checkpoint_info, model_from_checkpoint
+    from fedsynth.checkpoint import checkpoint_info
+    from fedsynth.models import model_from_checkpoint
 
     assert checkpoint_info(last)["latent_diffusion"]
     stored = model_from_checkpoint(last)  # self-contained: no path to the first stage needed

@@ -20,18 +20,18 @@ LAYERS: dict[str, int] = {
     "fedsynth": 0, "fedsynth.errors": 0, "fedsynth.config_base": 0, "fedsynth.config": 0, "fedsynth.geometry": 0,
     "fedsynth.families": 0, "fedsynth.io": 0, "fedsynth.resources": 0, "fedsynth.processes": 0, "fedsynth.pki": 0,
     "fedsynth.commands": 0, "fedsynth.lazy": 0, "fedsynth.templates": 0, "fedsynth.plans": 0,
-    # 1 networks and their training recipes (torch, MONAI)
-    "fedsynth.models": 1, "fedsynth.recipes": 1,
+    # 1 networks, their training recipes and their checkpoint files (torch, MONAI)
+    "fedsynth.models": 1, "fedsynth.recipes": 1, "fedsynth.checkpoint": 1,
     # 2 reading images
     "fedsynth.data": 2,
     # 3 training, generation, privacy, evaluation
-    "fedsynth.extensions": 3, "fedsynth.engine": 3, "fedsynth.checkpoint": 3, "fedsynth.generation": 3,
+    "fedsynth.extensions": 3, "fedsynth.engine": 3, "fedsynth.generation": 3,
     "fedsynth.local": 3, "fedsynth.privacy": 3, "fedsynth.metrics": 3,
     # 4 federations (Flower, OpenFL) over the engine
     "fedsynth.federated": 4,
     # 5 what a user runs: the CLI and its command modules, the demo, the MLCube entry point
     "fedsynth.cli": 5, "fedsynth.__main__": 5, "fedsynth.demo": 5, "fedsynth.mlcube_entrypoint": 5,
-    "fedsynth.metrics.cli": 5, "fedsynth.federated.cli": 5, "fedsynth.federated.flower.cli": 5,
+    "fedsynth.metrics.cli": 5, "fedsynth.metrics.audit_cli": 5, "fedsynth.federated.cli": 5, "fedsynth.federated.flower.cli": 5,
     "fedsynth.federated.openfl.cli": 5, "fedsynth.federated.templates": 5,
 }
 NAMES = ["core", "models", "data", "training", "federated", "apps"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedsynth.checkpoint import checkpoint_info, load_checkpoint, model_from_checkpoint
+from fedsynth.checkpoint import checkpoint_info, load_checkpoint
+from fedsynth.models import model_from_checkpoint
 from fedsynth.data.dataset import load_datasets, make_loader
 from fedsynth.engine import LAST
 from fedsynth.errors import CheckpointError, ConfigError

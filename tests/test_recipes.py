@@ -57,7 +57,7 @@ def test_ema_applied_swaps_and_restores_weights() -> None:
 
 
 def test_checkpoint_stores_ema_and_generate_uses_it(tmp_path: Path) -> None:
-    from fedsynth.checkpoint import model_from_checkpoint
+    from fedsynth.models import model_from_checkpoint
     from fedsynth.engine import Engine
 
     model = _model(training__ema_decay=0.9)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fedsynth.checkpoint import model_from_checkpoint
+from fedsynth.models import model_from_checkpoint
 from fedsynth.cli import main
 from fedsynth.config import load_config, save_config
 from fedsynth.data import load_datasets, make_loader
