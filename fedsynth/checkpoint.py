@@ -144,12 +144,15 @@ def save_checkpoint(
     ema: Mapping[str, Any] | None = None,
     rank_rng: list[Any] | None = None,
     extension_states: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (all groups) and ``state`` to ``path`` atomically; returns the path.
 
     ``rank_rng``: under DDP, every rank's RNG and augmentation states (rank order), so each rank
     of a resumed run draws exactly what it would have drawn. ``extension_states``: the engine
-    extensions' states by their ``state_key`` (``privacy``, ``ema``), stored under those keys."""
+    extensions' states by their ``state_key`` (``privacy``, ``ema``), stored under those keys.
+    ``data``: the training set's fingerprint (:func:`fedsynth.data.manifest.fingerprint`): a resume
+    on other images is refused."""
     path = Path(path)
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -175,6 +178,7 @@ def save_checkpoint(
         "rank_rng": rank_rng,
         "extra": dict(extra or {}),
         "ema": dict(ema) if ema else None,
+        "data": dict(data) if data else None,
     }
     payload.update(extension_states or {})
     first_stage = model.first_stage()
@@ -198,12 +202,39 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"({type(err).__name__}: {first[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fedsynth checkpoint (no '{FORMAT}' header)")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {payload['format_version']}; this fedsynth reads <= {FORMAT_VERSION}")
     for key in ("config", "weights", "epoch", "step"):
         if key not in payload:
             raise CheckpointError(f"checkpoint {path} is incomplete: missing '{key}'")
+    for key, kind in _HEADER_TYPES.items():
+        value = payload.get(key)
+        if key in payload and not (isinstance(value, kind) and not isinstance(value, bool) or value is None and key in _NULLABLE):
+            raise CheckpointError(f"checkpoint {path} is damaged: its '{key}' is {value!r} ({type(value).__name__}), "
+                                  f"expected {kind.__name__ if isinstance(kind, type) else ' or '.join(k.__name__ for k in kind)}")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {payload['format_version']}; this fedsynth reads <= {FORMAT_VERSION}")
+    bad = [k for k, v in payload["weights"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is damaged: weight '{bad[0]}' is not a tensor")
     return payload
+
+
+#: the types a checkpoint's header fields must have (a damaged or hand-edited file says so, not a traceback)
+_HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format_version": int, "fedsynth_version": str, "family": str, "config": dict, "weights": dict,
+    "epoch": int, "step": int, "round": int, "groups": list, "metrics": dict, "extra": dict,
+    "best_metric": (int, float), "privacy": dict, "data": dict,
+}
+_NULLABLE = frozenset({"round", "best_metric", "privacy", "data"})
+
+
+def check_finite_weights(payload: Mapping[str, Any], source: str | Path) -> None:
+    """Refuse a checkpoint whose weights hold NaN or Inf (a diverged run): it would generate blank
+    images and exit 0. Names the first bad tensor and how many are bad."""
+    bad = [k for k, v in payload["weights"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {source} holds NaN or Inf weights in {len(bad)} tensor(s), first '{bad[0]}': "
+                              "the run diverged before this checkpoint; use an earlier checkpoint (e.g. best.ckpt) or "
+                              "train again with a lower learning rate")
 
 
 #: config fields a resumed run may change: they alter how training goes on, not what the saved
@@ -271,6 +302,9 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "fedsynth_version": payload.get("fedsynth_version"),
         "created": payload.get("created"),
         "latent_diffusion": FIRST_STAGE_EXTRA in payload.get("extra", {}),  # a model on a first stage
+        "weights_finite": all(bool(torch.isfinite(v).all()) for v in payload["weights"].values() if v.is_floating_point()),
+        "training_data": ({"sha256": payload["data"].get("sha256"), "images": payload["data"].get("images")}
+                          if payload.get("data") else None),
         "ema": ({"groups": payload["ema"].get("groups"), "decay": payload["ema"].get("decay"),
                  "updates": payload["ema"].get("num_updates")} if payload.get("ema") else None),
     }

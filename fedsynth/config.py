@@ -11,7 +11,10 @@ beside its model in ``fedsynth/models/<family>.py`` and is re-exported here
 
 from __future__ import annotations
 
+import difflib
 import json
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
 
@@ -284,7 +287,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _FAMILY_TAGS))
         given = e.get("input")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; see `fedsynth init-config` for all options)"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _block_fields(e["loc"][:-1]), n=1, cutoff=0.6)
+            msg = (f"unknown key (did you mean '{close[0]}'?)" if close
+                   else "unknown key (check its spelling; see `fedsynth init-config` for all options)")
         elif e["type"] == "value_error" and str(e["msg"]).startswith("Value error, field '"):
             lines.append(f"  {str(e['msg'])[len('Value error, '):]}")  # a cross-field rule naming its own field
             continue
@@ -296,6 +301,39 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         lines.append(f"  field '{loc or '<root>'}': {msg}; got {given_s}")
     return "\n".join(lines)
 
+
+def _block_fields(loc: tuple[Any, ...], block: type[BaseModel] | None = None) -> list[str]:
+    """The field names of the config block at ``loc`` (a validation error's path), for a suggestion."""
+    block = block or ExperimentConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list of blocks (data.augmentations.0)
+        if isinstance(part, str) and part in _FAMILY_TAGS:
+            block = family(part).config  # the model: union, tagged by family
+            continue
+        info = block.model_fields.get(str(part))
+        inner = [a for a in typing.get_args(info.annotation) or (info.annotation,)] if info is not None else []
+        inner += [b for a in inner for b in typing.get_args(a)]  # list[Block], Block | None
+        found = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if found is None:
+            return []
+        block = found
+    return list(block.model_fields)
+
+
+def with_overrides(config: ExperimentConfig, overrides: Mapping[str, Any],
+                   source: str = "command-line options") -> ExperimentConfig:
+    """``config`` with dotted fields replaced (``{"training.max_steps": 100}``), validated as a config file is."""
+    if not overrides:
+        return config
+    data = config.to_dict()
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        block = data
+        for part in parents:
+            block = block[part]
+        block[leaf] = value
+    return config_from_dict(data, source)
 
 
 def validate_model(model: type[ModelT], data: Any, source: str) -> ModelT:
@@ -413,7 +451,8 @@ def default_config(family_name: str, spatial_dims: int, image_size: int | list[i
 def render_yaml(config: ExperimentConfig) -> str:
     """YAML of ``config`` with each field's description as a comment (for ``init-config``)."""
     lines = [f"# fedsynth experiment config ({config.family}, {config.spatial_dims}D). Unknown keys are errors.",
-             "# Validate with: fedsynth train -c THIS_FILE --data data.csv -o RUN_DIR"]
+             "# Validate with: fedsynth validate -c THIS_FILE --data data.csv",
+             "# Train with:    fedsynth train -c THIS_FILE --data data.csv -o RUN_DIR"]
     _render(config, 0, lines)
     return "\n".join(lines) + "\n"
 

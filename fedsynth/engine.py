@@ -22,16 +22,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedsynth.checkpoint import (TrainingState, capture_augmentation_state, capture_rng, config_changes, load_checkpoint, preserved_rng,
-                                 restore_augmentation_state, restore_rng, save_checkpoint)
+from fedsynth.commands import wall_time
+from fedsynth.checkpoint import (TrainingState, capture_augmentation_state, capture_rng, check_finite_weights, config_changes,
+                                 load_checkpoint, preserved_rng, restore_augmentation_state, restore_rng, save_checkpoint)
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, make_loader
 from fedsynth.data.images import save_image
+from fedsynth.data.manifest import fingerprint, fingerprint_changes
 from fedsynth.errors import CheckpointError, TrainingDiverged, WeightsError
 from fedsynth.extensions import EmaExtension, Extension, TrainingStep, sampling_weights
 from fedsynth.generation import image_grid, sample
+from fedsynth.io import atomic_path, remove_stale_temps
 from fedsynth.models import build_model
 from fedsynth.models.base import Batch, SynthesisModel
+from fedsynth.progress import bar as progress_bar
+from fedsynth.progress import network_label
 from fedsynth.recipes import WeightAverage, lr_factor
 
 LAST = "last.ckpt"
@@ -88,15 +93,22 @@ class Engine:
             self.extensions.append(EmaExtension(WeightAverage(self.model, model.generating_groups(),
                                                               config.training.ema_decay)))
         self.planned_steps: int | None = None
+        #: what this engine trains, as its progress bar and log lines name it (a driver may set it,
+        #: e.g. ``first stage (autoencoder)``)
+        self.stage_label: str = network_label(config.family)
+        self._bar: Any = None
+        self._target_epochs = config.training.epochs
+        self._fit_started: float | None = None
         self._pending_rng: Mapping[str, Any] | None = None  # RNG of a resumed checkpoint, restored by fit
+        self._data_fingerprint: dict[str, Any] | None = None  # of the training set, stored in checkpoints
+        self._resumed_data: dict[str, Any] | None = None  # the fingerprint a resumed checkpoint holds
+        self._fingerprinted: ImageDataset | None = None
         self._training_step: TrainingStep = model.training_step
         self._tb: Any = None
         if dist.world_size > 1:
             self._wrap_ddp()
         if self.writes and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            from fedsynth.io import remove_stale_temps
-
             remove_stale_temps(self.run_dir)  # left by a killed process's atomic writes
 
     # ------------------------------------------------------------------ setup
@@ -182,8 +194,28 @@ class Engine:
         by_epochs = target_epochs * max(1, len(loader))
         self.planned_steps = planned_steps or (min(max_steps, by_epochs) if max_steps is not None else by_epochs)
         val_loader = self.loader(val_data, train=False) if val_data is not None else None
-        stop_reason: str | None = None
         self._train_dataset = train_data
+        self._check_data(train_data)
+        self._target_epochs = target_epochs
+        self._fit_started = time.perf_counter()
+        # one bar for the whole stage (not one per epoch): its total and ETA are the stage's
+        self._bar = progress_bar(self.planned_steps, self.stage_label, initial=min(self.state.step, self.planned_steps),
+                                 enabled=self.dist.is_main and t.progress)
+        try:
+            stop_reason = self._fit_epochs(loader, train_data, val_loader, target_epochs, max_steps)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        if stop_reason:
+            self.log_message(f"training stopped: {stop_reason}")
+        return self.state
+
+    def _fit_epochs(self, loader: DataLoader, train_data: ImageDataset, val_loader: DataLoader | None,
+                    target_epochs: int, max_steps: int | None) -> str | None:
+        """The epochs of :meth:`fit`; returns why training stopped early, if it did."""
+        t = self.config.training
+        stop_reason: str | None = None
         while self.state.epoch < target_epochs and stop_reason is None:
             epoch = self.state.epoch
             train_metrics, stop_reason, complete = self._train_epoch(loader, train_data, epoch, max_steps)
@@ -200,9 +232,7 @@ class Engine:
             self._end_of_epoch(metrics, complete=complete)
             if not complete or (max_steps is not None and self.state.step >= max_steps):
                 break
-        if stop_reason:
-            self.log_message(f"training stopped: {stop_reason}")
-        return self.state
+        return stop_reason
 
     def _train_epoch(self, loader: DataLoader, dataset: ImageDataset, epoch: int,
                      max_steps: int | None) -> tuple[dict[str, float], str | None, bool]:
@@ -232,7 +262,7 @@ class Engine:
             if state.data_rng is not None:
                 restore_augmentation_state(dataset.aug, state.data_rng)
             self._pending_rng = None
-        bar = self._progress(total, state.batch_in_epoch, epoch)
+        bar = self._bar
         start = time.perf_counter()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.training.precision == "bf16")
         every = self.config.training.checkpoint_every_steps
@@ -259,7 +289,8 @@ class Engine:
             if bar is not None:
                 bar.update(1)
                 rate = images * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
-                post = {"loss": f"{out.get('loss', float('nan')):.4f}", "img/s": f"{rate:.1f}"}
+                post = {"epoch": f"{epoch + 1}/{self._target_epochs}" if self._target_epochs < 10**6 else str(epoch + 1),
+                        "loss": f"{out.get('loss', float('nan')):.4f}", "img/s": f"{rate:.1f}"}
                 for ext in self.extensions:
                     post.update({k: f"{v:.3g}" for k, v in ext.report().items()})
                 bar.set_postfix(post)
@@ -269,8 +300,6 @@ class Engine:
                     self.check_finite()
                     assert self.run_dir is not None
                     self.save(self.run_dir / LAST, rank_rng=rank_rng)  # mid-epoch: resumable from this very step
-        if bar is not None:
-            bar.close()
         steps = state.batch_in_epoch
         complete = steps >= total
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
@@ -285,13 +314,6 @@ class Engine:
             autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.training.precision == "bf16")
         with autocast:
             return self._training_step(batch, self.optimizers)
-
-    def _progress(self, total: int, done: int, epoch: int) -> Any:
-        if not (self.dist.is_main and self.config.training.progress):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
 
     @torch.no_grad()
     def validate(self, loader: DataLoader | ImageDataset) -> dict[str, float]:
@@ -344,8 +366,6 @@ class Engine:
         fields: list[str] = []
         for r in rows:
             fields += [k for k in r if k not in fields]
-        from fedsynth.io import atomic_path
-
         with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
@@ -362,6 +382,20 @@ class Engine:
         for k, v in metrics.items():
             self._tb.add_scalar(k.replace("_", "/", 1), v, self.state.epoch)
         self._tb.flush()
+
+    def finish(self) -> Path | None:
+        """End of a training run (the driver calls it once, after the last :meth:`fit`): the final
+        sample grid ``samples/final.png``, also for runs too short for ``training.sample_every`` to
+        fire, and a line naming it with the stage's wall time. Returns the grid's path (main rank)."""
+        if not self.writes:
+            return None
+        assert self.run_dir is not None
+        path = self.run_dir / "samples" / "final.png"
+        self.write_sample_grid(path)
+        took = f" in {wall_time(time.perf_counter() - self._fit_started)}" if self._fit_started is not None else ""
+        self.log_message(f"{self.stage_label}: step {self.state.step}, epoch {self.state.epoch}{took}; "
+                         f"final samples: {path}")
+        return path
 
     def write_sample_grid(self, path: Path) -> None:
         n = self.config.training.num_sample_images
@@ -386,7 +420,24 @@ class Engine:
         self.state.data_rng = capture_augmentation_state(dataset.aug) if dataset is not None else None
         states = {ext.state_key: ext.state_dict() for ext in self.extensions if ext.state_key}
         return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, rank_rng=rank_rng,
-                               extension_states=states)
+                               extension_states=states, data=self._data_fingerprint)
+
+    def _check_data(self, train_data: ImageDataset) -> None:
+        """Fingerprint the training set (stored in every checkpoint); a resumed run must train on the
+        images it started with, whatever their paths."""
+        records = getattr(train_data, "records", None)
+        if records is None or train_data is self._fingerprinted and self._resumed_data is None:
+            return
+        if self._resumed_data is not None:
+            changed = fingerprint_changes(self._resumed_data, records)
+            if changed is not None:
+                raise CheckpointError(f"cannot resume: the training data differ from the data the run was trained on "
+                                      f"({self._resumed_data.get('images')} image(s), sha256 "
+                                      f"{str(self._resumed_data.get('sha256'))[:12]}...): {changed}. Resume with the "
+                                      "original data, or start a new run folder")
+            self._resumed_data = None
+        self._data_fingerprint = fingerprint(records)
+        self._fingerprinted = train_data
 
     def check_finite(self) -> None:
         """Raise :class:`TrainingDiverged` if any weight is NaN or Inf (checked before every checkpoint)."""
@@ -414,6 +465,7 @@ class Engine:
     def resume(self, path: str | Path) -> TrainingState:
         """Continue exactly where ``path`` stopped: weights, optimizer states, counters, RNG."""
         payload = load_checkpoint(path)
+        check_finite_weights(payload, path)
         if payload.get("family") != self.model.family:
             raise CheckpointError(f"cannot resume from {path}: it is a {payload.get('family')} checkpoint, this run trains a {self.model.family}")
         try:
@@ -431,6 +483,7 @@ class Engine:
                                    best_metric=payload.get("best_metric"), metrics=dict(payload.get("metrics", {})),
                                    privacy=payload.get("privacy"), batch_in_epoch=int(payload.get("batch_in_epoch", 0)),
                                    epoch_sums=dict(payload.get("epoch_sums", {})), data_rng=payload.get("data_rng"))
+        self._resumed_data = payload.get("data")  # checked against the training set when fit starts
         for ext in self.extensions:
             if ext.state_key:
                 ext.load_state_dict(payload.get(ext.state_key), self.model)

@@ -1,27 +1,61 @@
-"""Generating images from a trained model and writing them (NIfTI/PNG) with a PNG grid."""
+"""Generating images from a trained model and writing them (NIfTI/PNG) with a PNG grid.
+
+What made the images is recorded beside them: ``generation.json`` holds the checkpoint (path,
+SHA-256, step, epoch, round), the weights (EMA or raw), the seed, the sampler and its steps
+(:func:`checkpoint_provenance`, :func:`sampling_settings`).
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from fedsynth import __version__
 from fedsynth.data.images import save_image
 from fedsynth.io import atomic_write_text
 from fedsynth.models.base import SynthesisModel
 from fedsynth.data.manifest import IMAGE_SUFFIXES, write_manifest
+from fedsynth.progress import bar
+
+#: 3D grids: each plane is upscaled (nearest) to at least this many pixels, so a 16^3 volume is readable
+MIN_3D_TILE = 128
+
+
+def orthogonal_planes(volumes: np.ndarray, min_tile: int = MIN_3D_TILE) -> np.ndarray:
+    """``(N, C, D, H, W)`` volumes -> ``(N, C, S, 3S + 4)`` images: the three orthogonal planes through
+    each volume's centre side by side (axes 0, 1, 2 of the array), each upscaled by a whole factor
+    (nearest, so voxels stay visible as voxels) to at least ``min_tile`` pixels and padded to one square size;
+    grey lines separate one volume's planes, the grid's black borders separate volumes."""
+    n, c, *shape = volumes.shape
+    planes = [volumes[:, :, shape[0] // 2], volumes[:, :, :, shape[1] // 2], volumes[:, :, :, :, shape[2] // 2]]
+    factor = max(1, -(-min_tile // max(shape)))  # ceil: the largest side reaches min_tile
+    side = max(shape) * factor
+    out = np.zeros((n, c, side, 3 * side + 4), dtype=np.float32)
+    out[..., side:side + 2] = out[..., 2 * side + 2:2 * side + 4] = 0.5  # grey lines join one volume's planes
+    for k, plane in enumerate(planes):
+        big = plane.repeat(factor, axis=-2).repeat(factor, axis=-1)
+        h, w = big.shape[-2:]
+        top, left = (side - h) // 2, k * (side + 2) + (side - w) // 2
+        out[:, :, top:top + h, left:left + w] = big
+    return out
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """Tile ``(N, C, *spatial)`` images in [0, 1] into one ``(C', H, W)`` image (3D: middle slices)."""
-    if images.ndim == 5:  # 3D: show the middle slice of the first spatial axis
-        images = images[:, :, images.shape[2] // 2]
+    """Tile ``(N, C, *spatial)`` images in [0, 1] into one ``(C', H, W)`` image (3D: each volume's
+    three orthogonal centre planes, see :func:`orthogonal_planes`)."""
+    if images.ndim == 5:
+        images = orthogonal_planes(images)
     if images.shape[1] not in (1, 3):
         images = images[:, :1]
     n, c, h, w = images.shape
-    cols = columns or int(np.ceil(np.sqrt(n)))
+    cols = columns or int(np.ceil(np.sqrt(n / (w / h))))  # about square (a 3D tile is 3 planes wide)
     rows = int(np.ceil(n / cols))
     grid = np.zeros((c, rows * (h + 2) + 2, cols * (w + 2) + 2), dtype=np.float32)
     for i in range(n):
@@ -32,15 +66,19 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 
 def sample(model: SynthesisModel, num_images: int, *, seed: int = 0, labels: torch.Tensor | None = None,
            prompts: list[str] | None = None, sampler: str | None = None, steps: int | None = None,
-           guidance_scale: float | None = None, batch_size: int = 16) -> torch.Tensor:
+           guidance_scale: float | None = None, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """Generate ``num_images`` reproducibly from ``seed``, in batches; returns CPU images in [0, 1].
 
-    ``labels`` and ``prompts`` hold one condition for all images or one per image."""
+    ``labels`` and ``prompts`` hold one condition for all images or one per image; ``progress``
+    shows a bar over the images (with ETA)."""
     model.eval()
     generator = torch.Generator(device=model.device).manual_seed(seed)
     if prompts is not None and len(prompts) not in (1, num_images):
         raise ValueError(f"{len(prompts)} prompts for {num_images} images: give one prompt, or one per image")
+    model.check_prompts(prompts, num_images)  # conditions are checked before the progress bar starts
+    model.check_labels(labels, num_images)
     out = []
+    shown = bar(num_images, "generating", unit="img", enabled=progress)
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
         lab = None
@@ -51,14 +89,61 @@ def sample(model: SynthesisModel, num_images: int, *, seed: int = 0, labels: tor
             texts = prompts if len(prompts) == 1 else prompts[start:start + n]
         out.append(model.generate(n, generator=generator, labels=lab, prompts=texts, sampler=sampler, steps=steps,
                                   guidance_scale=guidance_scale).float().cpu())
+        if shown is not None:
+            shown.update(n)
+    if shown is not None:
+        shown.close()
     return torch.cat(out)
+
+
+def sampling_settings(model: SynthesisModel, sampler: str | None, steps: int | None, guidance_scale: float | None,
+                      conditioned: bool) -> dict[str, Any]:
+    """The sampler, steps and guidance a model's ``generate`` will use for these arguments (its
+    config's defaults filled in); empty for a model without a sampler (GAN, autoencoder)."""
+    cfg = model.config.model
+    default = getattr(cfg, "sampler", None)
+    if default is None:
+        return {}
+    used = sampler or default
+    settings: dict[str, Any] = {
+        "sampler": used,
+        "sampling_steps": steps or (cfg.sampling_steps if used == "ddim" else cfg.num_train_timesteps),  # type: ignore[attr-defined]
+    }
+    if conditioned:
+        settings["guidance_scale"] = cfg.guidance_scale if guidance_scale is None else guidance_scale  # type: ignore[attr-defined]
+    return settings
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_provenance(path: str | Path, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Which checkpoint, exactly: its path, SHA-256, step, epoch, round, family and when it was written."""
+    path = Path(path)
+    return {"path": str(path.resolve()), "sha256": _sha256(path), "step": payload.get("step"),
+            "epoch": payload.get("epoch"), "round": payload.get("round"), "family": payload.get("family"),
+            "created": payload.get("created"), "fedsynth_version": payload.get("fedsynth_version")}
+
+
+def describe_checkpoint(info: Mapping[str, Any]) -> str:
+    """``runs/gan/last.ckpt (step 120, epoch 3)``: a checkpoint as one line shows it."""
+    where = [f"step {info.get('step')}", f"epoch {info.get('epoch')}"]
+    if info.get("round") is not None:
+        where.append(f"round {info['round']}")
+    return f"{info.get('path')} ({', '.join(where)})"
 
 
 def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str = "nii.gz",
                  labels: torch.Tensor | None = None, prompts: list[str] | None = None,
-                 prefix: str = "synthetic") -> list[Path]:
-    """Write each image as ``<prefix>_<i>.<format>``, a ``grid.png`` and a ``manifest.csv``
-    (with each image's ``Label`` and ``Prompt`` when it was generated from one).
+                 prefix: str = "synthetic", provenance: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write each image as ``<prefix>_<i>.<format>``, a ``grid.png``, a ``manifest.csv``
+    (with each image's ``Label`` and ``Prompt`` when it was generated from one) and
+    ``generation.json`` (count, format, and ``provenance``: what made the images).
 
     The manifest (then ``generation.json``) is written last, so a folder without one is an
     interrupted generation. A re-used folder first loses the previous generation's images,
@@ -87,5 +172,8 @@ def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str
     prompt_list = None if prompts is None else (list(prompts) * len(paths) if len(prompts) == 1 else list(prompts))
     write_manifest(out / "manifest.csv", [(p.stem.split(".")[0], [p.resolve()], lab) for p, lab in zip(paths, label_list)],
                    prompts=prompt_list)
-    atomic_write_text(out / "generation.json", json.dumps({"count": len(paths), "format": image_format}, indent=2))
+    record = {"count": len(paths), "format": image_format,
+              "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "fedsynth_version": __version__,
+              **dict(provenance or {})}
+    atomic_write_text(out / "generation.json", json.dumps(record, indent=2))
     return paths

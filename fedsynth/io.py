@@ -6,6 +6,7 @@ reported as one :class:`OutputError` naming the path, and no temporary file is l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -110,3 +111,80 @@ def atomic_write_text(target: Path, text: str) -> None:
     """Write ``text`` to ``target`` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+#: the lock file inside a run folder or a site's state folder
+LOCK_NAME = ".fedsynth.lock"
+
+
+class FolderLock:
+    """One writer per folder: an exclusive ``flock`` on ``FOLDER/.fedsynth.lock`` held for the life of
+    the writer, released by the operating system on any exit (SIGKILL included), so a crashed run
+    never leaves a lock behind. A second writer is refused with the holder's PID, host and command.
+    A lock that leaves nothing else behind is cleaned up on release: the lock file, and the folder
+    when the lock created it and it is still empty (a failed start leaves no trace).
+
+    ``with FolderLock(run_dir, "train"):`` or ``lock = FolderLock(...).acquire()`` / ``lock.release()``.
+    """
+
+    def __init__(self, folder: str | Path, what: str) -> None:
+        self.folder = Path(folder)
+        self.what = what
+        self._fd: int | None = None
+        self._created_folder = False
+
+    @property
+    def path(self) -> Path:
+        return self.folder / LOCK_NAME
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+        import socket
+
+        self._created_folder = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                self._drop_created_folder()
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputError(f"cannot lock {self.folder}: {err.strerror}") from None
+                raise OutputError(f"{self.folder} is in use by {holder}; wait for it to finish or stop it "
+                                  f"(one {self.what} writes a folder at a time)") from None
+            try:  # the holder may have released and removed the file between our open and our lock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()} ({self.what})\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the folder up, removing the lock file (and the folder, if the lock made it and nothing
+        else was written); safe to call twice."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # while still locked: a waiting writer re-checks the inode
+        os.close(self._fd)
+        self._fd = None
+        self._drop_created_folder()
+
+    def _drop_created_folder(self) -> None:
+        if self._created_folder:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only when empty
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

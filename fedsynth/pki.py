@@ -30,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedsynth.errors import FedsynthError
 from fedsynth.io import atomic_path
-from fedsynth.commands import command
+from fedsynth.commands import command, examples
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -242,33 +242,40 @@ def verify_cert(cert_path: str | Path, ca_cert_path: str | Path, host: str | Non
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedsynth certs create-ca | issue-server | issue-client | verify``."""
 
-    certs = subparsers.add_parser("certs", help="a small CA: create it, issue and verify certificates")
-    sub = certs.add_subparsers(dest="certs_command", required=True)
+    certs = subparsers.add_parser("certs", help="a small CA: create it, issue and verify certificates", **examples(
+        "fedsynth certs create-ca -o ca", "fedsynth certs issue-server --ca ca -o server --host agg.example.org --host 10.0.0.5",
+        "fedsynth certs issue-client --ca ca -o site1 --name site1", "fedsynth certs verify server/server.crt --ca ca"))
+    sub = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
 
-    p = sub.add_parser("create-ca", help="create a CA (ca.crt, ca.key)")
+    p = sub.add_parser("create-ca", help="create a CA (ca.crt, ca.key)", **examples(
+        "fedsynth certs create-ca -o ca", "fedsynth certs create-ca -o ca --common-name \"Hospital federation CA\" --days 730"))
     p.add_argument("-o", "--output", required=True, help="CA folder")
-    p.add_argument("--common-name", default="fedsynth federation CA")
-    p.add_argument("--days", type=int, default=3650)
+    p.add_argument("--common-name", default="fedsynth federation CA", help="the CA's subject common name")
+    p.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
     p.add_argument("--force", action="store_true", help="overwrite an existing CA")
     p.set_defaults(command="certs create-ca")
 
-    p = sub.add_parser("issue-server", help="sign a TLS server certificate for the aggregator")
+    p = sub.add_parser("issue-server", help="sign a TLS server certificate for the aggregator", **examples(
+        "fedsynth certs issue-server --ca ca -o server --host agg.example.org --host 10.0.0.5",
+        "fedsynth certs issue-server --ca ca -o server --host 127.0.0.1 --name superlink"))
     p.add_argument("--ca", required=True, help="CA folder (ca.crt, ca.key)")
     p.add_argument("-o", "--output", required=True, help="folder for <name>.crt/<name>.key")
-    p.add_argument("--name", default="server")
+    p.add_argument("--name", default="server", help="file name stem of the certificate and key (default server)")
     p.add_argument("--host", action="append", required=True, help="DNS name or IP address (repeat)")
-    p.add_argument("--days", type=int, default=825)
+    p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     p.set_defaults(command="certs issue-server")
 
-    p = sub.add_parser("issue-client", help="sign a client certificate (+ Flower node-auth key) for a site")
+    p = sub.add_parser("issue-client", help="sign a client certificate (+ Flower node-auth key) for a site", **examples(
+        "fedsynth certs issue-client --ca ca -o site1 --name site1"))
     p.add_argument("--ca", required=True, help="CA folder (ca.crt, ca.key)")
     p.add_argument("-o", "--output", required=True, help="folder for <name>.crt/.key/.auth/.auth.pub")
     p.add_argument("--name", required=True, help="site id, e.g. site1")
-    p.add_argument("--days", type=int, default=825)
+    p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     p.set_defaults(command="certs issue-client")
 
-    p = sub.add_parser("verify", help="verify a certificate against a CA")
-    p.add_argument("certificate")
+    p = sub.add_parser("verify", help="verify a certificate against a CA", **examples(
+        "fedsynth certs verify server/server.crt --ca ca --host agg.example.org", "fedsynth certs verify site1/site1.crt --ca ca/ca.crt"))
+    p.add_argument("certificate", help="certificate file (.crt) to check")
     p.add_argument("--ca", required=True, help="CA certificate file (ca.crt) or CA folder")
     p.add_argument("--host", default=None, help="for server certificates: the host name/IP to check")
     p.set_defaults(command="certs verify")

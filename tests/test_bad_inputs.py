@@ -23,6 +23,7 @@ import yaml
 
 from fedsynth.cli import main
 from fedsynth.data.images import save_image
+from schema_cases import schema_cases
 
 SIZE = 16
 
@@ -475,3 +476,49 @@ def test_gzip_header_cut_is_refused_by_read_image(tmp_path: Path) -> None:
     (tmp_path / "b.nii.gz").write_bytes(gzip.compress(raw[: len(raw) - 100]))  # valid gzip, too few voxels
     with pytest.raises(DataError, match="b.nii.gz"):
         read_image(tmp_path / "b.nii.gz")
+
+
+# ---- every scalar config field, from the schema: wrong type, and past its bound
+
+SCHEMA_CASES = schema_cases()
+
+
+def _family_base(family: str) -> dict:
+    from fedsynth.families import family as registered
+
+    data = tiny_gan()
+    if family != "gan":
+        data["model"] = {"family": family, **registered(family).test_model}
+    return data
+
+
+@pytest.fixture(scope="module")
+def shared_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    return Workspace(tmp_path_factory.mktemp("schema"))
+
+
+@pytest.mark.parametrize(("family", "path", "value"), SCHEMA_CASES,
+                         ids=[f"{f}-{p}-{v!r}" for f, p, v in SCHEMA_CASES])
+def test_every_config_field_refuses_a_bad_value(family: str, path: str, value: object, shared_ws: Workspace,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = _family_base(family)
+    section, field = path.split(".")
+    data.setdefault(section, {})[field] = value
+    cfg = shared_ws.write_cfg(data, "schema.yaml")
+    before = _snapshot(shared_ws.root)
+    capsys.readouterr()
+    assert main(shared_ws.train(cfg=cfg)) == 2, f"{path}: {value!r} was accepted"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"field '{path}" in err, err
+    assert _snapshot(shared_ws.root) == before
+
+
+def test_the_schema_cases_start_from_valid_configs() -> None:
+    from fedsynth.config import config_from_dict
+
+    for family in {f for f, _, _ in SCHEMA_CASES}:
+        config_from_dict(_family_base(family), family)
+
+
+def test_enough_cases_in_all() -> None:
+    assert len(CASES) + len(SCHEMA_CASES) >= 200

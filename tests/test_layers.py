@@ -19,14 +19,14 @@ LAYERS: dict[str, int] = {
     # 0 core: configuration, the family registry and its light specs, errors, files, processes, PKI
     "fedsynth": 0, "fedsynth.errors": 0, "fedsynth.config_base": 0, "fedsynth.config": 0, "fedsynth.geometry": 0,
     "fedsynth.families": 0, "fedsynth.io": 0, "fedsynth.resources": 0, "fedsynth.processes": 0, "fedsynth.pki": 0,
-    "fedsynth.commands": 0, "fedsynth.lazy": 0, "fedsynth.templates": 0, "fedsynth.plans": 0,
+    "fedsynth.commands": 0, "fedsynth.progress": 0, "fedsynth.lazy": 0, "fedsynth.templates": 0, "fedsynth.plans": 0,
     # 1 networks, their training recipes and their checkpoint files (torch, MONAI)
     "fedsynth.models": 1, "fedsynth.recipes": 1, "fedsynth.checkpoint": 1,
     # 2 reading images
     "fedsynth.data": 2,
     # 3 training, generation, privacy, evaluation
     "fedsynth.extensions": 3, "fedsynth.engine": 3, "fedsynth.generation": 3,
-    "fedsynth.local": 3, "fedsynth.privacy": 3, "fedsynth.metrics": 3,
+    "fedsynth.local": 3, "fedsynth.preflight": 3, "fedsynth.privacy": 3, "fedsynth.metrics": 3,
     # 4 federations (Flower, OpenFL) over the engine
     "fedsynth.federated": 4,
     # 5 what a user runs: the CLI and its command modules, the demo, the MLCube entry point

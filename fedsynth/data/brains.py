@@ -19,6 +19,9 @@ volume's 99.5th percentile) is at least 15 % of the largest area along that axis
 
 **Sites:** one site per brain (non-IID): ``mni152`` and ``colin27`` (its three versions).
 
+**Label columns** (for downstream-utility tasks, :data:`LABEL_TASKS`): ``Label_plane`` (3 classes)
+and ``Label_plane_third`` (9 classes: plane x third of the brain along the plane's axis).
+
 **Prompts** (the CSVs' ``Prompt`` column, for text-conditional models) are written from each
 slice's real metadata: its plane, which third of the brain along that plane's axis it lies in
 (left/middle/right, posterior/middle/anterior, inferior/middle/superior) and its volume, e.g.
@@ -27,7 +30,7 @@ slice's real metadata: its plane, which third of the brain along that plane's ax
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,15 @@ THIRDS = {"sagittal": ("left", "middle", "right"), "coronal": ("posterior", "mid
 #: how each volume is named in prompts
 DESCRIPTIONS = {"mni152": "MNI152 template", "ch2": "Colin27 with skull", "ch2bet": "Colin27 skull-stripped",
                 "ch2better": "Colin27 high resolution"}
+
+
+#: label tasks written as CSV columns (``fedsynth evaluate --utility-label plane`` reads ``Label_plane``):
+#: the slice's plane (0 sagittal, 1 coronal, 2 axial) and plane x third along its axis (``3 * plane + third``,
+#: thirds in increasing coordinate as in ``THIRDS``)
+LABEL_TASKS: dict[str, Callable[[SliceRow], int]] = {
+    "Label_plane": lambda r: list(PLANES).index(r.plane),
+    "Label_plane_third": lambda r: 3 * list(PLANES).index(r.plane) + THIRDS[r.plane].index(r.third),
+}
 
 
 @dataclass(frozen=True)
@@ -183,27 +195,32 @@ def volume_slices(name: str, out_dir: Path, image_size: int = 64) -> list[SliceR
 
 
 def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: Sequence[str] | None = None,
-                        volume_sizes: tuple[int, ...] = (32, 64)) -> dict[str, Path]:
+                        volume_sizes: tuple[int, ...] = (32, 64),
+                        progress: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Write the 2D slice set, its CSVs and a small 3D set; returns the CSV paths by name.
 
     CSVs (GaNDLF convention, ``SubjectID`` = ``<volume>_<plane>_<position>`` so every slice is its
     own subject): ``train.csv``, ``held_out.csv``, and per site ``<brain>_train.csv`` /
     ``<brain>_held_out.csv``; ``slices.csv`` lists every slice with its plane, position and split.
     3D: ``volumes_<size>.csv`` with each brain volume cropped to the brain and resized (plus its
-    left-right mirror).
+    left-right mirror). ``progress`` is called once per volume written, in 2D and then per 3D size
+    (``len(volumes) * (1 + len(volume_sizes))`` calls), with what was written.
     """
     out = Path(out_dir)
     names = volumes or available_volumes()
     rows: list[SliceRow] = []
     for name in names:
         rows += volume_slices(name, out / "slices" / name, image_size)
+        if progress is not None:
+            progress(f"{name} slices")
     csvs: dict[str, Path] = {}
 
     def write(key: str, selected: list[SliceRow]) -> None:
         if selected:
             csvs[key] = out / f"{key}.csv"
             write_manifest(csvs[key], [(r.path.name.split(".")[0], [r.path], None) for r in selected],
-                           prompts=[r.prompt for r in selected])
+                           prompts=[r.prompt for r in selected],
+                           columns={name: [task(r) for r in selected] for name, task in LABEL_TASKS.items()})
 
     for split in ("train", "held_out"):
         write(split, [r for r in rows if r.split == split])
@@ -234,6 +251,8 @@ def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: S
                 path = out / f"volumes_{size}" / f"{name}{'_mirrored' if flip else ''}.nii.gz"
                 save_image(arr[None].astype(np.float32), path)
                 vol_rows.append((path.name.split(".")[0], [path], None))
+            if progress is not None:
+                progress(f"{name} {size}^3")
         csvs[f"volumes_{size}"] = out / f"volumes_{size}.csv"
         write_manifest(csvs[f"volumes_{size}"], vol_rows)
     return csvs

@@ -17,11 +17,12 @@ are compared after resolving symbolic links and ``..``, and hard links by device
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,8 +226,11 @@ def construct_csv(input_dir: str | Path, output: str | Path, *, channel_ids: Seq
 
 
 def write_manifest(path: str | Path, rows: Sequence[tuple[str, Sequence[str | Path], int | None]],
-                   prompts: Sequence[str] | None = None) -> None:
+                   prompts: Sequence[str] | None = None, columns: Mapping[str, Sequence[object]] | None = None) -> None:
     """Write ``(subject_id, channel_paths, label)`` rows (and a ``Prompt`` per row) as a manifest, atomically.
+
+    ``columns``: further columns by name, one value per row (e.g. other tasks' labels, ``Label_plane``);
+    :func:`read_manifest` ignores them.
 
     Paths are written relative to the CSV's folder (how :func:`read_manifest` resolves them), so
     the CSV and its images can move together.
@@ -236,15 +240,19 @@ def write_manifest(path: str | Path, rows: Sequence[tuple[str, Sequence[str | Pa
     base = Path(path).parent.resolve()
     n = len(rows[0][1])
     with_label = any(label is not None for _, _, label in rows)
+    extra = dict(columns or {})
+    for name, values in extra.items():
+        if len(values) != len(rows):
+            raise ValueError(f"{len(values)} values of column {name} for {len(rows)} manifest rows")
     header = (["SubjectID", *[f"Channel_{i}" for i in range(n)]] + (["Label"] if with_label else [])
-              + (["Prompt"] if prompts is not None else []))
+              + (["Prompt"] if prompts is not None else []) + list(extra))
     with atomic_path(Path(path)) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for i, (subject, files, label) in enumerate(rows):
             rel = [os.path.relpath(Path(f).resolve(), base) for f in files]
             writer.writerow([subject, *rel] + ([label if label is not None else ""] if with_label else [])
-                            + ([prompts[i]] if prompts is not None else []))
+                            + ([prompts[i]] if prompts is not None else []) + [v[i] for v in extra.values()])
 
 
 def _is_image(p: Path) -> bool:
@@ -267,3 +275,43 @@ def _stem(p: Path) -> str:
         if name.lower().endswith(s):
             return name[: -len(s)]
     return p.stem
+
+
+def content_hash(record: Record) -> str:
+    """SHA-256 of a record's image content: each channel file's bytes (a DICOM folder: its files in
+    name order). Renaming or moving the files leaves it unchanged; editing a voxel changes it."""
+    digest = hashlib.sha256()
+    for file in record.channels:
+        parts = sorted(p for p in file.rglob("*") if p.is_file()) if file.is_dir() else [file]
+        for part in parts:
+            with part.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def fingerprint(records: Sequence[Record]) -> dict[str, object]:
+    """What a data set *is*, independent of its paths: ``{"sha256", "images", "hashes"}`` where
+    ``hashes`` are the sorted 16-hex prefixes of each image's :func:`content_hash` (enough to say
+    which images changed)."""
+    hashes = sorted(content_hash(r)[:16] for r in records)
+    return {"sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(), "images": len(hashes), "hashes": hashes}
+
+
+def fingerprint_changes(stored: dict[str, object], records: Sequence[Record]) -> str | None:
+    """``None`` when ``records`` hold the data ``stored`` fingerprinted, else what changed, naming rows."""
+    pairs = [(content_hash(r)[:16], r) for r in records]
+    if stored.get("sha256") == hashlib.sha256("\n".join(sorted(h for h, _ in pairs)).encode()).hexdigest():
+        return None
+    current = dict(pairs)
+    old = set(stored.get("hashes") or [])  # type: ignore[call-overload]
+    added = [r for h, r in current.items() if h not in old]
+    removed = len(old - set(current))
+    parts = []
+    if added:
+        parts.append(f"{len(added)} image(s) not in it (first: {added[0].where()})")
+    if removed:
+        parts.append(f"{removed} of its image(s) missing")
+    return "; ".join(parts) or "the images differ"
+

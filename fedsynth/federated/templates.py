@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from fedsynth.commands import command
+from fedsynth.commands import command, examples
 from fedsynth.errors import FedsynthError
 from fedsynth.families import family_names
 from fedsynth.federated.openfl.workspace import write_template
@@ -50,7 +50,9 @@ def copy_template(which: str, out: Path) -> list[Path]:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """``fedsynth templates NAME -o DIR``."""
     p = subparsers.add_parser("templates", help="copy a shipped template: a Flower site or aggregator's start "
-                                                "script, or a family's OpenFL workspace (from plans/workspace)")
+                                                "script, or a family's OpenFL workspace (from plans/workspace)",
+                                **examples("fedsynth templates flower-site -o site/", "fedsynth templates flower-aggregator -o agg/",
+                                           "fedsynth templates openfl-gan -o fl-gan/"))
     p.add_argument("name", choices=template_names(), help="flower-site: start-supernode.sh + data.yaml; "
                    "flower-aggregator: start-superlink.sh; openfl-FAMILY: a ready OpenFL workspace")
     p.add_argument("-o", "--output", required=True, help="new (or empty) folder to write")

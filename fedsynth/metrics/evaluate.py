@@ -15,9 +15,12 @@ import torch
 from fedsynth.config import ExperimentConfig
 from fedsynth.errors import FedsynthError
 from fedsynth.metrics import features as feat
+from fedsynth.metrics import intervals
 from fedsynth.metrics import radiomics as rad
+from fedsynth.metrics import stats
 from fedsynth.metrics.images import ImageSet, check_pair, infer_config, load_real, load_synthetic
 from fedsynth.metrics.similarity import memorization, memorization_share, pairwise_ms_ssim, reconstruction_quality
+from fedsynth.metrics.utility import UtilityOptions
 from fedsynth.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -43,6 +46,8 @@ class EvaluationOptions:
     max_pairs: int = 300
     use_pyradiomics: bool | None = None  # None = if installed
     seed: int = 0
+    bootstrap: int = 200  # percentile-bootstrap replicates for the 95 % intervals (0: no intervals)
+    utility: UtilityOptions | None = None  # train-on-synthetic, test-on-real (needs labels and a training set)
 
 
 def _finite(value: float) -> float | None:
@@ -82,10 +87,11 @@ def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOption
     use_pr = opt.use_pyradiomics if opt.use_pyradiomics is not None else not rad.backend().startswith("numpy")
     names, real_f, real_failed = rad.extract(real.images, opt.bin_count, use_pr)
     syn_names, syn_f, syn_failed = rad.extract(synthetic.images, opt.bin_count, use_pr)
-    if syn_names != names:  # failed extractions can drop names: align on the real set's
-        index = {n: i for i, n in enumerate(syn_names)}
-        syn_f = np.stack([syn_f[:, index[n]] if n in index else np.full(len(syn_f), np.nan) for n in names], 1)
+    syn_f = _aligned(names, syn_names, syn_f)
     frd_value, n_used = rad.frd(real_f, syn_f)
+    floor_rows = intervals.floor_subset(len(train), len(synthetic), opt.seed) if train is not None else None
+    floor_f = _aligned(names, *rad.extract(train.images[floor_rows], opt.bin_count, use_pr)[:2]) \
+        if train is not None and floor_rows is not None else None
     comparison = rad.per_feature(names, real_f, syn_f)
     report["radiomics"] = {
         "backend": rad.backend() if use_pr else "numpy (IBSI first-order)",
@@ -111,13 +117,28 @@ def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOption
         encoder = feat.RandomConvEncoder(spatial_dims, real.images.shape[1])
     else:
         raise FedsynthError(f"unknown encoder '{opt.encoder}': expected 'random-conv' or 'autoencoder'")
-    real_e, syn_e = feat.standardize(feat.embed(encoder, real.images), feat.embed(encoder, synthetic.images))
+    real_raw, syn_raw = feat.embed(encoder, real.images), feat.embed(encoder, synthetic.images)  # encoders run once
+    real_e, syn_e = feat.standardize(real_raw, syn_raw)
     kid_mean, kid_std = feat.kid(real_e, syn_e, seed=opt.seed)
     report["encoder"] = {"name": encoder.name, "description": encoder.description, "feature_dim": int(real_e.shape[1]),
                          "standardized": "features z-scored with the real set's mean/std before FID/KID/PRDC"}
     report["encoder_fid"] = feat.frechet_distance(real_e, syn_e)
     report["kid"] = {"mean": kid_mean, "std": kid_std}
     report.update(feat.prdc(real_e, syn_e))
+
+    # intervals, the real-vs-real floor and the gap to it, all from the features extracted above
+    floor = None
+    if train is not None and floor_rows is not None and floor_f is not None:
+        floor = intervals.Features(floor_f, feat.embed(encoder, train.images[floor_rows]))
+    first_order = [j for j, n in enumerate(names) if "firstorder_" in n]
+    summary = intervals.summary(intervals.Features(real_f, real_raw), intervals.Features(syn_f, syn_raw), first_order,
+                                floor=floor, replicates=opt.bootstrap, seed=opt.seed)
+    summary["floor"] = ({"source": train.source, "count": len(floor_rows), "of": len(train),
+                         "definition": "training images vs the held-out real images, the same metrics at the "
+                                       "synthetic count (a seeded random subset of the training images)"}
+                        if train is not None and floor_rows is not None else None)
+    if train is None:
+        notes.append("no --train: no real-vs-real floor; a metric alone does not say how close to real data is")
 
     # diversity
     report["diversity"] = {"ms_ssim_synthetic": pairwise_ms_ssim(synthetic.images, opt.max_pairs, opt.seed),
@@ -127,6 +148,12 @@ def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOption
     reference = train or real
     report["memorization"] = {"training_source": reference.source,
                               **memorization(reference.images, synthetic.images, reference.ids, opt.copy_threshold)}
+    ratios = np.asarray(report["memorization"]["ratios"])
+    if opt.bootstrap > 0:
+        draws = stats.bootstrap(lambda i: {"near": float((ratios[i] < opt.copy_threshold).mean()),
+                                           "closer": float((ratios[i] < 1.0).mean())}, [len(ratios)], opt.bootstrap, opt.seed)
+        report["memorization"]["near_copy_fraction_ci95"] = stats.interval(draws["near"])
+        report["memorization"]["closer_than_real_fraction_ci95"] = stats.interval(draws["closer"])
     if train is not None:  # real = held-out images: the share of samples closer to training data than real data gets
         report["memorization"]["nearer_than_held_out"] = memorization_share(train.images, real.images, synthetic.images)
 
@@ -135,9 +162,25 @@ def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOption
         model = _load_autoencoder(opt.checkpoint)
         report["reconstruction"] = {"checkpoint": opt.checkpoint, **reconstruction_quality(model, real.images)}
 
+    if opt.utility is not None:
+        from fedsynth.metrics.utility import utility
+
+        if train is None:
+            raise FedsynthError("--utility needs --train: the real training images are the ceiling it is compared with")
+        report["utility"] = utility(train, synthetic, real, opt.utility, replicates=opt.bootstrap, seed=opt.seed)
+        summary["utility"] = {k: report["utility"]["arms"][k]["balanced_accuracy"] for k in report["utility"]["arms"]}
+
     report["notes"] = notes
     report["seconds"] = time.perf_counter() - started
-    return _clean(report)
+    return _clean({"summary": summary, **report})
+
+
+def _aligned(names: list[str], got: list[str], matrix: np.ndarray) -> np.ndarray:
+    """Radiomic columns in the order of ``names`` (failed extractions can drop names; missing ones are NaN)."""
+    if got == names:
+        return matrix
+    index = {n: i for i, n in enumerate(got)}
+    return np.stack([matrix[:, index[n]] if n in index else np.full(len(matrix), np.nan) for n in names], 1)
 
 
 def _clean(value: Any) -> Any:

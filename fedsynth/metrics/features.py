@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
-from scipy import linalg
 
 if TYPE_CHECKING:
     from fedsynth.models.autoencoder import AutoencoderModel
@@ -99,20 +98,27 @@ def standardize(real: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.nda
     return (real[:, keep] - mean[keep]) / std[keep], (other[:, keep] - mean[keep]) / std[keep]
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-    """Fréchet distance between Gaussians fitted to two ``(N, D)`` feature sets (FID formula)."""
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two ``(N, D)`` feature sets (FID formula).
+
+    ``tr sqrtm(S1 S2)`` is computed as the nuclear norm of ``A B^T`` (``S1 = A^T A``, ``S2 = B^T B``
+    with ``A``, ``B`` the centred features over ``sqrt(N - 1)``): the eigenvalues of ``S1 S2`` are
+    the squared singular values of ``A B^T``. Exact, with no matrix square root to go complex or
+    singular when N < D, and an N x N problem, fast enough for bootstrap replicates. With fewer
+    features than images, the D x D form ``sum sqrt(eig(S1^1/2 S2 S1^1/2))`` gives the same trace.
+    """
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("Fréchet distance: features contain NaN or Inf")
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1 = np.atleast_2d(np.cov(a, rowvar=False))
-    s2 = np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(s1)) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = np.real(covmean)
-    diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean), 0.0))
+    ca = (a - a.mean(0)) / np.sqrt(max(len(a) - 1, 1))
+    cb = (b - b.mean(0)) / np.sqrt(max(len(b) - 1, 1))
+    diff = a.mean(0) - b.mean(0)
+    if a.shape[1] <= min(len(a), len(b)):  # few features: the same trace from D x D symmetric matrices
+        w, v = np.linalg.eigh(ca.T @ ca)
+        root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root @ (cb.T @ cb) @ root), 0, None)).sum()
+    else:
+        trace_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+    return float(max(diff @ diff + (ca**2).sum() + (cb**2).sum() - 2 * trace_sqrt, 0.0))
 
 
 def kid(real: np.ndarray, synthetic: np.ndarray, subsets: int = 20, subset_size: int = 100,

@@ -33,6 +33,7 @@ class ImageSet:
     images: np.ndarray
     ids: list[str]
     source: str
+    rows: tuple[int, ...] = ()  # each image's data row in the source CSV (constant images are dropped on loading)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -57,7 +58,7 @@ def infer_config(real_csv: str | Path, config_path: str | Path | None = None) ->
 def _stack(records: list[Record], config: ExperimentConfig, source: str) -> ImageSet:
     dataset = ImageDataset(records, config, train=False)
     images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32)
-    return ImageSet(images, [r.subject_id for r in dataset.records], source)
+    return ImageSet(images, [r.subject_id for r in dataset.records], source, tuple(r.row for r in dataset.records))
 
 
 def load_real(csv: str | Path, config: ExperimentConfig) -> ImageSet:

@@ -16,9 +16,16 @@ from fedsynth.io import atomic_path
 SHOWN_FEATURES = ("Mean", "Variance", "Entropy", "Skewness", "Kurtosis", "90Percentile")
 
 
+def spread(count: int, shown: int) -> np.ndarray:
+    """Indices of ``shown`` images spread evenly over a set of ``count`` (first and last included), so a
+    grid shows the whole set, not the first rows of a CSV sorted by position or site."""
+    return np.unique(np.linspace(0, count - 1, min(shown, count)).round().astype(int))
+
+
 def write_png(report: dict[str, Any], real: ImageSet, synthetic: ImageSet, path: str | Path,
               max_images: int = 16, bin_count: int = 32) -> None:
-    """Sample grids (3D: middle slices) on top, then intensity and first-order feature histograms."""
+    """Sample grids (3D: three centre planes; images spread over each set) on top, then intensity and
+    first-order feature histograms."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -29,9 +36,11 @@ def write_png(report: dict[str, Any], real: ImageSet, synthetic: ImageSet, path:
     grid = fig.add_gridspec(3, 4, height_ratios=[2.2, 1, 1])
     for col, (name, images) in enumerate((("real", real), ("synthetic", synthetic))):
         ax = fig.add_subplot(grid[0, col * 2:col * 2 + 2])
-        tile = image_grid(np.clip(images.images[:max_images], 0, 1))
-        ax.imshow(tile[0] if tile.shape[0] == 1 else np.moveaxis(tile, 0, -1), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"{name} ({len(images)} images; first {min(max_images, len(images))})", fontsize=10)
+        pick = spread(len(images), max_images)
+        tile = image_grid(np.clip(images.images[pick], 0, 1))
+        ax.imshow(tile[0] if tile.shape[0] == 1 else np.moveaxis(tile, 0, -1), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title(f"{name} ({len(images)} images; {len(pick)} spread over the set)", fontsize=10)
         ax.axis("off")
     real_f = {k: rad.first_order_numpy(im, bin_count) for k, im in enumerate(real.images)}
     syn_f = {k: rad.first_order_numpy(im, bin_count) for k, im in enumerate(synthetic.images)}

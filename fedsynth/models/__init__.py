@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedsynth.checkpoint import FIRST_STAGE_EXTRA, load_checkpoint
+from fedsynth.checkpoint import FIRST_STAGE_EXTRA, check_finite_weights, load_checkpoint
 from fedsynth.errors import CheckpointError, ConfigError, WeightsError
 from fedsynth.families import family, first_stage
 from fedsynth.models.autoencoder import AutoencoderModel
@@ -63,6 +63,7 @@ def model_from_checkpoint(path_or_payload: str | Path | Mapping[str, Any], devic
         payload, source = dict(path_or_payload), "<checkpoint>"
     else:
         payload, source = load_checkpoint(path_or_payload), str(path_or_payload)
+    check_finite_weights(payload, source)
     try:
         config = config_from_dict(payload["config"], f"{source} (stored config)")
     except ConfigError as err:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsynth.errors import ConfigError, require
-from fedsynth.commands import command
+from fedsynth.commands import command, examples
 from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
 from fedsynth.federated.flower.worker import add_arguments
 from fedsynth.federated.flower.worker import run_from_args
@@ -35,7 +35,10 @@ def _print_event(event: dict[str, Any], _federation: object) -> None:
 def add_flower_command(backends: argparse._SubParsersAction) -> None:
     """Register ``federate flower`` and ``federate flower-app``."""
 
-    p = backends.add_parser("flower", help="one-machine trial: real SuperLink + one SuperNode per site, TLS, flwr run")
+    p = backends.add_parser("flower", help="one-machine trial: real SuperLink + one SuperNode per site, TLS, flwr run",
+                            **examples("fedsynth federate flower -c cfg.yaml --site site1=a_train.csv --site site2=b_train.csv,b_val.csv "
+                                       "--rounds 3 -o runs/fl",
+                                       "fedsynth federate flower -c cfg.yaml --site s1=a.csv --site s2=b.csv -o runs/fl   (again: resumes)"))
     p.add_argument("-c", "--config", required=True, help="experiment YAML (its federation block)")
     p.add_argument("--site", action="append", required=True, metavar="ID=TRAIN_CSV[,VAL_CSV]", help="one per site (repeat)")
     p.add_argument("--val-site", action="append", metavar="ID=VAL_CSV", help=argparse.SUPPRESS)  # deprecated alias
@@ -51,19 +54,23 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
     p.set_defaults(command="federate flower")
 
     p = backends.add_parser("flower-site-worker",
-                            help="a site's long-lived ClientApp process, for a SuperNode started with --isolation process")
+                            help="a site's long-lived ClientApp process, for a SuperNode started with --isolation process",
+                            **examples("fedsynth federate flower-site-worker --clientappio-api-address 127.0.0.1:9094 "
+                                       "--supernode-pid 4242"))
 
     add_arguments(p)
     p.set_defaults(command="federate flower-site-worker")
 
-    p = backends.add_parser("flower-app", help="write the Flower app an operator runs with 'flwr run'")
+    p = backends.add_parser("flower-app", help="write the Flower app an operator runs with 'flwr run'", **examples(
+        "fedsynth federate flower-app -c cfg.yaml --run-dir /srv/fl/run --superlink agg.example.org:9093 --ca ca/ca.crt -o app",
+        "flwr run app fedsynth"))
     p.add_argument("-c", "--config", required=True, help="experiment YAML on the aggregator host")
     p.add_argument("--run-dir", required=True, help="where the ServerApp writes global checkpoints")
     p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Control API (port 9093)")
     p.add_argument("--ca", default=None, help="CA certificate that signed the SuperLink's certificate")
     p.add_argument("--insecure", action="store_true", help="no TLS (testing only)")
     p.add_argument("--rounds", type=int, default=0, help="override federation.rounds (0: from the YAML)")
-    p.add_argument("--no-evaluate", action="store_true")
+    p.add_argument("--no-evaluate", action="store_true", help="skip the per-round evaluation of the global model")
     p.add_argument("-o", "--output", required=True, help="app folder to write")
     p.set_defaults(command="federate flower-app")
 

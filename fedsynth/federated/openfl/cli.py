@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedsynth.errors import require
-from fedsynth.commands import command
+from fedsynth.commands import command, examples
 
 
 def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,6 +14,8 @@ def add_openfl_parser(federate_subparsers: argparse._SubParsersAction) -> argpar
 
     p = federate_subparsers.add_parser(
         "openfl", help="one-machine OpenFL federation: fx workspace, mTLS on 127.0.0.1, export",
+        **examples("fedsynth federate openfl -c cfg.yaml --site site1=a_train.csv --site site2=b_train.csv,b_val.csv "
+                   "--rounds 3 -o runs/ofl"),
         description="Builds the family's OpenFL workspace from plans/workspace, runs the fx PKI flow, one aggregator "
                     "(bound to 127.0.0.1) and one collaborator per --site, writing RUN_DIR/global/{last,best,round_NNNN}.ckpt "
                     "and history.json as the Flower trial does. Every process is stopped at the end, also on failure.")
