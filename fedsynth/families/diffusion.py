@@ -17,6 +17,7 @@ from fedsynth.families import Family
 from fedsynth.families.autoencoder import AutoencoderConfig
 from fedsynth.families.autoencoder import recipe as autoencoder_recipe
 from fedsynth.geometry import check_groups, fail, nearest, size_rule
+from fedsynth.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedsynth.config import ExperimentConfig
@@ -114,8 +115,6 @@ class LatentFirstStage:
 
     def check_local_training(self) -> None:
         if self.pinned_sha256 and not self.checkpoint:
-            from fedsynth.errors import ConfigError
-
             raise ConfigError("model.first_stage_sha256 is set: this config's first stage was shipped by a federation "
                               "and its weights live in the federation's global checkpoint; to train locally, set "
                               "model.autoencoder_checkpoint to that checkpoint or remove first_stage_sha256 to train "

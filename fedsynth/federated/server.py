@@ -30,6 +30,7 @@ from fedsynth.federated.central_dp import ClientLevelDP
 from fedsynth.io import atomic_write_text
 from fedsynth.models import SynthesisModel, build_model
 from fedsynth.recipes import WeightAverage
+from fedsynth.io import atomic_path
 
 log = logging.getLogger("fedsynth.server")
 
@@ -187,7 +188,6 @@ class GlobalModel:
             if source.is_file():
                 import torch
 
-                from fedsynth.io import atomic_path
 
                 self.state.best_metric = float(loss)
                 payload = load_checkpoint(source)

@@ -25,6 +25,8 @@ from fedsynth.models.autoencoder import AutoencoderModel
 from fedsynth.models.base import Batch, GroupSpec, PrivacySpec, SynthesisModel, to_data_range, to_model_range
 from fedsynth.models.losses import denoising_loss
 from fedsynth.models.text import TransformerTextEncoder, build_text_encoder
+from fedsynth.errors import ConfigError
+from fedsynth.errors import WeightsError
 
 if TYPE_CHECKING:
     from fedsynth.config import ExperimentConfig
@@ -303,8 +305,6 @@ def build(config: ExperimentConfig, autoencoder: SynthesisModel | None = None) -
         autoencoder = AutoencoderModel(stage.experiment())  # weights: from the federation
         ae_path = "<shipped first stage>"
     if autoencoder is None and stage is not None and stage.to_train:
-        from fedsynth.errors import ConfigError
-
         raise ConfigError("model.first_stage: the first-stage autoencoder is trained by `fedsynth train` "
                           "(it writes RUN_DIR/first_stage/last.ckpt); elsewhere set model.autoencoder_checkpoint "
                           "to a trained autoencoder checkpoint")
@@ -318,7 +318,6 @@ def build(config: ExperimentConfig, autoencoder: SynthesisModel | None = None) -
 
 def check_first_stage(weights: Mapping[str, np.ndarray], expected_sha256: str, source: str) -> None:
     """Raise :class:`WeightsError` unless ``weights`` hold the first stage ``expected_sha256`` pins."""
-    from fedsynth.errors import WeightsError
 
     actual = first_stage_digest(weights)
     if actual != expected_sha256:
@@ -327,8 +326,6 @@ def check_first_stage(weights: Mapping[str, np.ndarray], expected_sha256: str, s
 
 
 def _check_first_stage(autoencoder: SynthesisModel, config: ExperimentConfig, source: str) -> None:
-    from fedsynth.errors import ConfigError
-
     if autoencoder.family != "autoencoder":
         raise ConfigError(f"model.autoencoder_checkpoint {source}: expected an autoencoder run, got a {autoencoder.family} checkpoint")
     ae_cfg = autoencoder.config

@@ -20,6 +20,9 @@ import yaml
 from fedsynth.errors import CheckpointError, ConfigError
 from fedsynth.federated.compat import openfl_bind, openfl_check_collaborators, openfl_let_recovery_end_a_round, openfl_set_idle_poll
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, file_sha256, load_pinned_config
+from fedsynth.families import first_stage
+from fedsynth.io import atomic_path
+from fedsynth.io import atomic_write_text
 
 log = logging.getLogger("fedsynth.openfl")
 
@@ -45,7 +48,6 @@ def pin_config(plan_path: str | Path = "plan/plan.yaml") -> str:
     """
     import re
 
-    from fedsynth.io import atomic_write_text
 
     plan_path = Path(plan_path)
     text = plan_path.read_text(encoding="utf-8")
@@ -92,10 +94,8 @@ def ship_first_stage(config_path: Path, config: Any) -> Any:
     import shutil
 
     from fedsynth.config import save_config
-    from fedsynth.families import first_stage
     from fedsynth.federated.aggregation import resolve_group_policy
     from fedsynth.federated.server import shipped_config
-    from fedsynth.io import atomic_path
     from fedsynth.models import build_model
 
     stage = first_stage(config)
@@ -197,7 +197,6 @@ def revoke_collaborator(name: str, cols: str | Path = "plan/cols.yaml") -> list[
     A running fedsynth aggregator (:func:`start_aggregator`) refuses it from its next request;
     ``fx aggregator start`` only on its next start.
     """
-    from fedsynth.io import atomic_write_text
 
     path = Path(cols)
     names = _cols(path)
