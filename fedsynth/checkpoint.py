@@ -192,6 +192,9 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and sanity-check a checkpoint file; raises :class:`CheckpointError` with the reason."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; a run folder holds last.ckpt "
+                              f"(e.g. {path / 'last.ckpt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -67,6 +67,9 @@ def _init_config(args: argparse.Namespace) -> None:
 
 @command("construct-csv")
 def _construct_csv(args: argparse.Namespace) -> None:
+    out = check_output_path(args.output, folder=False)
+    if out.exists() and not args.overwrite:
+        raise FedsynthError(f"-o {out}: the file exists; pass --overwrite to replace it")
     n = construct_csv(args.input_dir, args.output, channel_ids=args.channels_id, labels_from_folders=args.labels_from_folders)
     print(f"wrote {args.output} ({n} rows)")
 
@@ -303,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="CSV to write")
     p.add_argument("--channels-id", nargs="+", default=None, help="substrings naming each channel's file")
     p.add_argument("--labels-from-folders", action="store_true", help="class = sub-folder name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
 
     p = sub.add_parser("validate", help="check a config against its data without training (images, model, memory, plan)",
                        **examples("fedsynth validate -c cfg.yaml --data brains/train.csv",

@@ -210,6 +210,14 @@ class PrivacyConfig(_Strict):
     )
     client_delta: float = Field(1e-5, gt=0, lt=1, description="federations: delta of the client-level guarantee")
 
+    def check_dataset_size(self, n: int) -> None:
+        """``delta`` is the chance the guarantee fails outright: at 1/N or more it allows releasing one of
+        the N training images, so it must stay below 1/N."""
+        if self.delta >= 1 / n:
+            raise ConfigError(f"field 'privacy.delta': {self.delta:g} is not below 1/N = 1/{n} for the {n} training "
+                              f"images: the (epsilon, delta) guarantee would allow releasing one image outright; use "
+                              f"delta < {1 / n:.2g} (1e-5 or less is usual)")
+
     @model_validator(mode="after")
     def _noise_or_budget(self) -> "PrivacyConfig":
         if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
@@ -380,6 +388,8 @@ def safe_load_unique(text: str) -> Any:
 def read_yaml(path: str | Path, what: str = "config file", hint: str = "") -> Any:
     """Parse a YAML file; a missing file or a syntax error is a :class:`ConfigError` naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give the YAML file itself{hint}")
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}{hint}")
     try:

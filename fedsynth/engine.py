@@ -29,11 +29,13 @@ from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, make_loader
 from fedsynth.data.images import save_image
 from fedsynth.data.manifest import fingerprint, fingerprint_changes
-from fedsynth.errors import CheckpointError, TrainingDiverged, WeightsError
+from fedsynth.errors import CheckpointError, ConfigError, TrainingDiverged, WeightsError
 from fedsynth.extensions import EmaExtension, Extension, TrainingStep, sampling_weights
 from fedsynth.generation import image_grid, sample
 from fedsynth.io import atomic_path, remove_stale_temps
+from fedsynth.families import first_stage
 from fedsynth.models import build_model
+from fedsynth.processes import host_memory_available
 from fedsynth.models.base import Batch, SynthesisModel
 from fedsynth.progress import bar as progress_bar
 from fedsynth.progress import network_label
@@ -56,9 +58,41 @@ class Distributed:
 
 
 def resolve_device(choice: str, rank: int = 0) -> torch.device:
+    """``auto``: a CUDA GPU when torch sees one, else the CPU; ``cuda`` without a GPU is a :class:`ConfigError`."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"device cuda: torch {torch.__version__} ({build}) sees no CUDA GPU on this machine; "
+                          "use device auto (GPU when there is one) or cpu")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+#: bytes per trainable parameter while training: weights, gradients, Adam's two moments, the EMA copy (fp32)
+TRAINING_BYTES_PER_PARAMETER = 5 * 4
+
+
+def check_model_fits(config: ExperimentConfig, device: torch.device) -> None:
+    """Refuse a model whose parameters alone (weights, gradients, Adam, EMA) cannot fit in the memory
+    the device has, before anything is allocated (counted on PyTorch's ``meta`` device). Activations
+    come on top: ``fedsynth validate`` measures them."""
+    if first_stage(config) is not None:  # its first stage was checked when it trained; its UNet is the small part
+        return
+    try:
+        with torch.device("meta"):
+            model = build_model(config)
+    except Exception:  # a network that cannot be built on the meta device: the real build reports it
+        return
+    count = sum(p.numel() for p in model.parameters())
+    need = count * TRAINING_BYTES_PER_PARAMETER
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        have, where = host_memory_available(), "available on this machine"
+    if need > have:
+        raise ConfigError(f"the {config.family} model of this config has {count:,} parameters: training it needs at "
+                          f"least {need / 2**30:.1f} GiB (weights, gradients, Adam, EMA), but {have / 2**30:.1f} GiB are "
+                          f"{where}; make the model narrower (model.*channels) or image_size smaller")
 
 
 class Engine:
@@ -541,11 +575,12 @@ def build_engine(config: ExperimentConfig, run_dir: str | Path | None, dist: Dis
     """Seeded model + engine (+ privacy plugin when enabled): the same for every driver
     (local training, DDP ranks, Flower and OpenFL sites)."""
     seed_everything(config.seed, dist.rank)
+    device = resolve_device(config.training.device, dist.rank)
+    check_model_fits(config, device)
     model = build_model(config)
     privacy = None
     if config.privacy.enabled:
         from fedsynth.privacy import make_privacy_plugin  # optional dependency (opacus)
 
         privacy = make_privacy_plugin(config, model)
-    device = resolve_device(config.training.device, dist.rank)
     return Engine(model, config, run_dir=run_dir, dist=dist, device=device, privacy=privacy)

@@ -97,9 +97,8 @@ class ReplacedRun:
             self.moved.append(name)
 
     def restore(self) -> None:
-        """Put the old run back (the failed new run's files are removed first: they are not a run)."""
-        if not self.moved:
-            return
+        """Put the folder back as it was: the failed new run's files are removed (without a checkpoint
+        they are not a run), then the old run, if one was set aside, moves back."""
         for name in _run_entries(self.run_dir):
             target = self.run_dir / name
             if target.is_dir():
@@ -108,7 +107,8 @@ class ReplacedRun:
                 target.unlink()
         for name in self.moved:
             (self.aside / name).rename(self.run_dir / name)
-        self.aside.rmdir()
+        if self.moved:
+            self.aside.rmdir()
         self.moved = []
 
     def discard(self) -> None:
@@ -160,11 +160,13 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
     replaced = ReplacedRun(run_dir)
     if dist.is_main and request.overwrite:
         replaced.set_aside()
+    if config.privacy.enabled:
+        config.privacy.check_dataset_size(len(train_data))
     try:
         engine = _train(request, config, run_dir, train_data, val_data, dist)
     except BaseException:
-        if not (run_dir / LAST).is_file():
-            replaced.restore()  # the new run wrote no checkpoint: the old one is the run in this folder
+        if dist.is_main and not request.resume and not (run_dir / LAST).is_file():
+            replaced.restore()  # the new run wrote no checkpoint: the folder is put back as it was
         elif replaced.moved:
             print(f"fedsynth train: the run this --overwrite replaced is kept in {replaced.aside}", file=sys.stderr)
         raise

@@ -16,11 +16,9 @@ backward pass in the step are summed (a GAN step has two), so it is an upper bou
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +26,7 @@ import torch
 from fedsynth.config import ExperimentConfig, load_config, with_overrides
 from fedsynth.data.dataset import ImageDataset, collate, load_datasets
 from fedsynth.data.manifest import Record
+from fedsynth.processes import host_memory_available
 from fedsynth.engine import resolve_device
 from fedsynth.errors import ConfigError, FedsynthError
 from fedsynth.families import first_stage
@@ -63,13 +62,7 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free), f"free on {torch.cuda.get_device_name(device)}"
-    try:
-        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "available host memory (MemAvailable)"
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "free host memory"
+    return host_memory_available(), "available host memory"
 
 
 def stored_shapes(records: list[Record]) -> Counter[tuple[int, ...]]:

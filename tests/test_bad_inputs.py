@@ -55,6 +55,7 @@ class Workspace:
         self.csv = self.write_csv(self.rows)
         self.cfg = self.write_cfg(tiny_gan())
         self.run = root / "run"
+        self.holders: list[subprocess.Popen[str]] = []
 
     def write_csv(self, rows: list[tuple[str, str]], name: str = "data.csv", encoding: str = "utf-8") -> Path:
         path = self.root / name
@@ -223,6 +224,82 @@ def _blocker(ws: Workspace) -> Path:
     return path
 
 
+def _alias_row(make_alias: Callable[[Path, Path], None]) -> Callable[[Workspace], list[str]]:
+    """A CSV whose last row is another name for the first row's image (symlink, hard link, ``..``)."""
+    def make(ws: Workspace) -> list[str]:
+        alias = ws.root / "sub" / "alias.nii.gz"
+        alias.parent.mkdir()
+        make_alias(ws.images[0], alias)
+        rows = [*ws.rows, ("s99", str(alias if alias.exists() else ws.root / "sub" / ".." / ws.images[0].name))]
+        return ws.train(data=ws.write_csv(rows, "alias.csv"))
+
+    return make
+
+
+def _complex_nifti(ws: Workspace) -> list[str]:
+    array = np.random.default_rng(3).random((SIZE, SIZE)) * (1 + 1j)
+    path = ws.root / "kspace.nii.gz"
+    nib.save(nib.Nifti1Image(array.astype(np.complex64), np.eye(4)), str(path))
+    ws.replace_image(4, path)
+    return ws.train()
+
+
+def _nan_checkpoint(ws: Workspace) -> list[str]:
+    import torch
+
+    ckpt = ws.checkpoint()
+    payload = torch.load(ckpt, weights_only=True)
+    key = next(k for k, v in payload["weights"].items() if v.is_floating_point())
+    payload["weights"][key] = torch.full_like(payload["weights"][key], float("nan"))
+    torch.save(payload, ckpt)
+    return ["generate", "--checkpoint", str(ckpt), "-n", "2", "-o", str(ws.root / "gen")]
+
+
+def _labelled(ws: Workspace, labels: list[int]) -> Path:
+    path = ws.root / "labelled.csv"
+    path.write_text("SubjectID,Channel_0,Label\n" + "".join(f"{s},{f},{labels[i % len(labels)]}\n"
+                                                             for i, (s, f) in enumerate(ws.rows)), encoding="utf-8")
+    return path
+
+
+def _missing_class(ws: Workspace) -> list[str]:
+    data = tiny_gan()
+    data["num_classes"] = 3
+    return ws.train(cfg=ws.write_cfg(data, "three.yaml"), data=_labelled(ws, [0, 1]))
+
+
+def _version_type(ws: Workspace) -> list[str]:
+    import torch
+
+    ckpt = ws.checkpoint()
+    payload = torch.load(ckpt, weights_only=True)
+    payload["format_version"] = "one"
+    torch.save(payload, ckpt)
+    return ["info", str(ckpt)]
+
+
+def _resume_other_data(ws: Workspace) -> list[str]:
+    assert main(ws.train("--max-steps", "1")) == 0  # a real run, one step
+    ws.replace_image(5, _nifti(ws.root / "other.nii.gz", np.random.default_rng(9).random((SIZE, SIZE))))
+    return ws.train("--resume", "--max-steps", "2")
+
+
+def _second_writer(ws: Workspace) -> list[str]:
+    """A run folder locked by another live process."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fedsynth.io import FolderLock\n"
+                               f"FolderLock({str(ws.run)!r}, 'fedsynth train').acquire()\nprint('locked', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    ws.holders.append(holder)
+    return ws.train()
+
+
+def _privacy(**privacy: object) -> dict:
+    data = tiny_gan()
+    data["privacy"] = {"enabled": True, "noise_multiplier": 1.0, **privacy}
+    return data
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -298,6 +375,42 @@ CASES = [
                                                  str(_blocker(ws) / "c.yaml")], ("blocker", "is a file")),
     Case("init_config_o_is_folder", lambda ws: ["init-config", "--family", "gan", "--image-size", "32", "-o",
                                                 str(ws.root)], ("existing folder",)),
+    # ---- silently accepted once
+    Case("duplicate_yaml_key", _cfg("seed: 1\nimage_size: 16\nseed: 2\n"), ("bad.yaml", "key 'seed' appears twice", "lines 1 and 3")),
+    Case("epochs_true", _cfg(tiny_gan(epochs=True)), ("training.epochs", "valid integer", "True")),
+    Case("num_classes_1", _cfg({**tiny_gan(), "num_classes": 1}), ("num_classes", "two or more")),
+    Case("symlink_duplicate", _alias_row(lambda target, alias: alias.symlink_to(target)),
+         ("alias.csv, row 9", "the file of row 1", "img0.nii.gz")),
+    Case("hardlink_duplicate", _alias_row(lambda target, alias: os.link(target, alias)),
+         ("alias.csv, row 9", "same file on disk")),
+    Case("dotdot_duplicate", _alias_row(lambda target, alias: None), ("alias.csv, row 9", "the file of row 1")),
+    Case("complex_nifti", _complex_nifti, ("row 5", "kspace.nii.gz", "complex-valued")),
+    Case("nan_checkpoint_generate", _nan_checkpoint, ("gan2d.ckpt", "NaN or Inf weights", "diverged")),
+    Case("train_csv_as_val", lambda ws: ws.train("--val-data", str(ws.csv)), ("--val-data", "training CSV", "held-out")),
+    Case("class_never_occurs", _missing_class, ("labelled.csv", "num_classes is 3", "Label 2")),
+    Case("delta_half", _cfg(_privacy(delta=0.5)), ("privacy.delta", "1/N = 1/8")),
+    Case("version_wrong_type", _version_type, ("gan2d.ckpt", "format_version", "'one'")),
+    Case("resume_other_data", _resume_other_data, ("last.ckpt", "training data differ", "row 6")),
+    Case("second_writer", _second_writer, ("run", "in use by PID", "fedsynth train")),
+    # ---- tracebacks once (values that passed validation and failed in torch, MONAI or SimpleITK)
+    Case("device_cuda_without_gpu", _cfg(tiny_gan(device="cuda")), ("device cuda", "no CUDA GPU")),
+    Case("model_too_big", _cfg(_gan_model(generator_channels=60000)), ("parameters", "GiB", "narrower")),
+    Case("images_too_big", _cfg({**tiny_gan(), "image_size": 65536}), ("data.csv", "GiB", "smaller image_size")),
+    Case("betas_above_1", _cfg(tiny_gan(betas=[0.9, 1.5])), ("training.betas.1", "less than 1")),
+    Case("negative_group_lr", _cfg(tiny_gan(group_learning_rates={"generator": -1e-3})),
+         ("training.group_learning_rates.generator", "greater than 0")),
+    Case("seed_beyond_31_bits", _cfg({**tiny_gan(), "seed": 2**70}), ("seed", "less than 2147483648")),
+    Case("spacing_zero", _cfg({**tiny_gan(), "data": {"resample_spacing": [0, 1]}}), ("data.resample_spacing.0",)),
+    Case("spacing_wrong_length", _cfg({**tiny_gan(), "data": {"resample_spacing": [1, 1, 1]}}),
+         ("data.resample_spacing", "one spacing per spatial dimension")),
+    Case("flip_axis_2_in_2d", _cfg({**tiny_gan(), "data": {"augmentations": [{"name": "flip", "spatial_axis": 2}]}}),
+         ("data.augmentations.0.spatial_axis", "not an axis of a 2D image")),
+    # ---- messages
+    Case("info_on_a_folder", lambda ws: ["info", str(ws.root)], ("is a folder", "last.ckpt")),
+    Case("config_is_a_folder", lambda ws: ws.train(cfg=ws.root), ("is a folder", "YAML")),
+    Case("data_is_a_folder", lambda ws: ws.train(data=ws.root), ("is a folder", "construct-csv")),
+    Case("construct_csv_exists", lambda ws: ["construct-csv", "--input-dir", str(ws.root), "-o", str(ws.csv)],
+         ("data.csv", "exists", "--overwrite")),
 ]
 
 
@@ -316,7 +429,12 @@ def test_bad_input_is_one_clear_error(case: Case, tmp_path: Path, capsys: pytest
     argv = case.make(ws)
     before = _snapshot(tmp_path)
     capsys.readouterr()
-    assert main(argv) == 2
+    try:
+        assert main(argv) == 2
+    finally:
+        for holder in ws.holders:
+            holder.kill()
+            holder.wait()
     err = capsys.readouterr().err
     assert "Traceback" not in err
     first = err.strip().splitlines()[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fedsynth.config import ExperimentConfig
 from fedsynth.data.images import augmentation, preprocessing, read_image, to_spatial_dims
 from fedsynth.data.manifest import Record, read_manifest, split_by_subject
 from fedsynth.errors import DataError
+from fedsynth.processes import host_memory_available
 from fedsynth.models.base import Batch
 
 log = logging.getLogger("fedsynth.data")
@@ -32,6 +34,7 @@ class ImageDataset(Dataset):
         if not records:
             raise DataError("no images to load (empty record list)")
         self.config = config
+        _check_memory(records, config)
         self.spatial_dims = config.spatial_dims
         self.pre = preprocessing(config.data, list(config.image_size))
         self.aug = augmentation(config.data.augmentations, config.spatial_dims) if train else None
@@ -135,6 +138,19 @@ def load_datasets(config: ExperimentConfig, train_csv: str, val_csv: str | None 
     train = ImageDataset(train_records, config, train=True)
     val = ImageDataset(val_records, config, train=False) if val_records else None
     return train, val
+
+
+def _check_memory(records: Sequence[Record], config: ExperimentConfig) -> None:
+    """Images the machine cannot hold are refused before the first one is resized (float32, in memory)."""
+    one = 4 * config.channels * math.prod(config.image_size)
+    total = one * len(records) if config.data.cache else one * 2 * config.training.batch_size
+    have = host_memory_available()
+    if total > have:
+        what = (f"caching {len(records)} images of {list(config.image_size)} x {config.channels} channel(s)"
+                if config.data.cache else f"a batch of {config.training.batch_size} images of {list(config.image_size)}")
+        hint = "set data.cache: false or " if config.data.cache and one * 2 * config.training.batch_size < have else ""
+        raise DataError(f"{records[0].source}: {what} needs {total / 2**30:.1f} GiB but {have / 2**30:.1f} GiB are "
+                        f"available; {hint}choose a smaller image_size")
 
 
 def _refuse_overlap(train: Sequence[Record], val: Sequence[Record], train_csv: str, val_csv: str) -> None:

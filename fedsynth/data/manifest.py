@@ -56,6 +56,9 @@ def read_manifest(path: str | Path, *, expected_channels: int | None = None, num
     non-empty prompt in every row.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data CSV; write one for a folder of images with "
+                        f"`fedsynth construct-csv --input-dir {path} -o data.csv`")
     if not path.is_file():
         raise DataError(f"data CSV not found: {path}")
     try:

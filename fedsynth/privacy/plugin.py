@@ -214,6 +214,7 @@ class OpacusPrivacy(Extension):
         """Wrap the private networks and optimizers (once) and return a Poisson-sampling loader."""
         dataset = loader.dataset
         n_data = len(dataset)  # type: ignore[arg-type]
+        self.cfg.check_dataset_size(n_data)
         batch = self.config.training.batch_size
         self.sample_rate = min(1.0, batch / n_data)
         if self.noise_multiplier is None:
