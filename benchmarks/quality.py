@@ -59,7 +59,7 @@ class Budget:
     it natively (:func:`fedsynth.demo.fast_precision`), else fp32"""
 
     @classmethod
-    def quick(cls) -> "Budget":
+    def quick(cls) -> Budget:
         return cls(image_size=32, fed_image_size=32, gan_steps=30, stylegan_steps=10, autoencoder_steps=20, first_stage_steps=20, ldm_steps=20,
                    encoder_steps=20, samples=24, ddpm_subset=4, ddpm_steps=100, fed_steps=16, fed_rounds=2, volumes=["mni152", "ch2"],
                    text_first_stage_steps=20, text_steps=20, reader_steps=30)
@@ -206,8 +206,8 @@ def sample_checkpoint(ckpt: Path, n: int, **kwargs: Any) -> tuple[np.ndarray, fl
     """``n`` samples (EMA weights) from a checkpoint and the seconds it took."""
     import torch
 
-    from fedsynth.models import model_from_checkpoint
     from fedsynth.generation import sample
+    from fedsynth.models import model_from_checkpoint
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model = model_from_checkpoint(ckpt)

@@ -115,7 +115,7 @@ def restore_augmentation_state(transform: Any, states: list[Any] | None) -> None
     objs = _randomizables(transform)
     if not states or len(objs) != len(states):
         return
-    for obj, st in zip(objs, states):
+    for obj, st in zip(objs, states, strict=False):
         obj.R.set_state(("MT19937", st["key"].numpy().astype(np.uint32), st["pos"], st["has_gauss"], st["cached_gaussian"]))
 
 
@@ -158,7 +158,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fedsynth_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "family": model.family,
         "spatial_dims": model.spatial_dims,
         "groups": model.groups(),

@@ -12,17 +12,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedsynth import __version__
 from fedsynth.commands import COMMANDS, Parser, Stopwatch, command, examples
-from fedsynth.errors import FedsynthError
 from fedsynth.data.manifest import construct_csv
-from fedsynth.errors import CheckpointError
-from fedsynth.families import families, family
-from fedsynth.families import family_names
+from fedsynth.errors import CheckpointError, FedsynthError
+from fedsynth.families import families, family, family_names
 from fedsynth.io import atomic_write_text, check_output_path
 from fedsynth.progress import bar
-from typing import Any
 
 #: modules that add sub-commands: each defines ``add_commands(subparsers)`` and uses ``@command``
 _EXTENSIONS: list[str] = ["fedsynth.pki", "fedsynth.federated.cli", "fedsynth.metrics.cli", "fedsynth.metrics.audit_cli",

@@ -50,7 +50,7 @@ class TextConfig(_Strict):
                                                                "prompt, for classifier-free guidance")
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "TextConfig":
+    def _heads_divide_width(self) -> TextConfig:
         if self.width % self.heads:
             raise ValueError(f"field 'text.width': {self.width} must be divisible by text.heads ({self.heads})")
         return self
@@ -61,7 +61,7 @@ class TextConfig(_Strict):
 if TYPE_CHECKING:
     ModelConfig = FamilyConfig  # statically: some family's block (narrow it to reach the family's fields)
 else:
-    ModelConfig = Annotated[Union[tuple(spec.config for spec in families().values())], Field(discriminator="family")]
+    ModelConfig = Annotated[Union[tuple(spec.config for spec in families().values())], Field(discriminator="family")]  # noqa: UP007 (a union built at run time)
 _FAMILY_TAGS = frozenset(families())
 
 
@@ -113,7 +113,7 @@ class DataConfig(_Strict):
     cache: bool = Field(True, description="keep preprocessed images in memory")
 
     @model_validator(mode="after")
-    def _percentiles_ordered(self) -> "DataConfig":
+    def _percentiles_ordered(self) -> DataConfig:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
@@ -219,7 +219,7 @@ class PrivacyConfig(_Strict):
                               f"delta < {1 / n:.2g} (1e-5 or less is usual)")
 
     @model_validator(mode="after")
-    def _noise_or_budget(self) -> "PrivacyConfig":
+    def _noise_or_budget(self) -> PrivacyConfig:
         if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("privacy.enabled needs noise_multiplier or target_epsilon")
         return self
@@ -249,7 +249,7 @@ class ExperimentConfig(_Strict):
         return [v] if isinstance(v, int) else v
 
     @model_validator(mode="after")
-    def _geometry(self) -> "ExperimentConfig":
+    def _geometry(self) -> ExperimentConfig:
         if len(self.image_size) == 1:
             self.__dict__["image_size"] = self.image_size * self.spatial_dims
         if len(self.image_size) != self.spatial_dims:

@@ -48,7 +48,7 @@ def _brain_box(volume: np.ndarray) -> tuple[slice, ...]:
     mask = volume > np.percentile(volume, 60)
     idx = np.argwhere(mask)
     lo, hi = idx.min(0), idx.max(0) + 1
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=False))
 
 
 def write_slices(volume_name: str, out_dir: Path, *, image_size: int = 32, count: int = 24,
@@ -78,8 +78,8 @@ def write_slices(volume_name: str, out_dir: Path, *, image_size: int = 32, count
         rng = np.random.default_rng(sum(map(ord, volume_name)))
         crop = [max(8, int(s * 0.6)) for s in brain.shape]
         for i in range(count):
-            start = [int(rng.integers(0, s - c + 1)) for s, c in zip(brain.shape, crop)]
-            sub = brain[tuple(slice(a, a + c) for a, c in zip(start, crop))]
+            start = [int(rng.integers(0, s - c + 1)) for s, c in zip(brain.shape, crop, strict=False)]
+            sub = brain[tuple(slice(a, a + c) for a, c in zip(start, crop, strict=False))]
             img = np.clip(_resize(sub, [image_size] * 3), 0, 1)
             path = out_dir / f"{volume_name}_block{i:03d}.nii.gz"
             save_image(img[None], path)
@@ -132,8 +132,8 @@ def run_demo(out_dir: str | Path, *, family: str = "latent-diffusion", steps: in
     import torch
 
     from fedsynth.config import default_config, render_yaml
-    from fedsynth.extensions import sampling_weights
     from fedsynth.data.brains import available_volumes, build_brain_dataset
+    from fedsynth.extensions import sampling_weights
     from fedsynth.generation import sample, write_images
     from fedsynth.local import TrainRequest, run_training
     from fedsynth.metrics.evaluate import EvaluationOptions

@@ -22,21 +22,31 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fedsynth.checkpoint import (
+    TrainingState,
+    capture_augmentation_state,
+    capture_rng,
+    check_finite_weights,
+    config_changes,
+    load_checkpoint,
+    preserved_rng,
+    restore_augmentation_state,
+    restore_rng,
+    save_checkpoint,
+)
 from fedsynth.commands import wall_time
-from fedsynth.checkpoint import (TrainingState, capture_augmentation_state, capture_rng, check_finite_weights, config_changes,
-                                 load_checkpoint, preserved_rng, restore_augmentation_state, restore_rng, save_checkpoint)
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, make_loader
 from fedsynth.data.images import save_image
 from fedsynth.data.manifest import fingerprint, fingerprint_changes
 from fedsynth.errors import CheckpointError, ConfigError, TrainingDiverged, WeightsError
 from fedsynth.extensions import EmaExtension, Extension, TrainingStep, sampling_weights
+from fedsynth.families import first_stage
 from fedsynth.generation import image_grid, sample
 from fedsynth.io import atomic_path, remove_stale_temps
-from fedsynth.families import first_stage
 from fedsynth.models import build_model
-from fedsynth.processes import host_memory_available
 from fedsynth.models.base import Batch, SynthesisModel
+from fedsynth.processes import host_memory_available
 from fedsynth.progress import bar as progress_bar
 from fedsynth.progress import network_label
 from fedsynth.recipes import WeightAverage, lr_factor

@@ -19,9 +19,9 @@ import torch
 
 from fedsynth import __version__
 from fedsynth.data.images import save_image
+from fedsynth.data.manifest import IMAGE_SUFFIXES, write_manifest
 from fedsynth.io import atomic_write_text
 from fedsynth.models.base import SynthesisModel
-from fedsynth.data.manifest import IMAGE_SUFFIXES, write_manifest
 from fedsynth.progress import bar
 
 #: 3D grids: each plane is upscaled (nearest) to at least this many pixels, so a 16^3 volume is readable
@@ -170,10 +170,10 @@ def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str
     label_list = [int(labels[i]) if labels is not None and labels.numel() > 1 else (int(labels) if labels is not None else None)
                   for i in range(len(paths))]
     prompt_list = None if prompts is None else (list(prompts) * len(paths) if len(prompts) == 1 else list(prompts))
-    write_manifest(out / "manifest.csv", [(p.stem.split(".")[0], [p.resolve()], lab) for p, lab in zip(paths, label_list)],
+    write_manifest(out / "manifest.csv", [(p.stem.split(".")[0], [p.resolve()], lab) for p, lab in zip(paths, label_list, strict=False)],
                    prompts=prompt_list)
     record = {"count": len(paths), "format": image_format,
-              "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "fedsynth_version": __version__,
+              "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "fedsynth_version": __version__,
               **dict(provenance or {})}
     atomic_write_text(out / "generation.json", json.dumps(record, indent=2))
     return paths

@@ -29,10 +29,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedsynth.errors import DataError, FedsynthError
 from fedsynth import cli
-from fedsynth.data.manifest import construct_csv, read_manifest
-from fedsynth.data.manifest import write_manifest
+from fedsynth.data.manifest import construct_csv, read_manifest, write_manifest
+from fedsynth.errors import DataError, FedsynthError
 from fedsynth.io import atomic_write_text
 
 #: per task: the fedsynth sub-command, and its options that the parameters file may not set: the

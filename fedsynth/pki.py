@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsynth.commands import command, examples
 from fedsynth.errors import FedsynthError
 from fedsynth.io import atomic_path
-from fedsynth.commands import command, examples
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -100,7 +100,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _check_name(name: str) -> str:

@@ -26,12 +26,12 @@ import torch
 from fedsynth.config import ExperimentConfig, load_config, with_overrides
 from fedsynth.data.dataset import ImageDataset, collate, load_datasets
 from fedsynth.data.manifest import Record
-from fedsynth.processes import host_memory_available
 from fedsynth.engine import resolve_device
 from fedsynth.errors import ConfigError, FedsynthError
 from fedsynth.families import first_stage
 from fedsynth.models import build_model
 from fedsynth.models.base import SynthesisModel
+from fedsynth.processes import host_memory_available
 from fedsynth.progress import first_stage_label, format_plan, network_label, plan_training
 
 GIB = 1024**3

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from fedsynth.errors import ConfigError
 from fedsynth.federated.aggregation import (
-    FedAvg, NoValidUpdates, SiteUpdate, from_transport, resolve_group_policy, to_transport, update_norm, weighted_mean,
+    FedAvg,
+    NoValidUpdates,
+    SiteUpdate,
+    from_transport,
+    resolve_group_policy,
+    to_transport,
+    update_norm,
+    weighted_mean,
 )
 from fedsynth.models import build_model
 

@@ -20,10 +20,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from schema_cases import schema_cases
 
 from fedsynth.cli import main
 from fedsynth.data.images import save_image
-from schema_cases import schema_cases
 
 SIZE = 16
 

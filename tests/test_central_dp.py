@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from fedsynth.checkpoint import checkpoint_info
 from fedsynth.errors import ConfigError
 from fedsynth.federated.aggregation import FedAvg, SiteUpdate

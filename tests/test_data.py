@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import tiny_config
+
 from fedsynth.cli import main
 from fedsynth.data import ImageDataset, construct_csv, load_datasets, read_image, read_manifest, split_by_subject
 from fedsynth.errors import DataError

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedsynth.checkpoint import checkpoint_info, load_checkpoint
-from fedsynth.models import model_from_checkpoint
 from fedsynth.cli import main
 from fedsynth.config import render_yaml
 from fedsynth.data import load_datasets, read_manifest
@@ -21,6 +20,7 @@ from fedsynth.engine import Engine, build_engine
 from fedsynth.errors import CheckpointError
 from fedsynth.generation import sample
 from fedsynth.local import TrainRequest, run_training
+from fedsynth.models import model_from_checkpoint
 
 
 def _write_config(tmp_path: Path, cfg) -> Path:
@@ -186,7 +186,10 @@ def _ddp_rank(rank: int, request: TrainRequest, port: int, out: str) -> None:
     fio.atomic_path = recording
     import fedsynth.checkpoint as fck
 
-    fck.atomic_path = recording  # imported by name there; elsewhere it is looked up in fedsynth.io
+    fck.atomic_path = recording  # imported by name there and in the engine; elsewhere looked up in fedsynth.io
+    import fedsynth.engine as feng
+
+    feng.atomic_path = recording
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)

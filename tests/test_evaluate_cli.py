@@ -133,3 +133,49 @@ def test_png_shows_both_sets(mri2d: dict[str, Path], tmp_path: Path) -> None:
 
     pixels = mpimg.imread(tmp_path / "r.png")
     assert pixels.shape[0] >= 800 and pixels.shape[1] >= 1100 and np.ptp(pixels) > 0.5
+
+
+def test_evaluate_reports_intervals_floor_gap_and_utility(mri2d: dict[str, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--train adds the real-vs-real floor and the gap to it (leading the report and the printout);
+    --utility trains on synthetic / tests on real next to the real ceiling (labels from the CSVs)."""
+    import csv as csvmod
+
+    rows = list(csvmod.reader(mri2d["mni152"].open(encoding="utf-8")))
+    for name, part in (("train", rows[1::2]), ("held", rows[2::2])):  # interleaved slices: two disjoint halves
+        with (tmp_path / f"{name}.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csvmod.writer(fh)
+            writer.writerow(rows[0])
+            writer.writerows([r[0], str((mri2d["mni152"].parent / r[1]).resolve()), *r[2:]] for r in part)
+    from fedsynth.data.manifest import read_manifest
+
+    colin = load_real(mri2d["colin27"], infer_config(mri2d["colin27"]))
+    by_row = {r.row: r.label for r in read_manifest(mri2d["colin27"])}
+    synthetic = tmp_path / "gen"  # another brain's slices, written as a class-conditional generation would
+    write_images(torch.from_numpy(colin.images), synthetic, image_format="png",
+                 labels=torch.tensor([by_row[r] for r in colin.rows]))
+    rc, out, err = _run(capsys, "--real", tmp_path / "held.csv", "--synthetic", synthetic, "-o", tmp_path / "r.json",
+                        "--train", tmp_path / "train.csv", "--bootstrap", "30", "--utility", "--utility-steps", "20")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert next(iter(report)) == "summary"
+    fid = report["summary"]["metrics"]["encoder_fid"]
+    assert fid["ci95"][0] <= fid["ci95"][1] and fid["gap"] == pytest.approx(fid["value"] - fid["floor"])
+    assert fid["gap_ci95"][0] > 0  # another brain is farther from the held-out slices than the training slices are
+    assert report["summary"]["floor"]["count"] == 12 and report["summary"]["bootstrap"]["replicates"] == 30
+    assert "gap to floor" in out.splitlines()[1]
+    arms = report["utility"]["arms"]
+    assert set(arms) == {"synthetic", "real_same_count", "real"}
+    assert arms["real"]["train_count"] == 12 and report["utility"]["task"]["columns"]["synthetic"] == "Label"
+    assert all(0 <= a["balanced_accuracy"]["value"] <= 1 for a in arms.values())
+
+
+def test_utility_label_column_errors_name_the_file(mri2d: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    synthetic = _as_generated(mri2d["colin27"], tmp_path / "gen", "png")
+    rc, _, err = _run(capsys, "--real", mri2d["mni152"], "--synthetic", synthetic, "-o", tmp_path / "r.json",
+                      "--train", mri2d["mni152"], "--bootstrap", "0", "--utility", "--utility-label", "plane")
+    assert rc == 2 and "no 'Label_plane' or 'plane' column" in err and "mni152.csv" in err
+    rc, _, err = _run(capsys, "--real", mri2d["mni152"], "--synthetic", synthetic, "-o", tmp_path / "r.json",
+                      "--utility")
+    assert rc == 2 and "--utility needs --train" in err

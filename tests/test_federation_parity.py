@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import tiny_config
+
 from fedsynth.config import save_config
 from fedsynth.errors import ConfigError
 from fedsynth.federated.aggregation import NoValidUpdates, SiteUpdate
@@ -135,7 +135,7 @@ def test_both_backends_write_the_same_layout(mri2d: dict[str, Path], tmp_path: P
         histories[backend] = json.loads((result.run_dir / "global" / "history.json").read_text(encoding="utf-8"))
         assert histories[backend] == result.history and [h["round"] for h in result.history] == [1, 2]
         assert all(h["accepted"] == ["site1", "site2"] or sorted(h["accepted"]) == ["site1", "site2"] for h in result.history)
-    for flower_round, openfl_round in zip(histories["flower"], histories["openfl"]):
+    for flower_round, openfl_round in zip(histories["flower"], histories["openfl"], strict=False):
         assert set(flower_round) == set(openfl_round)
         assert set(flower_round["metrics"]) == set(openfl_round["metrics"])
         assert set(flower_round["site_metrics"]) == set(openfl_round["site_metrics"]) == {"site1", "site2"}

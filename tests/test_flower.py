@@ -126,12 +126,12 @@ def test_a_message_the_superlink_lost_is_sent_again(tmp_path: Path) -> None:
     import threading
     import time
 
+    from conftest import tiny_config
     from flwr.app import ConfigRecord, Message
     from flwr.server.grid.inmemory_grid import InMemoryGrid
     from flwr.server.superlink.linkstate import LinkStateFactory
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 
-    from conftest import tiny_config
     from fedsynth.federated.flower.messages import RoundInstruction, TrainReply
     from fedsynth.federated.flower.server_app import FlowerFederation
 

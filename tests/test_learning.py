@@ -30,8 +30,8 @@ def _frd(real: np.ndarray, synthetic: np.ndarray) -> float:
 def _train_and_score(family: str, brains32: dict[str, Path], tmp: Path, steps: int, **model: object) -> tuple[float, float]:
     from fedsynth.config import default_config
     from fedsynth.data import load_datasets
-    from fedsynth.generation import sample
     from fedsynth.engine import build_engine
+    from fedsynth.generation import sample
     from fedsynth.metrics import load_real
 
     config = default_config(family, 2, 32)

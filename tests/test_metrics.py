@@ -191,7 +191,7 @@ def test_numpy_first_order_matches_pyradiomics() -> None:
     image = (np.random.default_rng(1).random((1, 32, 32)) ** 2).astype(np.float32)
     names, matrix, failed = rad.extract(image[None], 32, use_pyradiomics=True)
     ours = rad.first_order_numpy(image[0], 32)
-    theirs = dict(zip(names, matrix[0]))
+    theirs = dict(zip(names, matrix[0], strict=False))
     assert failed == 0 and len(names) > 80  # first-order + texture classes
     for key in ("Mean", "Variance", "Entropy", "Uniformity", "90Percentile", "Skewness", "Kurtosis"):
         # pyradiomics' full mask leaves out one corner voxel, hence the tolerance

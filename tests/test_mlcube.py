@@ -233,8 +233,8 @@ def test_example_workspace_is_small_real_and_relocatable() -> None:
     import numpy as np
 
     from fedsynth.config import load_config
-    from fedsynth.data.manifest import read_manifest
     from fedsynth.data.images import read_image
+    from fedsynth.data.manifest import read_manifest
 
     files = [p for p in EXAMPLE.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 300_000

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from monai.losses import PatchAdversarialLoss
 
-from conftest import tiny_config
 from fedsynth.errors import WeightsError
 from fedsynth.models import build_model
 from fedsynth.models.losses import discriminator_loss, generator_loss

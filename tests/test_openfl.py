@@ -18,16 +18,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import tiny_config
 
 pytest.importorskip("openfl")
 
 from fedsynth.federated.openfl.trial import export_run, run_federation  # noqa: E402
-from fedsynth.processes import ProcessFailed, free_port  # noqa: E402
 from fedsynth.federated.openfl.workspace import (  # noqa: E402
-    LOCAL_AGGREGATOR_NAME, Workspace, certify_collaborator, create_workspace, fx, set_up_pki_and_plan,
+    LOCAL_AGGREGATOR_NAME,
+    Workspace,
+    certify_collaborator,
+    create_workspace,
+    fx,
+    set_up_pki_and_plan,
 )
+from fedsynth.processes import ProcessFailed, free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROUNDS = 2

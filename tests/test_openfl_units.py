@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import tiny_config
 
 pytest.importorskip("openfl")
@@ -20,8 +19,8 @@ from openfl.utilities import LocalTensor  # noqa: E402
 from fedsynth.config import save_config  # noqa: E402
 from fedsynth.errors import ConfigError, FedsynthError  # noqa: E402
 from fedsynth.families import family_names  # noqa: E402
-from fedsynth.federated.trial_common import parse_sites  # noqa: E402
 from fedsynth.federated.openfl.common import file_sha256, load_pinned_config  # noqa: E402
+from fedsynth.federated.trial_common import parse_sites  # noqa: E402
 from fedsynth.processes import ProcessFailed, ProcessGroup  # noqa: E402
 
 

@@ -8,14 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedsynth.checkpoint import checkpoint_info, load_checkpoint
-from fedsynth.models import model_from_checkpoint
 from fedsynth.data.dataset import load_datasets, make_loader
-from fedsynth.engine import LAST
+from fedsynth.engine import LAST, build_engine
 from fedsynth.errors import CheckpointError, ConfigError
-from fedsynth.engine import build_engine
+from fedsynth.models import model_from_checkpoint
 from fedsynth.models.base import Batch
 
 opacus = pytest.importorskip("opacus")

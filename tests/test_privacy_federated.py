@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
+
 from fedsynth.federated.aggregation import SiteUpdate
 from fedsynth.federated.server import GlobalModel
 from fedsynth.federated.site import Site

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedsynth.data.dataset import load_datasets, make_loader
 from fedsynth.models import build_model
 from fedsynth.models.base import SynthesisModel, to_model_range
@@ -56,9 +56,9 @@ def _check(model: SynthesisModel, optimizers: dict, groups: list[str], net_name:
     try:
         for i in range(N):
             ref = torch.autograd.grad(loss_of(model.plain_net(net_name), slice(i, i + 1)), params, allow_unused=True)
-            ref = [torch.zeros_like(p) if r is None else r for p, r in zip(params, ref)]
+            ref = [torch.zeros_like(p) if r is None else r for p, r in zip(params, ref, strict=False)]
             floor = 1e-3 * max(float(r.abs().max()) for r in ref)  # biases before a norm have ~0 gradient
-            for p, r in zip(params, ref):
+            for p, r in zip(params, ref, strict=False):
                 err = float((got[id(p)][i] - r).abs().max()) / (float(r.abs().max()) + floor)
                 assert err < 1e-3, f"per-sample gradient of a {tuple(p.shape)} parameter differs (relative error {err:.3g})"
     finally:

@@ -57,8 +57,8 @@ def test_ema_applied_swaps_and_restores_weights() -> None:
 
 
 def test_checkpoint_stores_ema_and_generate_uses_it(tmp_path: Path) -> None:
-    from fedsynth.models import model_from_checkpoint
     from fedsynth.engine import Engine
+    from fedsynth.models import model_from_checkpoint
 
     model = _model(training__ema_decay=0.9)
     engine = Engine(model, model.config, device=torch.device("cpu"))

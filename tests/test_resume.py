@@ -22,8 +22,7 @@ import yaml
 from fedsynth.checkpoint import load_checkpoint
 from fedsynth.config import config_from_dict
 from fedsynth.data import load_datasets, save_image, write_manifest
-from fedsynth.engine import LAST
-from fedsynth.engine import build_engine
+from fedsynth.engine import LAST, build_engine
 from fedsynth.families import family as family_spec
 from fedsynth.families import family_names
 

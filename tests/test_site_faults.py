@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedsynth.checkpoint import load_checkpoint
 from fedsynth.data import load_datasets
+from fedsynth.engine import build_engine
 from fedsynth.errors import TrainingDiverged
 from fedsynth.federated.site import Site
-from fedsynth.engine import build_engine
 
 
 def _poison(engine) -> None:  # type: ignore[no-untyped-def]

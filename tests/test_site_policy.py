@@ -6,11 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
+
 from fedsynth.errors import ConfigError
 from fedsynth.federated.site_config import (
-    SiteDataConfig, SitePolicy, SitePrivacyFloor, load_site_config, write_site_config, write_trial_site_config,
+    SiteDataConfig,
+    SitePolicy,
+    SitePrivacyFloor,
+    load_site_config,
+    write_site_config,
+    write_trial_site_config,
 )
 
 DP = {"enabled": True, "noise_multiplier": 1.2, "max_grad_norm": 1.0, "target_epsilon": 5.0, "delta": 1e-5}

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedsynth.data.dataset import load_datasets
 from fedsynth.errors import ConfigError
+from fedsynth.families.stylegan import FAMILY
 from fedsynth.local import build_engine
 from fedsynth.models import build_model
 from fedsynth.models.base import to_model_range
-from fedsynth.families.stylegan import FAMILY
 from fedsynth.models.stylegan import StyleDiscriminator, minibatch_stddev, modulated_conv
 
 DP = {"enabled": True, "noise_multiplier": 1.1, "max_grad_norm": 1.0}

@@ -19,13 +19,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fedsynth.models import model_from_checkpoint
 from fedsynth.cli import main
 from fedsynth.config import load_config, save_config
 from fedsynth.data import load_datasets, make_loader
 from fedsynth.data.manifest import read_manifest
-from fedsynth.errors import ConfigError, DataError
 from fedsynth.engine import build_engine
+from fedsynth.errors import ConfigError, DataError
+from fedsynth.models import model_from_checkpoint
 from fedsynth.models.text import BEGIN, PAD, HashTokenizer
 
 PROMPT = "axial T1 slice, middle, MNI152 template"

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from fedsynth.cli import build_parser, main
-
-from conftest import tiny_config
 
 
 def _parsers(parser: argparse.ArgumentParser, name: str = "fedsynth") -> list[tuple[str, argparse.ArgumentParser]]:

@@ -38,9 +38,8 @@ from typing import Any
 import numpy as np
 
 from fedsynth.data.images import save_image
-from fedsynth.data.manifest import write_manifest
+from fedsynth.data.manifest import read_manifest, write_manifest
 from fedsynth.errors import DataError
-from fedsynth.data.manifest import read_manifest
 from fedsynth.io import atomic_write_text
 
 MRICRON = Path("/usr/share/mricron/templates")
@@ -128,7 +127,7 @@ def load_canonical(name: str) -> tuple[np.ndarray, np.ndarray]:
     factor = np.round(1.0 / zooms).astype(int)
     if (factor > 1).any():  # 0.5 mm -> 1 mm by block averaging
         f = tuple(int(x) for x in factor)
-        shape = tuple(s // k * k for s, k in zip(data.shape, f))
+        shape = tuple(s // k * k for s, k in zip(data.shape, f, strict=False))
         data = data[: shape[0], : shape[1], : shape[2]]
         data = data.reshape(shape[0] // f[0], f[0], shape[1] // f[1], f[1], shape[2] // f[2], f[2]).mean((1, 3, 5))
         affine = affine.copy()
@@ -174,7 +173,7 @@ def volume_slices(name: str, out_dir: Path, image_size: int = 64) -> list[SliceR
     mask = volume > 0.15
     idx = np.argwhere(mask)
     lo, hi = idx.min(0), idx.max(0) + 1
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=False))
     brain, bmask = volume[box], mask[box]
     rows: list[SliceRow] = []
     out_dir.mkdir(parents=True, exist_ok=True)

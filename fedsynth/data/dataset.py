@@ -15,8 +15,8 @@ from fedsynth.config import ExperimentConfig
 from fedsynth.data.images import augmentation, preprocessing, read_image, to_spatial_dims
 from fedsynth.data.manifest import Record, read_manifest, split_by_subject
 from fedsynth.errors import DataError
-from fedsynth.processes import host_memory_available
 from fedsynth.models.base import Batch
+from fedsynth.processes import host_memory_available
 
 log = logging.getLogger("fedsynth.data")
 

@@ -104,7 +104,7 @@ def _resample(image: sitk.Image, spacing: list[float], path: Path) -> sitk.Image
     if len(spacing) != image.GetDimension():
         raise DataError(f"data.resample_spacing has {len(spacing)} values but {path} is {image.GetDimension()}D")
     old_size, old_spacing = image.GetSize(), image.GetSpacing()
-    new_size = [max(1, int(round(sz * sp / ns))) for sz, sp, ns in zip(old_size, old_spacing, spacing)]
+    new_size = [max(1, int(round(sz * sp / ns))) for sz, sp, ns in zip(old_size, old_spacing, spacing, strict=False)]
     return sitk.Resample(image, new_size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
                          image.GetDirection(), 0.0, image.GetPixelID())
 

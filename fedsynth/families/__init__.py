@@ -149,7 +149,8 @@ class Family:
     @property
     def model(self) -> type[Any]:
         """The model class (imports its module, hence torch)."""
-        return resolve(self.model_ref)
+        model: type[Any] = resolve(self.model_ref)
+        return model
 
     @property
     def build(self) -> Callable[..., Any] | None:

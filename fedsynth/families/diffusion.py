@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from fedsynth.config_base import FamilyConfig
+from fedsynth.errors import ConfigError
 from fedsynth.families import Family
 from fedsynth.families.autoencoder import AutoencoderConfig
 from fedsynth.families.autoencoder import recipe as autoencoder_recipe
 from fedsynth.geometry import check_groups, fail, nearest, size_rule
-from fedsynth.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedsynth.config import ExperimentConfig
@@ -54,7 +54,7 @@ class DiffusionConfig(FamilyConfig):
                     "its weights travel with the global model and every site checks them against this hash")
 
     @model_validator(mode="after")
-    def _attention_matches(self) -> "DiffusionConfig":
+    def _attention_matches(self) -> DiffusionConfig:
         if self.attention_levels is not None and len(self.attention_levels) != len(self.channels):
             raise ValueError(
                 f"attention_levels must have one entry per level ({len(self.channels)}), "
@@ -153,11 +153,11 @@ def check_geometry(config: ExperimentConfig) -> None:
     levels = len(m.channels)
     check_groups("model.channels", list(m.channels), m.norm_num_groups, "model.norm_num_groups")
     attention = m.attention_levels or [False] * (levels - 1) + [True]
-    for c, att in zip(m.channels, attention):
+    for c, att in zip(m.channels, attention, strict=False):
         if att and c % m.num_head_channels:
             fail("model.num_head_channels", m.num_head_channels,
                  f"must divide the channels {c} of every attention level",
-                 nearest(m.num_head_channels, lambda h: all(ch % h == 0 for ch, a in zip(m.channels, attention) if a), span=c + 1))
+                 nearest(m.num_head_channels, lambda h: all(ch % h == 0 for ch, a in zip(m.channels, attention, strict=False) if a), span=c + 1))
     if m.autoencoder_checkpoint:  # the UNet sees latents: their size is checked when the model is built
         return
     divisor = 2 ** (levels - 1)

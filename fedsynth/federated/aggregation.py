@@ -274,7 +274,7 @@ def weighted_mean(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> np.
     arrays, weights = list(arrays), [float(w) for w in weights]
     if not arrays or sum(weights) <= 0:
         raise NoValidUpdates("weighted_mean needs at least one array with a positive weight")
-    acc = sum(w * np.asarray(a, dtype=np.float64) for a, w in zip(arrays, weights))
+    acc = sum(w * np.asarray(a, dtype=np.float64) for a, w in zip(arrays, weights, strict=False))
     mean = np.asarray(acc / sum(weights))
     dtype = np.asarray(arrays[0]).dtype
     return np.rint(mean).astype(dtype) if np.issubdtype(dtype, np.integer) else mean.astype(dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+
 from fedsynth.commands import examples
 from fedsynth.federated.flower.cli import add_flower_command
 from fedsynth.federated.openfl.cli import add_openfl_parser

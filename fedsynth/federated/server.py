@@ -24,13 +24,17 @@ from fedsynth.engine import seed_everything
 from fedsynth.errors import ConfigError
 from fedsynth.families import first_stage
 from fedsynth.federated.aggregation import (
-    Aggregator, FedAvg, SiteUpdate, frozen_groups, resolve_group_policy, shared_groups,
+    Aggregator,
+    FedAvg,
+    SiteUpdate,
+    frozen_groups,
+    resolve_group_policy,
+    shared_groups,
 )
 from fedsynth.federated.central_dp import ClientLevelDP
-from fedsynth.io import atomic_write_text
+from fedsynth.io import atomic_path, atomic_write_text
 from fedsynth.models import SynthesisModel, build_model
 from fedsynth.recipes import WeightAverage
-from fedsynth.io import atomic_path
 
 log = logging.getLogger("fedsynth.server")
 

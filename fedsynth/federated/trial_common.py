@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsynth.config import ExperimentConfig
-from fedsynth.errors import ConfigError
+from fedsynth.errors import CheckpointError, ConfigError
 from fedsynth.federated.aggregation import NoValidUpdates
-from fedsynth.errors import CheckpointError
 
 #: a site's CSVs: (training CSV, optional validation CSV)
 SiteCSVs = tuple[Path, "Path | None"]

@@ -40,7 +40,7 @@ class Agreement:
 
     def as_dict(self, names: Sequence[str] | None = None) -> dict[str, float | int]:
         keys = list(names) if names is not None else [f"attribute_{i}" for i in range(len(self.per_attribute))]
-        return {"exact": self.exact, **dict(zip(keys, self.per_attribute)), "count": self.count}
+        return {"exact": self.exact, **dict(zip(keys, self.per_attribute, strict=False)), "count": self.count}
 
 
 def agreement(read: Sequence[str], given: Sequence[str]) -> Agreement:
@@ -50,10 +50,10 @@ def agreement(read: Sequence[str], given: Sequence[str]) -> Agreement:
     if not given:
         raise DataError("prompt agreement needs at least one image")
     width = max(len(attributes(p)) for p in given)
-    exact = float(np.mean([r == g for r, g in zip(read, given)]))
+    exact = float(np.mean([r == g for r, g in zip(read, given, strict=False)]))
     per = []
     for i in range(width):
-        hits = [ar[i] == ag[i] for ar, ag in ((attributes(r), attributes(g)) for r, g in zip(read, given))
+        hits = [ar[i] == ag[i] for ar, ag in ((attributes(r), attributes(g)) for r, g in zip(read, given, strict=False))
                 if len(ar) > i and len(ag) > i]
         per.append(float(np.mean(hits)) if hits else float("nan"))
     return Agreement(exact, per, len(given))

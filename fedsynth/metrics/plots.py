@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from fedsynth.generation import image_grid
+from fedsynth.io import atomic_path
 from fedsynth.metrics import radiomics as rad
 from fedsynth.metrics.images import ImageSet
-from fedsynth.io import atomic_path
 
 #: first-order features shown as histograms (the rest are in the JSON)
 SHOWN_FEATURES = ("Mean", "Variance", "Entropy", "Skewness", "Kurtosis", "90Percentile")

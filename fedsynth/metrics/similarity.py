@@ -51,7 +51,7 @@ def pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 300, seed: int = 0) ->
         pairs = [pairs[k] for k in rng.choice(len(pairs), max_pairs, replace=False)]
     t = torch.from_numpy(np.clip(images, 0, 1))
     metric = ms_ssim_metric(t.ndim - 2, min(t.shape[2:]))
-    i, j = (list(x) for x in zip(*pairs))
+    i, j = (list(x) for x in zip(*pairs, strict=False))
     for s in range(0, len(i), 64):
         metric(t[i[s:s + 64]], t[j[s:s + 64]])
     values = metric.get_buffer().flatten().numpy()

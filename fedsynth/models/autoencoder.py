@@ -21,7 +21,13 @@ from torch import nn
 
 from fedsynth.families.autoencoder import PATCH_DISCRIMINATOR_GROUPS, AutoencoderConfig
 from fedsynth.models.base import (
-    Batch, FrozenParameters, GroupSpec, PrivacySpec, SynthesisModel, to_data_range, to_model_range,
+    Batch,
+    FrozenParameters,
+    GroupSpec,
+    PrivacySpec,
+    SynthesisModel,
+    to_data_range,
+    to_model_range,
 )
 from fedsynth.models.losses import kl_loss, patch_discriminator_loss, patch_generator_loss, reconstruction_loss
 

@@ -133,8 +133,8 @@ def unwrap(module: nn.Module) -> nn.Module:
     while True:
         if isinstance(module, nn.parallel.DistributedDataParallel):
             module = module.module
-        elif hasattr(module, "_module") and isinstance(getattr(module, "_module"), nn.Module):
-            module = getattr(module, "_module")  # Opacus GradSampleModule
+        elif hasattr(module, "_module") and isinstance(module._module, nn.Module):
+            module = module._module  # Opacus GradSampleModule
         else:
             return module
 
@@ -148,7 +148,7 @@ class Batch:
     labels: torch.Tensor | None = None
     prompts: list[str] | None = None
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         labels = self.labels.to(device) if self.labels is not None else None
         return Batch(self.images.to(device), labels, self.prompts)
 

@@ -19,14 +19,13 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
+from fedsynth.errors import ConfigError, WeightsError
 from fedsynth.families.diffusion import DiffusionConfig
 from fedsynth.families.diffusion import first_stage as latent_first_stage
 from fedsynth.models.autoencoder import AutoencoderModel
 from fedsynth.models.base import Batch, GroupSpec, PrivacySpec, SynthesisModel, to_data_range, to_model_range
 from fedsynth.models.losses import denoising_loss
 from fedsynth.models.text import TransformerTextEncoder, build_text_encoder
-from fedsynth.errors import ConfigError
-from fedsynth.errors import WeightsError
 
 if TYPE_CHECKING:
     from fedsynth.config import ExperimentConfig
@@ -196,7 +195,7 @@ class DiffusionModel(SynthesisModel):
         assert prompts is not None, "a text-conditional diffusion model needs prompts"
         if drop > 0:
             keep = torch.rand(len(prompts), generator=generator) >= drop
-            prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
+            prompts = [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=False)]
         encoder = self.plain_net("text_encoder")
         if not isinstance(encoder, TransformerTextEncoder):
             return encoder.encode(prompts, self.device)  # type: ignore[operator]

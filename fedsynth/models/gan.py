@@ -26,7 +26,15 @@ from torch import nn
 
 from fedsynth.families.gan import GROUP_NORM_GROUPS, GanConfig, gan_levels
 from fedsynth.models.base import (
-    Batch, ConfigSwitch, DrawnSample, Feature, FrozenParameters, GroupSpec, PrivacySpec, SynthesisModel, to_data_range,
+    Batch,
+    ConfigSwitch,
+    DrawnSample,
+    Feature,
+    FrozenParameters,
+    GroupSpec,
+    PrivacySpec,
+    SynthesisModel,
+    to_data_range,
     to_model_range,
 )
 from fedsynth.models.losses import discriminator_loss, generator_loss
@@ -57,7 +65,7 @@ class ResizeConvGenerator(nn.Module):
         self.start = (channels[0], *start)
         self.project = nn.Linear(latent_dim, channels[0] * math.prod(start))
         layers: list[nn.Module] = [Act["relu"]()]
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=False):
             layers += [UpSample(spatial_dims, c_in, c_in, scale_factor=2, mode="nontrainable", interp_mode="nearest",
                                 align_corners=None),
                        Convolution(spatial_dims, c_in, c_out, kernel_size=3, act="RELU", norm="BATCH")]

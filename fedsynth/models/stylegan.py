@@ -172,7 +172,7 @@ class StyleGenerator(nn.Module):
 
         self.convs = nn.ModuleList([styled(widths[0], widths[0])])
         self.to_images = nn.ModuleList([StyledConv(spatial_dims, cfg.latent_dim, widths[0], out_channels, to_image=True)])
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=False):
             self.convs.extend([styled(c_in, c_out), styled(c_out, c_out)])
             self.to_images.append(StyledConv(spatial_dims, cfg.latent_dim, c_out, out_channels, to_image=True))
         self.upsample = UpSample(spatial_dims, scale_factor=2, mode="nontrainable", interp_mode="linear",
@@ -248,7 +248,7 @@ class StyleDiscriminator(nn.Module):
         levels = gan_levels(image_size)
         widths = _widths(cfg.discriminator_channels, cfg.max_channels, levels)
         self.from_image = EqualConv(spatial_dims, in_channels, widths[0], 1)
-        self.blocks = nn.Sequential(*[ResidualDown(spatial_dims, a, b) for a, b in zip(widths[:-1], widths[1:])])
+        self.blocks = nn.Sequential(*[ResidualDown(spatial_dims, a, b) for a, b in zip(widths[:-1], widths[1:], strict=False)])
         self.stddev = cfg.minibatch_stddev
         self.conv = EqualConv(spatial_dims, widths[-1] + int(self.stddev), widths[-1], 3)
         coarsest = math.prod(s // 2**levels for s in image_size)

@@ -86,7 +86,7 @@ def private_groups(model: SynthesisModel, config: ExperimentConfig) -> list[str]
     return groups
 
 
-def make_privacy_plugin(config: ExperimentConfig, model: SynthesisModel) -> "OpacusPrivacy":
+def make_privacy_plugin(config: ExperimentConfig, model: SynthesisModel) -> OpacusPrivacy:
     """Prepare ``model`` for DP (before its optimizers are built) and return the engine's plugin."""
     return OpacusPrivacy(config, model)
 

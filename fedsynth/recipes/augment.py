@@ -42,7 +42,7 @@ def translation(x: torch.Tensor, gen: torch.Generator | None = None, ratio: floa
     padded = F.pad(x, [p for p in reversed(pad) for _ in range(2)], value=-1.0)
     out = torch.empty_like(x)
     for i in range(n):  # per-sample crop of the padded image (gradients flow through the slice)
-        index = tuple(slice(p - int(d[i]), p - int(d[i]) + s) for p, d, s in zip(pad, shifts, spatial))
+        index = tuple(slice(p - int(d[i]), p - int(d[i]) + s) for p, d, s in zip(pad, shifts, spatial, strict=False))
         out[i] = padded[i][(slice(None), *index)]
     return out
 
@@ -52,9 +52,9 @@ def cutout(x: torch.Tensor, gen: torch.Generator | None = None, ratio: float = 0
     n, spatial = x.shape[0], x.shape[2:]
     mask = torch.ones_like(x)
     sizes = [max(1, int(s * ratio)) for s in spatial]
-    centres = [(_rand(n, x, gen) * (s + 1 - c % 2)).long().flatten() for s, c in zip(spatial, sizes)]
+    centres = [(_rand(n, x, gen) * (s + 1 - c % 2)).long().flatten() for s, c in zip(spatial, sizes, strict=False)]
     for i in range(n):
-        index = tuple(slice(max(0, int(c[i]) - z // 2), max(0, int(c[i]) - z // 2) + z) for c, z in zip(centres, sizes))
+        index = tuple(slice(max(0, int(c[i]) - z // 2), max(0, int(c[i]) - z // 2) + z) for c, z in zip(centres, sizes, strict=False))
         mask[i][(slice(None), *index)] = 0.0
     return x * mask + (mask - 1.0)  # masked voxels -> -1
 

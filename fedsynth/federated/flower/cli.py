@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedsynth.errors import ConfigError, require
 from fedsynth.commands import command, examples
+from fedsynth.errors import ConfigError, require
 from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
-from fedsynth.federated.flower.worker import add_arguments
-from fedsynth.federated.flower.worker import run_from_args
+from fedsynth.federated.flower.worker import add_arguments, run_from_args
 
 
 def _print_event(event: dict[str, Any], _federation: object) -> None:

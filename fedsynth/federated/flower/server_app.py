@@ -35,7 +35,15 @@ from fedsynth.config import ExperimentConfig, load_config
 from fedsynth.errors import ConfigError, FedsynthError
 from fedsynth.federated.aggregation import SiteUpdate, mean_metrics
 from fedsynth.federated.flower.messages import (
-    LOSS, RUN_CONFIG_PATH, RUN_DIR, RUN_EVALUATE, RUN_ROUNDS, EvaluateReply, MessageError, RoundInstruction, TrainReply,
+    LOSS,
+    RUN_CONFIG_PATH,
+    RUN_DIR,
+    RUN_EVALUATE,
+    RUN_ROUNDS,
+    EvaluateReply,
+    MessageError,
+    RoundInstruction,
+    TrainReply,
     Verdict,
 )
 from fedsynth.federated.flower.records import encode, record_groups, record_nbytes, record_to_weights
@@ -160,7 +168,7 @@ class FlowerFederation:
         def send(to: list[int]) -> None:
             messages = [Message(instruction(node).to_record(), dst_node_id=node, message_type=message_type, ttl=ttl)
                         for node in to]
-            pending.update(zip(self.grid.push_messages(messages), to))
+            pending.update(zip(self.grid.push_messages(messages), to, strict=False))
 
         send(nodes)
         resent: dict[int, int] = {}

@@ -23,12 +23,26 @@ from fedsynth import pki
 from fedsynth.config import save_config
 from fedsynth.errors import ConfigError
 from fedsynth.federated.flower.bundle import FEDERATION, AppSpec, write_app
+from fedsynth.federated.flower.launcher import (
+    FederationError,
+    SuperLinkPorts,
+    TLSFiles,
+    flower_env,
+    flwr_cli,
+    follow,
+    site_worker_argv,
+    superlink_argv,
+    supernode_argv,
+)
 from fedsynth.federated.site_config import write_trial_site_config
 from fedsynth.federated.trial_common import (
-    SITE_SYNTAX, TrialRequest, TrialResult, check_site_id, check_trial, read_result, threads_per_site,
-)
-from fedsynth.federated.flower.launcher import (
-    FederationError, SuperLinkPorts, TLSFiles, flower_env, flwr_cli, follow, site_worker_argv, superlink_argv, supernode_argv,
+    SITE_SYNTAX,
+    TrialRequest,
+    TrialResult,
+    check_site_id,
+    check_trial,
+    read_result,
+    threads_per_site,
 )
 from fedsynth.processes import ProcessGroup, free_port, sigterm_raises
 

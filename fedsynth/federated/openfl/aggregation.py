@@ -31,8 +31,8 @@ from openfl.interface.aggregation_functions import AggregationFunction
 
 from fedsynth.engine import seed_everything
 from fedsynth.errors import FedsynthError
-from fedsynth.federated.compat import end_openfl_aggregator
 from fedsynth.federated.aggregation import SHARED, NoValidUpdates, SiteUpdate, from_transport, group_of, resolve_group_policy
+from fedsynth.federated.compat import end_openfl_aggregator
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
 from fedsynth.federated.server import GlobalModel
 from fedsynth.models import build_model

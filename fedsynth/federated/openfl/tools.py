@@ -11,18 +11,22 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fedsynth.errors import CheckpointError, ConfigError
-from fedsynth.federated.compat import openfl_bind, openfl_check_collaborators, openfl_let_recovery_end_a_round, openfl_set_idle_poll
-from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, file_sha256, load_pinned_config
 from fedsynth.families import first_stage
-from fedsynth.io import atomic_path
-from fedsynth.io import atomic_write_text
+from fedsynth.federated.compat import (
+    openfl_bind,
+    openfl_check_collaborators,
+    openfl_let_recovery_end_a_round,
+    openfl_set_idle_poll,
+)
+from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, file_sha256, load_pinned_config
+from fedsynth.io import atomic_path, atomic_write_text
 
 log = logging.getLogger("fedsynth.openfl")
 
