@@ -130,13 +130,24 @@ def _generate(args: argparse.Namespace) -> None:
 
     from fedsynth.checkpoint import load_checkpoint
     from fedsynth.engine import resolve_device
-    from fedsynth.generation import checkpoint_provenance, describe_checkpoint, sample, sampling_settings, write_images
+    from fedsynth.generation import (
+        checkpoint_provenance,
+        describe_checkpoint,
+        previous_generation,
+        sample,
+        sampling_settings,
+        write_images,
+    )
     from fedsynth.models import model_from_checkpoint
 
     _at_least("-n/--num-images", args.num_images, 1)
     _at_least("--steps", args.steps, 1)
     _at_least("--guidance-scale", args.guidance_scale, 0)
     check_output_path(args.output, folder=True)
+    earlier = previous_generation(Path(args.output))
+    if earlier and not args.overwrite:
+        raise FedsynthError(f"-o {args.output}: holds an earlier generation ({', '.join(earlier[:3])}"
+                            f"{', ...' if len(earlier) > 3 else ''}); pass --overwrite to replace it, or choose a new folder")
     ckpt = _run_checkpoint(args)
     prompts = _prompts(args)
     payload = load_checkpoint(ckpt)
@@ -364,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to sample (auto: cuda if available)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema",
                    help="ema: the checkpoint's EMA of the generating groups when it has one (default); raw: trained weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier generation in -o (only once the new one "
+                                                            "is written)")
 
     p = sub.add_parser("info", help="print a checkpoint's metadata as JSON", **examples(
         "fedsynth info runs/gan/last.ckpt", "fedsynth info runs/fl/global/best.ckpt"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from fedsynth import __version__
 from fedsynth.data.images import save_image
 from fedsynth.data.manifest import IMAGE_SUFFIXES, write_manifest
+from fedsynth.errors import OutputError
 from fedsynth.io import atomic_write_text
 from fedsynth.models.base import SynthesisModel
 from fedsynth.progress import bar
@@ -138,6 +141,14 @@ def describe_checkpoint(info: Mapping[str, Any]) -> str:
     return f"{info.get('path')} ({', '.join(where)})"
 
 
+def previous_generation(out: Path, prefix: str = "synthetic") -> list[str]:
+    """Names of an earlier generation's files in ``out`` (what :func:`write_images` would replace)."""
+    if not out.is_dir():
+        return []
+    names = [n for n in ("manifest.csv", "generation.json", "grid.png") if (out / n).exists()]
+    return names + sorted(p.name for p in out.glob(f"{prefix}_*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+
+
 def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str = "nii.gz",
                  labels: torch.Tensor | None = None, prompts: list[str] | None = None,
                  prefix: str = "synthetic", provenance: Mapping[str, Any] | None = None) -> list[Path]:
@@ -145,35 +156,43 @@ def write_images(images: torch.Tensor, out_dir: str | Path, *, image_format: str
     (with each image's ``Label`` and ``Prompt`` when it was generated from one) and
     ``generation.json`` (count, format, and ``provenance``: what made the images).
 
-    The manifest (then ``generation.json``) is written last, so a folder without one is an
-    interrupted generation. A re-used folder first loses the previous generation's images,
-    manifest and grid, so no stale image is mixed with the new ones.
+    Everything is written into a hidden folder inside ``out_dir`` first; only when every file is
+    written does an earlier generation there (the caller decided to replace it) give way and the
+    new files move in, the manifest last. A write that fails (a full disk) leaves ``out_dir`` as it
+    was, without temporary files.
     """
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     arrays = images.numpy()
     if image_format == "png" and arrays.ndim != 4:
         raise ValueError("PNG output is for 2D images; use nii.gz for 3D")
-    for name in ("generation.json", "manifest.csv"):
-        (out / name).unlink(missing_ok=True)
-    for old in out.glob(f"{prefix}_*"):
-        if old.is_file() and old.name.lower().endswith(IMAGE_SUFFIXES):
-            old.unlink()
-    (out / "grid.png").unlink(missing_ok=True)
-    paths = []
-    for i, array in enumerate(arrays):
-        path = out / f"{prefix}_{i:04d}.{image_format}"
-        save_image(array, path)
-        paths.append(path)
-    save_image(image_grid(arrays), out / "grid.png")
-    label_list = [int(labels[i]) if labels is not None and labels.numel() > 1 else (int(labels) if labels is not None else None)
-                  for i in range(len(paths))]
-    prompt_list = None if prompts is None else (list(prompts) * len(paths) if len(prompts) == 1 else list(prompts))
-    write_manifest(out / "manifest.csv", [(p.stem.split(".")[0], [p.resolve()], lab) for p, lab in zip(paths, label_list, strict=False)],
-                   prompts=prompt_list)
-    record = {"count": len(paths), "format": image_format,
-              "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "fedsynth_version": __version__,
-              **dict(provenance or {})}
-    atomic_write_text(out / "generation.json", json.dumps(record, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fedsynth-generating-", dir=out))
+    names = [f"{prefix}_{i:04d}.{image_format}" for i in range(len(arrays))]
+    paths = [out / name for name in names]
+    try:
+        for name, array in zip(names, arrays, strict=True):
+            save_image(array, staging / name)
+        save_image(image_grid(arrays), staging / "grid.png")
+        label_list = [int(labels[i]) if labels is not None and labels.numel() > 1 else (int(labels) if labels is not None else None)
+                      for i in range(len(names))]
+        prompt_list = None if prompts is None else (list(prompts) * len(names) if len(prompts) == 1 else list(prompts))
+        # paths relative to the manifest's folder: the same names once the files have moved into out_dir
+        write_manifest(staging / "manifest.csv", [(name.split(".")[0], [staging / name], lab)
+                                                  for name, lab in zip(names, label_list, strict=True)], prompts=prompt_list)
+        record = {"count": len(paths), "format": image_format,
+                  "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "fedsynth_version": __version__,
+                  **dict(provenance or {})}
+        atomic_write_text(staging / "generation.json", json.dumps(record, indent=2))
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"cannot write the generated images to {out}: {err.strerror or err}; nothing was "
+                          "changed there") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in previous_generation(out, prefix):
+        (out / old).unlink()
+    for name in [*names, "grid.png", "generation.json", "manifest.csv"]:  # the manifest last: it marks a complete set
+        (staging / name).rename(out / name)
+    staging.rmdir()
     return paths
