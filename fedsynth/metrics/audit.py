@@ -158,7 +158,7 @@ def _generate(model: SynthesisModel, members: Candidates, non_members: Candidate
     labels = torch.arange(n) % model.config.num_classes if model.config.num_classes else None
     prompts = None
     if members.prompts is not None and non_members.prompts is not None:
-        pool = [p for pair in zip(members.prompts, non_members.prompts) for p in pair]  # both sets' conditions alike
+        pool = [p for pair in zip(members.prompts, non_members.prompts, strict=False) for p in pair]  # both sets' conditions alike
         prompts = [pool[i % len(pool)] for i in range(n)]
     with torch.random.fork_rng(devices=[]):
         return sample(model, n, seed=options.seed, labels=labels, prompts=prompts, sampler=options.sampler,
@@ -219,8 +219,8 @@ def evaluate_attack(members: np.ndarray, non_members: np.ndarray, *, replicates:
                               "auc_ci95": stats.interval(draws["auc"]) if draws else None}
     for f in FPRS:
         at = stats.tpr_at_fpr(members, non_members, f)
-        bound = stats.epsilon_lower_bound(at["true_positives"], at["members"], at["false_positives"], at["non_members"],
-                                          delta=delta, level=level)
+        bound = stats.epsilon_lower_bound(int(at["true_positives"]), int(at["members"]), int(at["false_positives"]),
+                                          int(at["non_members"]), delta=delta, level=level)
         result[f"fpr_{f:g}"] = {"tpr": at["tpr"], "tpr_ci95": stats.interval(draws[f"tpr@{f}"]) if draws else None,
                                 "fpr_reached": at["fpr"], "true_positives": at["true_positives"],
                                 "false_positives": at["false_positives"], "epsilon_lower_bound": bound["epsilon"],

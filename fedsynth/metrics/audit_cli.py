@@ -9,11 +9,11 @@ import argparse
 
 from fedsynth.commands import command, examples
 from fedsynth.errors import FedsynthError
+from fedsynth.io import check_output_path
 
 
 @command("audit")
 def _audit(args: argparse.Namespace) -> None:
-    from fedsynth.io import check_output_path
     from fedsynth.metrics.audit import AuditOptions, audit, summary_text
     from fedsynth.metrics.evaluate import write_report
 

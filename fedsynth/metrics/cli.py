@@ -61,6 +61,12 @@ def _print_sources(args: argparse.Namespace) -> None:
                   f"seed {made.get('seed')}" + (f", {made['sampler']} {made['sampling_steps']} steps" if made.get("sampler") else ""))
 
 
+#: how the printed summary names each metric
+_LABELS = {"encoder_fid": "encoder-FID", "kid": "KID", "frd": "FRD", "mean_ks_statistic": "mean KS",
+           "mean_wasserstein": "mean W1", "precision": "precision", "recall": "recall", "density": "density",
+           "coverage": "coverage"}
+
+
 def _ci(pair: list[float | None] | None) -> str:
     return f"[{pair[0]:.3g}, {pair[1]:.3g}]" if pair and None not in pair else "[-]"
 
@@ -77,7 +83,8 @@ def summary_text(report: dict[str, Any]) -> str:
     has_floor = summary["floor"] is not None
     lines.append(f"{'metric':<18} {'gap to floor [95% CI]':<30} {'synthetic [95% CI]':<30} {'floor [95% CI]':<30} better"
                  if has_floor else f"{'metric':<18} {'synthetic [95% CI]':<30} better")
-    for name, m in summary["metrics"].items():
+    for key, m in summary["metrics"].items():
+        name = _LABELS.get(key, key)
         value = f"{m['value']:.4g} {_ci(m['ci95'])}" if m["value"] is not None else "-"
         if has_floor:
             gap = f"{m['gap']:+.4g} {_ci(m['gap_ci95'])}" if m["gap"] is not None else "-"

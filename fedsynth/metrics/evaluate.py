@@ -14,14 +14,13 @@ import torch
 
 from fedsynth.config import ExperimentConfig
 from fedsynth.errors import FedsynthError
+from fedsynth.io import atomic_write_text
 from fedsynth.metrics import features as feat
-from fedsynth.metrics import intervals
+from fedsynth.metrics import intervals, stats
 from fedsynth.metrics import radiomics as rad
-from fedsynth.metrics import stats
 from fedsynth.metrics.images import ImageSet, check_pair, infer_config, load_real, load_synthetic
 from fedsynth.metrics.similarity import memorization, memorization_share, pairwise_ms_ssim, reconstruction_quality
 from fedsynth.metrics.utility import UtilityOptions
-from fedsynth.io import atomic_write_text
 
 if TYPE_CHECKING:
     from fedsynth.models.autoencoder import AutoencoderModel
