@@ -423,7 +423,12 @@ def _snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+#: cases that train a step first or start another process: the slow tier
+SLOW_CASES = {"resume_other_data", "second_writer"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW_CASES else c for c in CASES],
+                         ids=[c.name for c in CASES])
 def test_bad_input_is_one_clear_error(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ws = Workspace(tmp_path)
     argv = case.make(ws)
@@ -448,6 +453,7 @@ def test_enough_cases() -> None:
     assert len(CASES) >= 30
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize("argv_of", [
     lambda ws: ws.train("--epochs", "0"),
     lambda ws: ["init-config", "--family", "gan", "--image-size", "36", "-o", str(ws.root / "x.yaml")],
@@ -514,6 +520,7 @@ def test_read_only_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         locked.chmod(0o755)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_full_disk_names_the_path_and_leaves_no_temp_files(tmp_path: Path) -> None:
     """A file-size limit (RLIMIT_FSIZE) makes the checkpoint write fail as a full disk would."""
     ws = Workspace(tmp_path)

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.timeout(2500)
 def test_benchmark_suite_quick(tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.md"

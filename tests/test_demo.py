@@ -11,6 +11,7 @@ from fedsynth.cli import main
 from fedsynth.demo import fast_precision
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_demo_writes_grid_and_scores_next_to_the_real_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("nilearn")
     out = tmp_path / "demo"

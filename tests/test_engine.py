@@ -84,6 +84,7 @@ def _train(cfg, csv: Path, run: Path, epochs: int, resume: bool = False) -> Engi
     return engine
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize("family", ["gan", "diffusion"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, mri2d: dict[str, Path], family: str) -> None:
     cfg = tiny_config(family, data__augmentations=[{"name": "flip", "prob": 0.5, "spatial_axis": 1}])
@@ -100,6 +101,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, mri2d:
 TRAIN_CASES = [("gan", 2, 0), ("gan", 3, 0), ("autoencoder", 2, 0), ("autoencoder", 3, 0), ("diffusion", 2, 0), ("diffusion", 3, 0)]
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize(("family", "dims", "classes"), TRAIN_CASES)
 def test_train_generate_every_family_on_real_mri(tmp_path: Path, mri2d: dict[str, Path], mri3d: dict[str, Path],
                                                  family: str, dims: int, classes: int) -> None:
@@ -115,6 +117,7 @@ def test_train_generate_every_family_on_real_mri(tmp_path: Path, mri2d: dict[str
     assert images.shape[0] == 2 and torch.isfinite(images).all()
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_cli_train_resume_generate_info(tmp_path: Path, mri2d: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _write_config(tmp_path, tiny_config("gan", 2, 2, training__sample_every=1))
     run = tmp_path / "run"
@@ -133,6 +136,7 @@ def test_cli_train_resume_generate_info(tmp_path: Path, mri2d: dict[str, Path], 
     assert main(["generate", "--run", str(run), "-n", "1", "-o", str(out), "--label", "9"]) == 2
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_conditional_diffusion_with_guidance_and_ddpm(tmp_path: Path, mri2d: dict[str, Path]) -> None:
     cfg = tiny_config("diffusion", 2, 2, training__epochs=1, training__max_steps=2)
     engine = run_training(TrainRequest(str(_write_config(tmp_path, cfg)), str(mri2d["all"]), str(tmp_path / "run")))
@@ -142,6 +146,7 @@ def test_conditional_diffusion_with_guidance_and_ddpm(tmp_path: Path, mri2d: dic
     assert ddim.shape == ddpm.shape == (2, 1, 32, 32)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_latent_diffusion_on_trained_autoencoder_run(tmp_path: Path, mri2d: dict[str, Path]) -> None:
     ae_cfg = tiny_config("autoencoder", training__epochs=1, training__max_steps=2)
     run_training(TrainRequest(str(_write_config(tmp_path, ae_cfg)), str(mri2d["mni152"]), str(tmp_path / "ae")))
@@ -156,6 +161,7 @@ def test_latent_diffusion_on_trained_autoencoder_run(tmp_path: Path, mri2d: dict
     assert sample(model, 2, seed=0, steps=3).shape == (2, 1, 32, 32)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_ddp_two_cpu_processes(tmp_path: Path, mri2d: dict[str, Path]) -> None:
     cfg = _write_config(tmp_path, tiny_config("gan", training__epochs=1))
     run = tmp_path / "run"
@@ -201,6 +207,7 @@ def _ddp_rank(rank: int, request: TrainRequest, port: int, out: str) -> None:
         torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_ddp_ranks_end_identical_and_only_rank0_writes(tmp_path: Path, mri2d: dict[str, Path]) -> None:
     from fedsynth.processes import free_port
 
@@ -221,6 +228,7 @@ def test_ddp_ranks_end_identical_and_only_rank0_writes(tmp_path: Path, mri2d: di
     assert str(run / "last.ckpt") in rank0 and str(run / "metrics.csv") in rank0
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_ddp_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, mri2d: dict[str, Path]) -> None:
     """2 DDP ranks stopped inside an epoch (max_steps) and resumed with 2 ranks end with the same
     weights as an uninterrupted 2-rank run: the checkpoint holds the position in the sharded epoch."""

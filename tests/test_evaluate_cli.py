@@ -28,6 +28,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return rc, captured.out, captured.err
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_evaluate_2d_generation_folder_writes_report_and_png(mri2d: dict[str, Path], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     synthetic = _as_generated(mri2d["colin27"], tmp_path / "generated", "png")
@@ -47,6 +48,7 @@ def test_evaluate_2d_generation_folder_writes_report_and_png(mri2d: dict[str, Pa
     assert not list((tmp_path / "out").glob(".*tmp"))  # atomic writes leave nothing behind
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_evaluate_3d_csv_and_folder_without_manifest(mri3d: dict[str, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     synthetic = _as_generated(mri3d["colin27"], tmp_path / "gen3d", "nii.gz")
@@ -62,6 +64,7 @@ def test_evaluate_3d_csv_and_folder_without_manifest(mri3d: dict[str, Path], tmp
     assert a["encoder_fid"] == pytest.approx(b["encoder_fid"])
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_evaluate_with_autoencoder_checkpoint(mri2d: dict[str, Path], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import tiny_config
@@ -121,6 +124,7 @@ def test_evaluate_bad_inputs_fail_cleanly(case: str, mri2d: dict[str, Path], mri
     assert not out.exists()
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_png_shows_both_sets(mri2d: dict[str, Path], tmp_path: Path) -> None:
     from fedsynth.metrics import evaluate_sets
     from fedsynth.metrics.plots import write_png

@@ -112,6 +112,7 @@ print("tinygan ok")
 '''
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_a_new_family_is_one_module_and_one_registry_line(tmp_path: Path) -> None:
     (tmp_path / "tiny_family.py").write_text(TINY_FAMILY, encoding="utf-8")
     (tmp_path / "out").mkdir()
@@ -139,6 +140,7 @@ def test_registry_lists_its_modules_once_and_names_unknown_families() -> None:
         family("nope")
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_a_family_module_imports_first_and_config_re_exports_its_block() -> None:
     """Family modules must not import fedsynth.config at import time (it imports them); a fresh
     interpreter that starts from a family module reaches the same classes through fedsynth.config."""

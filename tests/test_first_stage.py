@@ -36,6 +36,7 @@ def ldm_config(tmp_path: Path, mri2d: dict[str, Path]):  # type: ignore[no-untyp
                        federation__transport_dtype="float16", federation__min_sites=1)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_sites_get_the_architecture_and_hash_never_the_servers_path(ldm_config, tmp_path: Path, mri2d) -> None:  # type: ignore[no-untyped-def]
     server = GlobalModel(ldm_config, tmp_path / "server" / "run")
     sent = server.site_config.model

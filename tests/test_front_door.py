@@ -47,6 +47,7 @@ def test_front_door_imports_no_torch(body: str, tmp_path: Path) -> None:
     assert _heavy_modules_after(body, tmp_path) == []
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_building_a_model_is_what_loads_torch(tmp_path: Path) -> None:
     """The registry's model reference resolves on use (the control: the probe can see torch)."""
     assert "torch" in _heavy_modules_after("from fedsynth.families import family\nfamily('gan').model", tmp_path)

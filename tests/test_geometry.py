@@ -49,6 +49,7 @@ TRAIN_SAMPLE = [(f, d, s, c, k) for f in FAMILIES for d, sizes in ((2, (8, 10, 1
                 for s in sizes for c, k in ((1, 0), (3, 0 if f == "autoencoder" else 2))]
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize(("family", "dims", "size", "channels", "classes"), TRAIN_SAMPLE)
 def test_valid_configs_train_one_step(family: str, dims: int, size: int, channels: int, classes: int) -> None:
     config, error = _config_or_error(family, dims, size, channels, classes)
@@ -119,6 +120,7 @@ def test_model_build_errors_become_config_errors() -> None:
         build_model(config)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize(("family", "dims", "size"), [("gan", 2, 12), ("diffusion", 3, 8), ("autoencoder", 2, 20)])
 def test_init_config_writes_configs_that_train(family: str, dims: int, size: int, tmp_path: Path) -> None:
     """The whole path: init-config, then ``fedsynth train`` for one step on images of that size."""

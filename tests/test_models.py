@@ -79,6 +79,7 @@ def test_set_weights_rejects_bad_keys_and_shapes() -> None:
         model.set_weights(weights)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize(("family", "dims", "classes", "extra"), VARIANTS)
 def test_generate_shape_range_and_seed(family: str, dims: int, classes: int, extra: dict) -> None:
     model = _model(family, dims, classes, extra).eval()

@@ -126,6 +126,7 @@ def test_budget_stop_before_exceeding_target(mri2d) -> None:
     assert engine.privacy.can_step() is not None and "target_epsilon" in engine.privacy.can_step()
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_target_epsilon_calibrates_noise(mri2d) -> None:
     cfg = tiny_config("gan", privacy={"enabled": True, "target_epsilon": 8.0, "epochs": 3})
     engine, train = _engine(cfg, mri2d["mni152"])
@@ -154,6 +155,7 @@ def test_checkpoint_and_resume_keep_epsilon_continuous(mri2d, tmp_path) -> None:
     assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a), "resume under DP is not exact"
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_wrapping_happens_once(mri2d) -> None:
     cfg = tiny_config("gan", privacy=DP)
     engine, train = _engine(cfg, mri2d["mni152"])

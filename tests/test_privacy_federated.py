@@ -19,6 +19,7 @@ pytest.importorskip("opacus")
 PRIVACY = {"enabled": True, "noise_multiplier": 1.2, "max_grad_norm": 1.0}
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_two_sites_account_their_own_data_across_rounds(mri2d, tmp_path) -> None:
     cfg = tiny_config("gan", privacy=PRIVACY, federation={"local_steps": 2, "local_epochs": 1},
                       training__batch_size=6)

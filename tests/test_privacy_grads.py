@@ -83,6 +83,7 @@ def test_gan_discriminator_per_sample_grads_fold_real_and_fake(mri2d) -> None:
     _check(model, optimizers, ["discriminator"], "discriminator", loss_of)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize("attention", [False, True], ids=["plain", "attention"])
 def test_autoencoder_kl_per_sample_grads(mri2d, attention: bool) -> None:
     model_cfg = {"family": "autoencoder", "channels": [8, 16], "latent_channels": 2, "attention": attention,
@@ -109,6 +110,7 @@ def test_autoencoder_kl_per_sample_grads(mri2d, attention: bool) -> None:
     _check(model, optimizers, ["discriminator"], "discriminator", d_loss_of)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_vqvae_per_sample_grads_and_frozen_codebook(mri2d) -> None:
     model_cfg = {"family": "autoencoder", "architecture": "vqvae", "channels": [8, 16], "latent_channels": 2}
     cfg = tiny_config("autoencoder", model=model_cfg, privacy={"enabled": True, "noise_multiplier": 1.0})
@@ -125,6 +127,7 @@ def test_vqvae_per_sample_grads_and_frozen_codebook(mri2d) -> None:
     assert torch.equal(codebook, after), "the VQ codebook changed from raw data under DP"
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d-hooks", "3d-functorch"])
 def test_diffusion_unet_per_sample_grads(mri2d, mri3d, spatial_dims: int) -> None:
     data = mri2d if spatial_dims == 2 else mri3d
@@ -141,6 +144,7 @@ def test_diffusion_unet_per_sample_grads(mri2d, mri3d, spatial_dims: int) -> Non
     _check(model, optimizers, ["unet"], "unet", loss_of)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_autoencoder_3d_attention_functorch(mri3d) -> None:
     model_cfg = {"family": "autoencoder", "channels": [8, 16], "latent_channels": 2, "attention": True}
     cfg = tiny_config("autoencoder", 3, model=model_cfg, privacy={"enabled": True, "noise_multiplier": 1.0})

@@ -103,6 +103,7 @@ def test_lr_factor_values() -> None:
         lr_factor(20, 100, schedule="linear")
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_engine_applies_schedule_and_clipping(mri2d: dict[str, Path]) -> None:
     from fedsynth.data import load_datasets
     from fedsynth.engine import Engine
@@ -185,6 +186,7 @@ def test_r1_penalty_known_case() -> None:
     assert float(r1_penalty(quadratic_d, x).detach()) == pytest.approx(float(x.pow(2).flatten(1).sum(1).mean()), rel=1e-5)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_r1_is_skipped_under_dp_and_between_lazy_steps() -> None:
     from fedsynth.models.base import Batch
 

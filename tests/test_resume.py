@@ -78,6 +78,7 @@ def _assert_same(a, b) -> None:
 CASES = [(family, dims, stop) for family in family_names() for dims in (2, 3) for stop in (3, 4)]
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize(("family", "dims", "stop"), CASES,
                          ids=[f"{f}-{d}d-{'boundary' if s == 3 else 'mid_epoch'}" for f, d, s in CASES])
 def test_interrupted_and_resumed_equals_uninterrupted(family: str, dims: int, stop: int, data: dict[int, Path],
@@ -104,6 +105,7 @@ def test_resume_with_dp_is_exact(stop: int, data: dict[int, Path], tmp_path: Pat
     _assert_same(straight, resumed)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_checkpoint_every_steps_writes_mid_epoch_and_resumes_exactly(data: dict[int, Path], tmp_path: Path) -> None:
     cfg = _config("autoencoder", 2, checkpoint_every_steps=1)
     config = config_from_dict(cfg)
@@ -128,6 +130,7 @@ def test_checkpoint_every_steps_writes_mid_epoch_and_resumes_exactly(data: dict[
     _assert_same(straight, resumed)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_sigkill_leaves_a_loadable_checkpoint_and_resume_is_exact(data: dict[int, Path], tmp_path: Path) -> None:
     """``fedsynth train`` killed with SIGKILL as soon as its first mid-epoch checkpoint exists."""
     cfg = _config("gan", 2, checkpoint_every_steps=1)

@@ -64,6 +64,7 @@ def test_site_data_config_carries_the_floor(tmp_path: Path) -> None:
     assert trial.share_metrics == ["*"] and trial.state_dir == (tmp_path / "s2" / "state").resolve()
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_site_refuses_calibrated_noise_below_its_floor_and_keeps_losses_in(mri2d, tmp_path: Path) -> None:
     pytest.importorskip("opacus")
     from fedsynth.federated.site import Site

@@ -41,6 +41,7 @@ def test_minibatch_stddev_groups_never_mix_real_and_fake() -> None:
     assert torch.all(out[:4, 2] < 1e-3) and torch.all(out[4:, 2] > 0.1)
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize(("dims", "classes"), [(2, 0), (3, 2)], ids=["2d", "3d-conditional"])
 def test_trains_through_the_engine_and_generates(mri2d, mri3d, dims: int, classes: int) -> None:
     cfg = tiny_config("stylegan", dims, classes)
@@ -97,6 +98,7 @@ def test_group_weights_round_trip() -> None:
                                b.plain_net("generator").eval()(z, labels, noise_generator=torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 @pytest.mark.parametrize("dims", [2, 3], ids=["2d-hooks", "3d-functorch"])
 def test_dp_on_the_discriminator(mri2d, mri3d, dims: int) -> None:
     from opacus.grad_sample import GradSampleModule
@@ -116,6 +118,7 @@ def test_dp_on_the_discriminator(mri2d, mri3d, dims: int) -> None:
     assert any(not np.array_equal(g_before[k], g_after[k]) for k in g_before), "the generator did not train"
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_dp_per_sample_grads_fold_real_and_fake(mri2d) -> None:
     """Opacus' per-sample gradients of the discriminator objective == autograd per example."""
     from test_privacy_grads import N, _check, _private

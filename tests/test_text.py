@@ -100,6 +100,7 @@ def _denoising_loss(model, loader, prompts_of) -> float:
     return total / n
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_prompts_are_learned_held_out(tmp_path: Path, slices: dict[str, Path]) -> None:
     """After 300 steps the right prompt denoises held-out slices better than a shuffled or empty one."""
     torch.manual_seed(0)
@@ -136,6 +137,7 @@ def test_text_encoder_trains_under_dp(tmp_path: Path, slices: dict[str, Path]) -
     assert any(not np.array_equal(before[k], after[k]) for k in before), "DP step did not update the text encoder"
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_resume_is_exact(tmp_path: Path, slices: dict[str, Path]) -> None:
     from fedsynth.engine import LAST
 
@@ -245,6 +247,7 @@ def test_agreement_counts_exact_and_per_attribute() -> None:
         agreement(["a", "b"], ["a"])
 
 
+@pytest.mark.slow  # trains beyond a step or spawns processes
 def test_prompt_reader_reads_held_out_real_slices_far_above_chance(slices: dict[str, Path]) -> None:
     """The adherence metric's reader, trained on real training slices, reads the prompts of real
     held-out slices; shuffled prompts score near chance (the metric can tell right from wrong)."""
