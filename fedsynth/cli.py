@@ -19,7 +19,7 @@ from fedsynth.commands import COMMANDS, Parser, Stopwatch, command, examples
 from fedsynth.data.manifest import construct_csv
 from fedsynth.errors import CheckpointError, FedsynthError
 from fedsynth.families import families, family, family_names
-from fedsynth.io import atomic_write_text, check_output_path
+from fedsynth.io import atomic_write_text, check_new_file, check_output_path
 from fedsynth.progress import bar
 
 #: modules that add sub-commands: each defines ``add_commands(subparsers)`` and uses ``@command``
@@ -39,9 +39,7 @@ def _at_least(flag: str, value: int | float | None, minimum: int | float) -> Non
 def _init_config(args: argparse.Namespace) -> None:
     from fedsynth.config import default_config, render_yaml
 
-    out = check_output_path(args.output, folder=False)
-    if out.exists() and not args.overwrite:
-        raise FedsynthError(f"-o {out}: the file exists; pass --overwrite to replace it")
+    out = check_new_file(args.output, overwrite=args.overwrite)
     _at_least("--image-size", args.image_size, 8)
     _at_least("--channels", args.channels, 1)
     _at_least("--num-classes", args.num_classes, 0)
@@ -65,9 +63,7 @@ def _init_config(args: argparse.Namespace) -> None:
 
 @command("construct-csv")
 def _construct_csv(args: argparse.Namespace) -> None:
-    out = check_output_path(args.output, folder=False)
-    if out.exists() and not args.overwrite:
-        raise FedsynthError(f"-o {out}: the file exists; pass --overwrite to replace it")
+    check_new_file(args.output, overwrite=args.overwrite)
     n = construct_csv(args.input_dir, args.output, channel_ids=args.channels_id, labels_from_folders=args.labels_from_folders)
     print(f"wrote {args.output} ({n} rows)")
 

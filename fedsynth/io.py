@@ -56,6 +56,15 @@ def check_output_path(path: str | Path, flag: str = "-o", *, folder: bool) -> Pa
     return path
 
 
+def check_new_file(path: str | Path, flag: str = "-o", *, overwrite: bool = False) -> Path:
+    """The output file ``path`` checked before any work: its folder can hold it, and an existing file is
+    replaced only when the user passed ``--overwrite``."""
+    out = check_output_path(path, flag, folder=False)
+    if out.exists() and not overwrite:
+        raise OutputError(f"{flag} {out}: the file exists; pass --overwrite to replace it")
+    return out
+
+
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete temporary files an interrupted (killed) atomic write left in ``folder``."""
     removed = []

@@ -409,6 +409,10 @@ CASES = [
     Case("info_on_a_folder", lambda ws: ["info", str(ws.root)], ("is a folder", "last.ckpt")),
     Case("config_is_a_folder", lambda ws: ws.train(cfg=ws.root), ("is a folder", "YAML")),
     Case("data_is_a_folder", lambda ws: ws.train(data=ws.root), ("is a folder", "construct-csv")),
+    Case("evaluate_o_exists", lambda ws: ["evaluate", "--real", str(ws.csv), "--synthetic", str(ws.root), "-o", str(ws.csv)],
+         ("-o", "data.csv", "exists", "--overwrite")),
+    Case("evaluate_png_exists", lambda ws: ["evaluate", "--real", str(ws.csv), "--synthetic", str(ws.root), "-o",
+                                            str(ws.root / "r.json"), "--png", str(ws.images[0])], ("--png", "exists")),
     Case("construct_csv_exists", lambda ws: ["construct-csv", "--input-dir", str(ws.root), "-o", str(ws.csv)],
          ("data.csv", "exists", "--overwrite")),
 ]

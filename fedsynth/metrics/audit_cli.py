@@ -9,7 +9,7 @@ import argparse
 
 from fedsynth.commands import command, examples
 from fedsynth.errors import FedsynthError
-from fedsynth.io import check_output_path
+from fedsynth.io import check_new_file
 
 
 @command("audit")
@@ -26,7 +26,7 @@ def _audit(args: argparse.Namespace) -> None:
     if bad := [t for t in args.timesteps if not 0 <= t <= 1]:
         raise FedsynthError(f"--timesteps are fractions of the diffusion's training timesteps in [0, 1], got {bad}")
     if args.output:
-        check_output_path(args.output, folder=False)
+        check_new_file(args.output, overwrite=args.overwrite)
     options = AuditOptions(samples=args.samples, timesteps=tuple(args.timesteps), noise_draws=args.noise_draws,
                            sampler=args.sampler, steps=args.steps, bootstrap=args.bootstrap, seed=args.seed)
     report = audit(args.checkpoint, args.members, args.non_members, options, weights=args.weights)
@@ -51,6 +51,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--members", required=True, help="CSV of images the model was trained on")
     p.add_argument("--non-members", required=True, help="CSV of images of the same distribution it was not trained on")
     p.add_argument("-o", "--output", default=None, help="report JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--samples", type=int, default=256, help="generated samples for the nearest-sample attack (0: skip)")
     p.add_argument("--timesteps", type=float, nargs="+", default=[0.02, 0.1, 0.25, 0.5],
                    help="diffusion: timesteps of the denoising-loss attack, as fractions of num_train_timesteps")

@@ -8,6 +8,7 @@ from typing import Any
 
 from fedsynth.commands import command, examples
 from fedsynth.errors import FedsynthError
+from fedsynth.io import check_new_file
 
 
 @command("evaluate")
@@ -25,6 +26,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise FedsynthError(f"--utility-steps must be >= 1, got {args.utility_steps}")
     if args.utility and not args.train:
         raise FedsynthError("--utility needs --train (the real training CSV: the classifier trained on it is the ceiling)")
+    check_new_file(args.output, "-o", overwrite=args.overwrite)  # before hours of scoring, not after
+    if args.png:
+        check_new_file(args.png, "--png", overwrite=args.overwrite)
     utility = UtilityOptions(label=args.utility_label, steps=args.utility_steps) if args.utility else None
     options = EvaluationOptions(bin_count=args.bin_count, encoder=args.encoder, checkpoint=args.checkpoint,
                                 train_csv=args.train, copy_threshold=args.copy_threshold, bootstrap=args.bootstrap,
@@ -119,6 +123,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from fedsynth generate) or a CSV")
     p.add_argument("-o", "--output", required=True, help="report JSON")
     p.add_argument("--png", default=None, help="also write sample grids and feature histograms here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report (-o) or figure (--png)")
     p.add_argument("--config", default=None, help="experiment config giving image_size/normalisation (default: "
                                                   "the checkpoint's, else inferred from the first real image)")
     p.add_argument("--checkpoint", default=None, help="autoencoder checkpoint: reconstruction SSIM/PSNR on the real "
