@@ -442,9 +442,18 @@ class Engine:
         return path
 
     def write_sample_grid(self, path: Path) -> None:
+        """Samples of the current model; a text-conditional model is prompted with its training set's
+        first prompts (the grid shows what it makes of descriptions it was trained on)."""
         n = self.config.training.num_sample_images
+        prompts = None
+        if self.config.text is not None:
+            records = getattr(getattr(self, "_train_dataset", None), "records", None) or []
+            known = [r.prompt for r in records if r.prompt]
+            if not known:
+                return  # nothing to prompt it with (a driver without a dataset)
+            prompts = [known[i % len(known)] for i in range(n)]
         with preserved_rng(), sampling_weights(self.extensions, self.model):
-            images = sample(self.model, n, seed=self.config.seed, batch_size=min(n, 16))
+            images = sample(self.model, n, seed=self.config.seed, prompts=prompts, batch_size=min(n, 16))
         save_image(image_grid(images.numpy()), path)
         self.model.train()
 
