@@ -126,12 +126,17 @@ def atomic_write_text(target: Path, text: str) -> None:
 LOCK_NAME = ".fedsynth.lock"
 
 
+#: folders this process holds: resolved path -> [lock file descriptor, holders in this process]
+_HELD: dict[Path, list[int]] = {}
+
+
 class FolderLock:
     """One writer per folder: an exclusive ``flock`` on ``FOLDER/.fedsynth.lock`` held for the life of
     the writer, released by the operating system on any exit (SIGKILL included), so a crashed run
-    never leaves a lock behind. A second writer is refused with the holder's PID, host and command.
-    A lock that leaves nothing else behind is cleaned up on release: the lock file, and the folder
-    when the lock created it and it is still empty (a failed start leaves no trace).
+    never leaves a lock behind. A second *process* is refused with the holder's PID, host and
+    command; inside one process the lock is shared (a site's cached state and a fresh copy of it are
+    one writer). A lock that leaves nothing else behind is cleaned up on release: the lock file, and
+    the folder when the lock created it and it is still empty (a failed start leaves no trace).
 
     ``with FolderLock(run_dir, "train"):`` or ``lock = FolderLock(...).acquire()`` / ``lock.release()``.
     """
@@ -139,7 +144,7 @@ class FolderLock:
     def __init__(self, folder: str | Path, what: str) -> None:
         self.folder = Path(folder)
         self.what = what
-        self._fd: int | None = None
+        self._key: Path | None = None
         self._created_folder = False
 
     @property
@@ -150,8 +155,15 @@ class FolderLock:
         import fcntl
         import socket
 
+        if self._key is not None:
+            return self
         self._created_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        key = self.folder.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self._key = key
+            return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -173,19 +185,24 @@ class FolderLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()} ({self.what})\n".encode(), 0)
-        self._fd = fd
+        _HELD[key] = [fd, 1]
+        self._key = key
         return self
 
     def release(self) -> None:
-        """Give the folder up, removing the lock file (and the folder, if the lock made it and nothing
-        else was written); safe to call twice."""
-        if self._fd is None:
+        """Give the folder up (the last holder in this process removes the lock file, and the folder if
+        the lock made it and nothing else was written); safe to call twice."""
+        if self._key is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # while still locked: a waiting writer re-checks the inode
-        os.close(self._fd)
-        self._fd = None
-        self._drop_created_folder()
+        held = _HELD[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # while still locked: a waiting writer re-checks the inode
+            os.close(held[0])
+            del _HELD[self._key]
+            self._drop_created_folder()
+        self._key = None
 
     def _drop_created_folder(self) -> None:
         if self._created_folder:
