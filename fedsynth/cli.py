@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> None:
 
 #: ``train``/``validate`` options that override a config field (flag -> dotted field)
 OVERRIDES = {"max_steps": "training.max_steps", "seed": "seed", "precision": "training.precision",
-             "batch_size": "training.batch_size"}
+             "batch_size": "training.batch_size", "first_stage_steps": "model.first_stage_steps"}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,6 +104,9 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="override seed")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="override training.precision")
     p.add_argument("--batch-size", type=int, default=None, help="override training.batch_size (per process)")
+    p.add_argument("--first-stage-steps", type=int, default=None,
+                   help="latent diffusion: override model.first_stage_steps (the autoencoder trained first; "
+                        "--max-steps counts the UNet's steps only)")
 
 
 @command("validate")
