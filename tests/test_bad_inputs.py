@@ -577,7 +577,9 @@ def test_generate_replaces_a_previous_generation(tmp_path: Path) -> None:
     out = tmp_path / "gen"
     ckpt = ws.checkpoint()
     assert main(["generate", "--checkpoint", str(ckpt), "-n", "4", "-o", str(out)]) == 0
-    assert main(["generate", "--checkpoint", str(ckpt), "-n", "2", "-o", str(out)]) == 0
+    assert main(["generate", "--checkpoint", str(ckpt), "-n", "2", "-o", str(out)]) == 2  # not without --overwrite
+    assert len(list(out.glob("synthetic_*"))) == 4
+    assert main(["generate", "--checkpoint", str(ckpt), "-n", "2", "-o", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("synthetic_*")) == ["synthetic_0000.png", "synthetic_0001.png"]
     assert len((out / "manifest.csv").read_text(encoding="utf-8").splitlines()) == 3
 
