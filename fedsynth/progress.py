@@ -9,6 +9,7 @@ of training. The engine labels its progress bar with :func:`network_label`.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -86,4 +87,7 @@ def bar(total: int, desc: str, *, initial: int = 0, unit: str = "step", enabled:
         return None
     from tqdm.auto import tqdm
 
+    # block characters only where the terminal takes UTF-8 (an ASCII locale or a log reader gets '#')
+    encoding = (getattr(sys.stderr, "encoding", None) or "").lower().replace("-", "")
+    kwargs.setdefault("ascii", not encoding.startswith("utf"))
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, **kwargs)

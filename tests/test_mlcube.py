@@ -38,7 +38,7 @@ def runtime() -> None:
 
 def _mlcube_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MLCUBE_SYSTEM_SETTINGS": str(tmp_path / "mlcube_system_settings.yaml")}
-    return subprocess.run([sys.executable, "-m", "mlcube", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "mlcube", *args], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env,
                           timeout=120, cwd=tmp_path)
 
 
@@ -74,7 +74,7 @@ def run_in_container_view(task: str, workspace: Path, scratch: Path) -> subproce
     argv = [a.replace("=/mlcube_io", f"={root}/mlcube_io") for a in args]
     entry = _dockerfile_entrypoint()
     assert entry[0] == "python"
-    proc = subprocess.run([sys.executable, *entry[1:], *argv], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, *entry[1:], *argv], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
                           cwd=scratch)
     for host, inner in mounts.items():
         shutil.copytree(root / inner.lstrip("/"), host, dirs_exist_ok=True)

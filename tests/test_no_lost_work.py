@@ -142,7 +142,7 @@ def test_generate_on_a_full_disk_changes_nothing(setup: tuple[Path, Path, Path],
     assert main(["generate", "--run", str(run), "-n", "2", "-o", str(out)]) == 0
     before = _tree(out)
     done = subprocess.run([sys.executable, "-m", "fedsynth", "generate", "--run", str(run), "-n", "4", "-o", str(out),
-                           "--overwrite", "--seed", "3"], capture_output=True, text=True, timeout=300,
+                           "--overwrite", "--seed", "3"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
                           preexec_fn=lambda: _no_bigger_files(120), env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "cannot write" in done.stderr, done.stderr
@@ -160,13 +160,13 @@ def test_one_process_writes_a_site_state_folder(tmp_path: Path, mri2d: dict[str,
              "from fedsynth.errors import OutputError\nfrom fedsynth.federated.site import Site\n"
              f"try:\n    Site(tiny_config('gan'), {str(mri2d['mni152'])!r}, {str(tmp_path / 'state')!r}, site_id='b')\n"
              "except OutputError as err:\n    print('refused:', err)\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert "refused:" in done.stdout and "in use by PID" in done.stdout and "site 'a'" in done.stdout, done.stdout + done.stderr
     del site, again
     import gc
 
     gc.collect()
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert "refused:" not in done.stdout and done.returncode == 0, done.stdout + done.stderr

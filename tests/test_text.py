@@ -182,7 +182,7 @@ def test_cli_latent_text_diffusion_and_generate_from_prompts(tmp_path: Path, sli
     prompts_file.write_text("coronal T1 slice, anterior, MNI152 template\n\nsagittal T1 slice, left, MNI152 template\n",
                             encoding="utf-8")
     assert main(["generate", "--run", str(run), "-n", "2", "--steps", "2", "--guidance-scale", "2",
-                 "--prompts-file", str(prompts_file), "-o", str(out)]) == 0
+                 "--prompts-file", str(prompts_file), "-o", str(out), "--overwrite"]) == 0
     rows = list(csv.DictReader((out / "manifest.csv").open(encoding="utf-8")))
     assert [r["Prompt"].split(" ")[0] for r in rows] == ["coronal", "sagittal"]
     capsys.readouterr()
