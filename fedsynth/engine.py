@@ -488,8 +488,9 @@ class Engine:
                                       f"({self._resumed_data.get('images')} image(s), sha256 "
                                       f"{str(self._resumed_data.get('sha256'))[:12]}...): {changed}. Resume with the "
                                       "original data, or start a new run folder")
-            self._resumed_data = None
-        self._data_fingerprint = fingerprint(records)
+            self._data_fingerprint, self._resumed_data = self._resumed_data, None  # the same data: its fingerprint
+        else:
+            self._data_fingerprint = fingerprint(records)
         self._fingerprinted = train_data
 
     def check_finite(self) -> None:
