@@ -151,9 +151,14 @@ class FolderLock:
     def path(self) -> Path:
         return self.folder / LOCK_NAME
 
-    def acquire(self) -> FolderLock:
+    def acquire(self, wait_s: float = 0.0) -> FolderLock:
+        """Take the folder; a holder in another process is waited for up to ``wait_s`` seconds
+        (a federated site's previous message may still be exiting), then refused."""
         import fcntl
         import socket
+        import time
+
+        deadline = time.monotonic() + wait_s
 
         if self._key is not None:
             return self
@@ -171,6 +176,9 @@ class FolderLock:
             except OSError as err:
                 holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
                 os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
                 self._drop_created_folder()
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise OutputError(f"cannot lock {self.folder}: {err.strerror}") from None

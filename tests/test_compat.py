@@ -48,3 +48,23 @@ def test_no_framework_internals_are_patched_outside_compat() -> None:
                                         "server.uri")):
                 offenders.append(f"{path.name}:{node.lineno} {text}")
     assert offenders == []
+
+
+def test_a_reply_cut_off_mid_upload_does_not_outlast_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """flwr 1.23 retries a reply's missing objects for up to two hours; bounded, the ServerApp gets
+    an incomplete reply back within the round (and does not mistake it for a lost instruction)."""
+    import time
+
+    import flwr.server.grid.grpc_grid as grid
+    from flwr.common.inflatable_utils import ObjectUnavailableError
+
+    monkeypatch.setattr(grid, "pull_objects", grid.pull_objects)  # restored after the test
+
+    def never_arrives(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    compat.bound_reply_downloads(lambda: 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(ObjectUnavailableError, match=compat.INCOMPLETE_REPLY):
+        grid.pull_objects(object_ids=["a", "b"], pull_object_fn=never_arrives)
+    assert time.monotonic() - t0 < 5

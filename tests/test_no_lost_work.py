@@ -148,3 +148,25 @@ def test_generate_on_a_full_disk_changes_nothing(setup: tuple[Path, Path, Path],
     assert "Traceback" not in done.stderr and "cannot write" in done.stderr, done.stderr
     assert _tree(out) == before and not list(out.glob(".fedsynth-*"))
 
+
+def test_one_process_writes_a_site_state_folder(tmp_path: Path, mri2d: dict[str, Path]) -> None:
+    """A second site process on the same state folder is refused; inside one process the lock is shared."""
+    from fedsynth.federated.site import Site
+
+    config = tiny_config("gan")
+    site = Site(config, mri2d["mni152"], tmp_path / "state", site_id="a")
+    again = Site(config, mri2d["mni152"], tmp_path / "state", site_id="a")  # e.g. a cache rebuilt in the worker
+    probe = ("import sys\nsys.path.insert(0, 'tests')\nfrom conftest import tiny_config\n"
+             "from fedsynth.errors import OutputError\nimport fedsynth.federated.site as s\ns.LOCK_WAIT_S = 1.0\nfrom fedsynth.federated.site import Site\n"
+             f"try:\n    Site(tiny_config('gan'), {str(mri2d['mni152'])!r}, {str(tmp_path / 'state')!r}, site_id='b')\n"
+             "except OutputError as err:\n    print('refused:', err)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "refused:" in done.stdout and "in use by PID" in done.stdout and "site 'a'" in done.stdout, done.stdout + done.stderr
+    del site, again
+    import gc
+
+    gc.collect()
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "refused:" not in done.stdout and done.returncode == 0, done.stdout + done.stderr

@@ -73,6 +73,36 @@ def shorten_supernode_idle_poll(seconds: float) -> None:
     loop.time = ShortIdlePoll()  # type: ignore[assignment]
 
 
+#: the reason of the error reply the ServerApp sees for a reply whose upload never completed
+INCOMPLETE_REPLY = "the site's reply never finished uploading"
+
+
+def bound_reply_downloads(seconds_left: Callable[[], float]) -> None:
+    """flwr 1.23's ``GrpcGrid.pull_messages`` downloads each reply's objects with up to two hours of
+    retries (``PULL_MAX_TIME``); a site killed while uploading its reply leaves objects that never
+    arrive, and the ServerApp, blocked in that download, never reaches its round timeout. Bound the
+    download to ``seconds_left()`` (the rest of the round); a reply still incomplete then comes back
+    as an error reply whose reason is :data:`INCOMPLETE_REPLY`."""
+    require_series("flwr", FLOWER_SERIES, "the ServerApp's bounded reply download")
+    import flwr.server.grid.grpc_grid as grid
+    from flwr.common.inflatable_utils import ObjectUnavailableError, pull_objects
+
+    class Incomplete(ObjectUnavailableError):
+        def __init__(self) -> None:
+            Exception.__init__(self, INCOMPLETE_REPLY)
+
+    def bounded(*args: Any, **kwargs: Any) -> dict[str, bytes]:
+        kwargs["max_time"] = max(1.0, seconds_left())
+        kwargs.setdefault("initial_backoff", 0.2)
+        kwargs.setdefault("backoff_cap", 1.0)
+        try:
+            return pull_objects(*args, **kwargs)
+        except ObjectUnavailableError as err:
+            raise Incomplete() from err
+
+    grid.pull_objects = bounded  # type: ignore[attr-defined]
+
+
 def clientappio_stub(address: str) -> tuple[Any, Any]:
     """``(channel, stub)`` for a SuperNode's ClientAppIo API, with flwr's own retry policy (the
     same private helpers flwr's ``flwr-clientapp`` executor uses)."""

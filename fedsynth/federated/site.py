@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from fedsynth.engine import LAST, Engine, build_engine
 from fedsynth.errors import TrainingDiverged, WeightsError
 from fedsynth.federated.aggregation import frozen_groups, group_of, resolve_group_policy, select_groups, shared_groups
 from fedsynth.federated.site_config import SitePolicy
+from fedsynth.io import FolderLock
 
 
 @dataclass
@@ -54,6 +56,11 @@ def federation_key(config: ExperimentConfig) -> str:
     return f"fed-{digest[:12]}"
 
 
+#: how long a site waits for another process to give its state folder up: with Flower's default
+#: isolation each message runs in a fresh process, and the previous one may still be exiting
+LOCK_WAIT_S = 60.0
+
+
 class Site:
     """Train and evaluate one site's model for a federation, state kept in ``state_dir``."""
 
@@ -65,6 +72,9 @@ class Site:
         self.site_id = site_id
         self.train_csv, self.val_csv = str(train_csv), (str(val_csv) if val_csv else None)
         self.state_dir = Path(state_dir) / federation_key(config)
+        # one process writes a site's state: a second site process on the same folder is refused
+        self._lock = FolderLock(self.state_dir, f"site '{site_id}'").acquire(wait_s=LOCK_WAIT_S)
+        weakref.finalize(self, self._lock.release)
         self.engine: Engine = build_engine(config, self.state_dir)
         self.policy = resolve_group_policy(self.engine.model, config.federation)
         self.shared = shared_groups(self.policy)

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import ExperimentConfig, load_config
 from fedsynth.errors import ConfigError, FedsynthError
+from fedsynth.federated.compat import INCOMPLETE_REPLY, bound_reply_downloads
 from fedsynth.federated.aggregation import SiteUpdate, mean_metrics
 from fedsynth.federated.flower.messages import (
     LOSS,
@@ -65,7 +66,8 @@ def lost_before_delivery(reply: Message) -> bool:
     never saw it, so sending it again is safe (at worst a site trains twice in a round, which only
     spends more of its own privacy budget: its accountant counts every step it takes).
     """
-    return reply.has_error() and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    return (reply.has_error() and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+            and reply.error.reason != INCOMPLETE_REPLY)  # a reply cut off mid-upload: the site did run
 
 
 def verdicts(server_round: int, summary: RoundSummary) -> dict[str, Verdict]:
@@ -91,6 +93,8 @@ class FlowerFederation:
         self._failures: list[str] = []
         self._node_site: dict[int, str] = {}  # node id -> site id, from the sites' replies
         self._verdicts: dict[str, Verdict] = {}  # site id -> what became of its last update (sent with the next message)
+        self._deadline = math.inf  # of the exchange under way: downloading replies never outlasts it
+        bound_reply_downloads(lambda: self._deadline - time.monotonic())
 
     # ------------------------------------------------------------------ logs
 
@@ -172,7 +176,7 @@ class FlowerFederation:
 
         send(nodes)
         resent: dict[int, int] = {}
-        deadline = time.monotonic() + self.fed.round_timeout_s
+        deadline = self._deadline = time.monotonic() + self.fed.round_timeout_s
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
