@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from fedsynth.generation import image_grid, sample
 from fedsynth.io import atomic_path, remove_stale_temps
 from fedsynth.models import build_model
 from fedsynth.models.base import Batch, SynthesisModel
+from fedsynth.privacy.lifetime import DatasetLedger, check_non_private
 from fedsynth.processes import host_memory_available
 from fedsynth.progress import bar as progress_bar
 from fedsynth.progress import network_label
@@ -118,9 +120,13 @@ class Engine:
         device: torch.device | None = None,
         privacy: Extension | None = None,
         extensions: list[Extension] | None = None,
+        ledger: DatasetLedger | None = None,
+        driver: str = "local",
     ) -> None:
         """``privacy`` (e.g. :func:`fedsynth.privacy.make_privacy_plugin`) and ``extensions`` run
-        through the loop's hooks in that order, then the EMA of ``training.ema_decay``."""
+        through the loop's hooks in that order, then the EMA of ``training.ema_decay``. With the
+        site's lifetime ``ledger`` (:mod:`fedsynth.privacy.lifetime`) every fit is checked against
+        its budget and recorded in it under this run folder's name and ``driver``."""
         self.config = config
         self.dist = dist
         self.device = device or resolve_device(config.training.device, dist.rank)
@@ -148,6 +154,7 @@ class Engine:
         self._resumed_data: dict[str, Any] | None = None  # the fingerprint a resumed checkpoint holds
         self._fingerprinted: ImageDataset | None = None
         self._training_step: TrainingStep = model.training_step
+        self.ledger, self.driver = ledger, driver
         self._tb: Any = None
         if dist.world_size > 1:
             self._wrap_ddp()
@@ -240,6 +247,8 @@ class Engine:
         val_loader = self.loader(val_data, train=False) if val_data is not None else None
         self._train_dataset = train_data
         self._check_data(train_data)
+        steps = max(0, (min(max_steps, by_epochs) if max_steps is not None else by_epochs) - self.state.step)
+        self._check_ledger(steps)
         self._target_epochs = target_epochs
         self._fit_started = time.perf_counter()
         # one bar for the whole stage (not one per epoch): its total and ETA are the stage's
@@ -248,6 +257,8 @@ class Engine:
         try:
             stop_reason = self._fit_epochs(loader, train_data, val_loader, target_epochs, max_steps)
         finally:
+            for ext in self.extensions:
+                ext.after_fit()
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
@@ -471,9 +482,30 @@ class Engine:
         :meth:`_gather_rank_rng` under DDP."""
         dataset = getattr(self, "_train_dataset", None)
         self.state.data_rng = capture_augmentation_state(dataset.aug) if dataset is not None else None
+        for ext in self.extensions:
+            ext.before_save()
         states = {ext.state_key: ext.state_dict() for ext in self.extensions if ext.state_key}
         return save_checkpoint(path, self.model, self.state, self.optimizers, extra=extra, rank_rng=rank_rng,
                                extension_states=states, data=self._data_fingerprint)
+
+    @property
+    def run_name(self) -> str:
+        """How the site's ledger names this run: its folder."""
+        return str(self.run_dir.resolve()) if self.run_dir is not None else f"in-memory run (pid {os.getpid()})"
+
+    def _check_ledger(self, steps: int) -> None:
+        """The site's lifetime budget, before any step: the privacy extension checks its plan; a run
+        without one is refused or recorded as non-private."""
+        if self.ledger is None or self._data_fingerprint is None or not self.dist.is_main:
+            return
+        privacy = self.privacy
+        if privacy is not None and hasattr(privacy, "attach_ledger"):
+            privacy.attach_ledger(self.ledger, self.run_name, self.driver)
+        elif not getattr(self, "_non_private_recorded", False):
+            check_non_private(self.ledger, self.run_name, self.driver, self._data_fingerprint)
+            self._non_private_recorded = True
+        for ext in self.extensions:
+            ext.before_fit(self._data_fingerprint, steps)
 
     def _check_data(self, train_data: ImageDataset) -> None:
         """Fingerprint the training set (stored in every checkpoint); a resumed run must train on the
@@ -591,16 +623,17 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + 7919 * rank)
 
 
-def build_engine(config: ExperimentConfig, run_dir: str | Path | None, dist: Distributed = Distributed()) -> Engine:
+def build_engine(config: ExperimentConfig, run_dir: str | Path | None, dist: Distributed = Distributed(), *,
+                 ledger: DatasetLedger | None = None, driver: str = "local") -> Engine:
     """Seeded model + engine (+ privacy plugin when enabled): the same for every driver
-    (local training, DDP ranks, Flower and OpenFL sites)."""
+    (local training, DDP ranks, Flower and OpenFL sites); ``ledger``: the site's lifetime ledger."""
     seed_everything(config.seed, dist.rank)
     device = resolve_device(config.training.device, dist.rank)
     check_model_fits(config, device)
     model = build_model(config)
     privacy = None
     if config.privacy.enabled:
-        from fedsynth.privacy import make_privacy_plugin  # optional dependency (opacus)
+        from fedsynth.privacy.plugin import make_privacy_plugin  # optional dependency (opacus)
 
         privacy = make_privacy_plugin(config, model)
-    return Engine(model, config, run_dir=run_dir, dist=dist, device=device, privacy=privacy)
+    return Engine(model, config, run_dir=run_dir, dist=dist, device=device, privacy=privacy, ledger=ledger, driver=driver)

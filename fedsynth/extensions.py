@@ -43,6 +43,16 @@ class Extension:
         """The training step to call (``step`` with this extension's bookkeeping around it)."""
         return step
 
+    def before_fit(self, data: Mapping[str, Any] | None, steps: int) -> None:
+        """Once the loader and the training set's fingerprint (``data``) are known, before ``steps``
+        planned steps: may refuse to train (raise)."""
+
+    def after_fit(self) -> None:
+        """When a fit ends, normally or by an error."""
+
+    def before_save(self) -> None:
+        """Before a checkpoint is written (what the checkpoint releases is recorded first)."""
+
     def stop_reason(self) -> str | None:
         """Checked before every step: a reason to stop training now, or ``None``."""
         return None

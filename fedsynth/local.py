@@ -26,6 +26,7 @@ from fedsynth.engine import BEST, LAST, Distributed, Engine, build_engine, resol
 from fedsynth.errors import CheckpointError, ConfigError, OutputError
 from fedsynth.families import first_stage
 from fedsynth.io import FolderLock
+from fedsynth.privacy.lifetime import DatasetLedger, default_ledger_dir
 from fedsynth.processes import free_port
 from fedsynth.progress import announce, first_stage_label, format_plan, plan_training
 
@@ -43,6 +44,7 @@ class TrainRequest:
     devices: int = 1
     overwrite: bool = False  # start again in a run folder that already holds a run
     overrides: Mapping[str, Any] = field(default_factory=dict)  # dotted config fields from the command line
+    ledger: str | None = None  # the site's lifetime privacy ledger (default: $FEDSYNTH_LEDGER)
 
 
 #: what a run folder holds once a run has written to it (``first_stage``: latent diffusion's first stage is part of the run)
@@ -177,9 +179,10 @@ def run_training(request: TrainRequest, dist: Distributed = Distributed()) -> En
 def _train(request: TrainRequest, config: ExperimentConfig, run_dir: Path, train_data: ImageDataset,
            val_data: ImageDataset | None, dist: Distributed) -> Engine:
     stage = first_stage(config)
+    ledger = open_ledger(request.ledger)
     if stage is not None and stage.to_train:
-        config = train_first_stage(config, run_dir, train_data, val_data, dist)
-    engine = build_engine(config, run_dir, dist)
+        config = train_first_stage(config, run_dir, train_data, val_data, dist, ledger=ledger)
+    engine = build_engine(config, run_dir, dist, ledger=ledger)
     if request.resume:
         last = run_dir / LAST
         engine.resume(last)
@@ -192,8 +195,14 @@ def _train(request: TrainRequest, config: ExperimentConfig, run_dir: Path, train
     return engine
 
 
+def open_ledger(folder: str | Path | None) -> DatasetLedger | None:
+    """The site's lifetime privacy ledger: ``folder``, else ``$FEDSYNTH_LEDGER``, else none."""
+    chosen = Path(folder) if folder else default_ledger_dir()
+    return DatasetLedger(chosen) if chosen is not None else None
+
+
 def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data: ImageDataset, val_data: ImageDataset | None,
-                      dist: Distributed = Distributed()) -> ExperimentConfig:
+                      dist: Distributed = Distributed(), *, ledger: DatasetLedger | None = None) -> ExperimentConfig:
     """A model on a first stage from one config (latent diffusion: the autoencoder, then the UNet):
     train (or resume) the first stage in ``run_dir/first_stage``, then return the config pointing
     at its checkpoint."""
@@ -201,7 +210,7 @@ def train_first_stage(config: ExperimentConfig, run_dir: Path, train_data: Image
     assert stage is not None and stage.to_train, "train_first_stage: the config has no first stage to train"
     stage_dir = run_dir / "first_stage"
     stage_config = stage.experiment()
-    engine = build_engine(stage_config, stage_dir, dist)
+    engine = build_engine(stage_config, stage_dir, dist, ledger=ledger)
     engine.stage_label = first_stage_label(stage_config.family)
     if (stage_dir / LAST).is_file():
         engine.resume(stage_dir / LAST)

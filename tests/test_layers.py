@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     # 5 what a user runs: the CLI and its command modules, the demo, the MLCube entry point
     "fedsynth.cli": 5, "fedsynth.__main__": 5, "fedsynth.demo": 5, "fedsynth.mlcube_entrypoint": 5,
     "fedsynth.metrics.cli": 5, "fedsynth.metrics.audit_cli": 5, "fedsynth.federated.cli": 5, "fedsynth.federated.flower.cli": 5,
-    "fedsynth.federated.openfl.cli": 5, "fedsynth.federated.templates": 5,
+    "fedsynth.federated.openfl.cli": 5, "fedsynth.federated.templates": 5, "fedsynth.ledger_cli": 5,
 }
 NAMES = ["core", "models", "data", "training", "federated", "apps"]
 

@@ -33,6 +33,7 @@ from fedsynth.errors import TrainingDiverged, WeightsError
 from fedsynth.federated.aggregation import frozen_groups, group_of, resolve_group_policy, select_groups, shared_groups
 from fedsynth.federated.site_config import SitePolicy
 from fedsynth.io import FolderLock
+from fedsynth.privacy.lifetime import DatasetLedger
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Site:
     """Train and evaluate one site's model for a federation, state kept in ``state_dir``."""
 
     def __init__(self, config: ExperimentConfig, train_csv: str | Path, state_dir: str | Path, *,
-                 site_id: str = "site", val_csv: str | Path | None = None, policy: SitePolicy | None = None) -> None:
+                 site_id: str = "site", val_csv: str | Path | None = None, policy: SitePolicy | None = None,
+                 ledger: DatasetLedger | None = None, driver: str = "site") -> None:
         self.policy_rules = policy or SitePolicy.permissive()
         self.policy_rules.check(config, site_id)  # before anything is built from the coordinator's config
         self.config = config
@@ -75,7 +77,8 @@ class Site:
         # one process writes a site's state: a second site process on the same folder is refused
         self._lock = FolderLock(self.state_dir, f"site '{site_id}'").acquire(wait_s=LOCK_WAIT_S)
         weakref.finalize(self, self._lock.release)
-        self.engine: Engine = build_engine(config, self.state_dir)
+        self.ledger, self.driver = ledger, driver  # the site's lifetime privacy ledger, shared by all its runs
+        self.engine: Engine = build_engine(config, self.state_dir, ledger=ledger, driver=driver)
         self.policy = resolve_group_policy(self.engine.model, config.federation)
         self.shared = shared_groups(self.policy)
         self.frozen = frozen_groups(self.engine.model, self.policy)  # sent unchanged (float32)
@@ -131,7 +134,7 @@ class Site:
     def _restore_last_good(self) -> None:
         """After a diverged round: rebuild the engine from the site's last good state (or its
         initial state), so the site is not poisoned in later rounds; nothing non-finite was saved."""
-        self.engine = build_engine(self.config, self.state_dir)
+        self.engine = build_engine(self.config, self.state_dir, ledger=self.ledger, driver=self.driver)
         if (self.state_dir / LAST).is_file():
             self.engine.resume(self.state_dir / LAST)
 

@@ -25,6 +25,7 @@ from fedsynth.config import ExperimentConfig, read_yaml, validate_model
 from fedsynth.config_base import Strict as _Strict
 from fedsynth.errors import PolicyRefused
 from fedsynth.io import atomic_write_text
+from fedsynth.privacy.lifetime import Budget, DatasetLedger, default_ledger_dir
 
 #: metrics that reveal nothing beyond the DP guarantee itself (always allowed to leave)
 DP_SAFE_METRICS = ("epsilon",)
@@ -38,6 +39,17 @@ class SitePrivacyFloor(_Strict):
     max_delta: float | None = Field(None, gt=0, lt=1, description="privacy.delta must be <= this")
     min_noise_multiplier: float | None = Field(None, gt=0, description="noise multiplier used (given or calibrated) must be >= this")
     max_grad_norm: float | None = Field(None, gt=0, description="privacy.max_grad_norm (clip bound) must be <= this")
+    lifetime_epsilon: float | None = Field(None, gt=0, description="epsilon no image of this site's data may pass over "
+                                                                   "every run, local and federated (the ledger's budget)")
+    lifetime_delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the lifetime guarantee (below 1/N)")
+    max_epsilon_per_round: float | None = Field(None, gt=0, description="what one round may spend on its own")
+    allow_non_private: bool = Field(False, description="with a lifetime budget: accept runs without DP (they void it)")
+
+    def budget(self) -> Budget | None:
+        """The lifetime budget this floor declares (recorded in the site's ledger), if any."""
+        if self.lifetime_epsilon is None:
+            return None
+        return Budget(self.lifetime_epsilon, self.lifetime_delta, "rdp", self.max_epsilon_per_round, self.allow_non_private)
 
 
 class SiteDataConfig(_Strict):
@@ -48,6 +60,8 @@ class SiteDataConfig(_Strict):
     val_csv: Path | None = Field(None, description="optional validation CSV")
     state_dir: Path | None = Field(None, description="site-private state: local groups, optimizers, privacy ledger "
                                                      "(default: Flower state/ next to this file; OpenFL the workspace's local_state/)")
+    ledger_dir: Path | None = Field(None, description="the site's lifetime privacy ledger, shared by every run on its "
+                                                      "data (default: $FEDSYNTH_LEDGER, else ledger/ next to this file)")
     privacy: SitePrivacyFloor = Field(default_factory=SitePrivacyFloor)
     share_metrics: list[str] = Field(default_factory=list, description="metrics (besides num_samples and epsilon) "
                                                                       "that may leave the site, e.g. [loss, d_loss]; '*' = all")
@@ -59,9 +73,24 @@ def load_site_config(path: str | Path, hint: str = "") -> SiteDataConfig:
     raw = read_yaml(path, "site data config", hint)
     cfg = validate_model(SiteDataConfig, raw, f"site data config {path}")
     base = path.parent.resolve()
-    updates = {k: (base / getattr(cfg, k)) for k in ("train_csv", "val_csv", "state_dir")
+    updates = {k: (base / getattr(cfg, k)) for k in ("train_csv", "val_csv", "state_dir", "ledger_dir")
                if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()}
+    if cfg.ledger_dir is None:
+        updates["ledger_dir"] = default_ledger_dir() or base / "ledger"
     return cfg.model_copy(update=updates)
+
+
+def open_site_ledger(data: SiteDataConfig | None) -> DatasetLedger | None:
+    """The site's lifetime ledger with the budget its data config declares recorded (a changed
+    budget is a new line); without a data config, ``$FEDSYNTH_LEDGER`` if set."""
+    folder = data.ledger_dir if data is not None else default_ledger_dir()
+    if folder is None:
+        return None
+    ledger = DatasetLedger(folder)
+    budget = data.privacy.budget() if data is not None else None
+    if budget is not None and ledger.budget() != budget:
+        ledger.set_budget(budget)
+    return ledger
 
 
 def write_site_config(path: str | Path, cfg: SiteDataConfig) -> Path:

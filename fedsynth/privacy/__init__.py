@@ -1,6 +1,13 @@
-"""Differential privacy: example-level DP-SGD (Opacus) per site, and the ledger that accounts it."""
+"""Differential privacy: example-level DP-SGD (Opacus) per site, the ledger that accounts a run,
+and the site's lifetime ledger across runs (:mod:`fedsynth.privacy.lifetime`).
 
-from fedsynth.privacy.ledger import PrivacyLedger
-from fedsynth.privacy.plugin import OpacusPrivacy, PairedDPOptimizer, make_privacy_plugin, private_groups
+Names load on first use (:mod:`fedsynth.lazy`): the lifetime ledger's files are read without Opacus.
+"""
 
-__all__ = ["OpacusPrivacy", "PairedDPOptimizer", "PrivacyLedger", "make_privacy_plugin", "private_groups"]
+from fedsynth.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "PrivacyLedger": "fedsynth.privacy.ledger",
+    **dict.fromkeys(["OpacusPrivacy", "PairedDPOptimizer", "make_privacy_plugin", "private_groups"], "fedsynth.privacy.plugin"),
+    **dict.fromkeys(["Budget", "DatasetLedger", "LifetimeGuard"], "fedsynth.privacy.lifetime"),
+})

@@ -55,6 +55,7 @@ from fedsynth.errors import ConfigError
 from fedsynth.extensions import Extension, TrainingStep
 from fedsynth.models.base import GROUP_SEP, Batch, ConfigSwitch, ConfigValue, DrawnSample, SynthesisModel
 from fedsynth.privacy.ledger import PrivacyLedger
+from fedsynth.privacy.lifetime import DatasetLedger, LifetimeGuard
 
 log = logging.getLogger("fedsynth.privacy")
 
@@ -148,6 +149,8 @@ class OpacusPrivacy(Extension):
         self._drawn: list[tuple[str, DrawnSample]] = []  # trainable groups outside DP, on drawn samples
         self._released: set[str] = set()
         self._private_loader: DataLoader | None = None
+        self._ledger: tuple[DatasetLedger, str, str] | None = None  # the site's lifetime ledger, run, driver
+        self.lifetime: LifetimeGuard | None = None
         self._prepare(model)
 
     # ------------------------------------------------------------------ model preparation
@@ -209,6 +212,27 @@ class OpacusPrivacy(Extension):
     def stop_reason(self) -> str | None:
         return self.can_step()
 
+    def attach_ledger(self, ledger: DatasetLedger, run: str, driver: str) -> None:
+        """Account this run in the site's lifetime ledger too (checked and recorded from the next fit)."""
+        self._ledger = (ledger, run, driver)
+
+    def before_fit(self, data: Mapping[str, Any] | None, steps: int) -> None:
+        """The site's lifetime budget: refuse a fit whose planned steps would pass it."""
+        if self._ledger is None or data is None:
+            return
+        if self.lifetime is None or self.lifetime.fingerprint.get("sha256") != data.get("sha256"):
+            ledger, run, driver = self._ledger
+            self.lifetime = LifetimeGuard(ledger, run, driver, dict(data))
+        assert self.noise_multiplier is not None and self.sample_rate is not None
+        self.lifetime.check_plan(self.noise_multiplier, self.sample_rate, steps)
+
+    def after_fit(self) -> None:
+        if self.lifetime is not None:
+            self.lifetime.record(self.ledger.epsilon)
+
+    def before_save(self) -> None:
+        self.after_fit()
+
     def make_private(self, model: SynthesisModel, optimizers: dict[str, torch.optim.Optimizer],
                      loader: DataLoader) -> tuple[dict[str, torch.optim.Optimizer], DataLoader]:
         """Wrap the private networks and optimizers (once) and return a Poisson-sampling loader."""
@@ -257,6 +281,12 @@ class OpacusPrivacy(Extension):
     def can_step(self) -> str | None:
         if self.noise_multiplier is None or self.sample_rate is None:
             return None
+        lifetime_left = self.lifetime.steps_left(self.noise_multiplier, self.sample_rate) if self.lifetime else None
+        if self.lifetime is not None and lifetime_left is not None and lifetime_left <= 0:
+            budget = self.lifetime.budget
+            assert budget is not None
+            return (f"the site's lifetime privacy budget for this dataset is reached: one more step would exceed "
+                    f"epsilon {budget.lifetime_epsilon:g} at delta {budget.delta:g} (ledger {self.lifetime.ledger.folder})")
         left = self.ledger.steps_allowed(self.noise_multiplier, self.sample_rate)
         if left is None or left > 0:
             return None
@@ -324,6 +354,8 @@ class OpacusPrivacy(Extension):
                 if self._released:
                     assert self.noise_multiplier is not None and self.sample_rate is not None
                     self.ledger.step(self.noise_multiplier, self.sample_rate)
+                    if self.lifetime is not None:
+                        self.lifetime.step(self.noise_multiplier, self.sample_rate)
 
         return private_step
 

@@ -30,7 +30,7 @@ from fedsynth.errors import ConfigError, PolicyRefused, SiteFailure
 from fedsynth.federated.aggregation import from_transport
 from fedsynth.federated.flower.messages import DATA_CONFIG, EvaluateReply, RoundInstruction, TrainReply, Verdict
 from fedsynth.federated.flower.records import encode, record_to_weights
-from fedsynth.federated.site_config import SiteDataConfig, SitePolicy, write_site_config
+from fedsynth.federated.site_config import SiteDataConfig, SitePolicy, open_site_ledger, write_site_config
 from fedsynth.federated.site_config import load_site_config as _load
 
 __all__ = ["SiteDataConfig", "app", "load_site_config", "write_site_config"]
@@ -64,7 +64,7 @@ def _site(instruction: RoundInstruction, context: Context):  # noqa: ANN202 (Sit
     data = load_site_config(path)
     state_dir = data.state_dir or path.parent.resolve() / "state"
     site = Site(instruction.config(), data.train_csv, state_dir, site_id=data.site_id, val_csv=data.val_csv,
-                policy=SitePolicy.of(data))
+                policy=SitePolicy.of(data), ledger=open_site_ledger(data), driver="flower")
     _cached = (key, site, data)
     log.info("site %s: engine built, state from %s", data.site_id, site.state_dir)
     return site, data

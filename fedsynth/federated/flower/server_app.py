@@ -33,8 +33,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import ExperimentConfig, load_config
 from fedsynth.errors import ConfigError, FedsynthError
-from fedsynth.federated.compat import INCOMPLETE_REPLY, bound_reply_downloads
 from fedsynth.federated.aggregation import SiteUpdate, mean_metrics
+from fedsynth.federated.compat import INCOMPLETE_REPLY, bound_reply_downloads
 from fedsynth.federated.flower.messages import (
     LOSS,
     RUN_CONFIG_PATH,

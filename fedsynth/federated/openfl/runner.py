@@ -29,7 +29,7 @@ from fedsynth.errors import CheckpointError, ConfigError
 from fedsynth.federated.aggregation import from_transport, resolve_group_policy, select_groups, shared_groups
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
 from fedsynth.federated.site import Site
-from fedsynth.federated.site_config import SitePolicy
+from fedsynth.federated.site_config import SitePolicy, open_site_ledger
 from fedsynth.models import build_model
 
 log = logging.getLogger("fedsynth.openfl")
@@ -68,7 +68,7 @@ class FedsynthTaskRunner(TaskRunner):
             state_dir = data.state_dir if data is not None and data.state_dir is not None else self.state_dir / col_name
             policy = SitePolicy.of(data) if data is not None else None
             self.site = Site(self.config, loader.train_csv, state_dir, site_id=col_name, val_csv=loader.val_csv,
-                             policy=policy)
+                             policy=policy, ledger=open_site_ledger(data), driver="openfl")
             log.info("site %s: %d training images, groups %s (local: %s)", col_name, self.site.num_samples,
                      self.policy, [g for g in self.policy if g not in self.shared])
         return self.site

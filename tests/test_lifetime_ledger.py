@@ -1,0 +1,161 @@
+"""A site's lifetime privacy ledger: hash-chained, composed over every run on a dataset, enforced before training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from fedsynth.cli import main
+from fedsynth.errors import PolicyRefused
+from fedsynth.privacy.lifetime import Budget, BudgetExceeded, DatasetLedger, LedgerTampered, LifetimeGuard, check_non_private
+
+
+def _fingerprint(*images: str) -> dict[str, object]:
+    import hashlib
+
+    hashes = sorted(images)
+    return {"sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(), "images": len(hashes), "hashes": hashes}
+
+
+A = _fingerprint("a1", "a2", "a3")
+A_SUBSET = _fingerprint("a2")
+B = _fingerprint("b1", "b2")
+STEP = (1.0, 0.05, 100)  # noise multiplier, sample rate, steps
+
+
+def _epsilon(history: list[tuple[float, float, int]], delta: float = 1e-5) -> float:
+    from fedsynth.privacy.ledger import PrivacyLedger
+
+    return PrivacyLedger("rdp", delta).epsilon_of(history)
+
+
+def test_runs_compose_per_image_across_datasets(tmp_path: Path) -> None:
+    """Spends on any dataset sharing an image count; a disjoint dataset's do not; epsilon is the
+    accountant's over the concatenated histories."""
+    ledger = DatasetLedger(tmp_path / "ledger")
+    ledger.set_budget(Budget(50.0, 1e-5))
+    ledger.record("/runs/local", A, [STEP], driver="local")
+    ledger.record("/state/fed-1", A_SUBSET, [STEP, (2.0, 0.1, 10)], driver="flower")
+    ledger.record("/state/fed-2", B, [STEP], driver="openfl")
+    report = ledger.report(set(A["hashes"]))  # type: ignore[call-overload]
+    assert [r["run"] for r in report["runs"]] == ["/runs/local", "/state/fed-1"]
+    assert report["lifetime_epsilon_spent"] == pytest.approx(_epsilon([STEP, STEP, (2.0, 0.1, 10)]))
+    assert report["runs"][0]["epsilon"] == pytest.approx(_epsilon([STEP]))
+    everything = ledger.report()
+    assert everything["lifetime_epsilon_spent"] == pytest.approx(_epsilon([STEP, STEP, (2.0, 0.1, 10), STEP]))
+    assert len(everything["runs"]) == 3
+
+
+@pytest.mark.parametrize("tamper", ["edit", "remove", "reorder", "truncate", "delete"])
+def test_a_tampered_ledger_says_so(tmp_path: Path, tamper: str) -> None:
+    ledger = DatasetLedger(tmp_path)
+    ledger.set_budget(Budget(10.0, 1e-5))
+    ledger.record("/runs/a", A, [STEP], driver="local")
+    ledger.record("/runs/b", A, [STEP], driver="local")
+    lines = ledger.path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if tamper == "edit":  # a smaller spend, hash left as it was
+        lines[1] = lines[1].replace('"history": [[1.0, 0.05, 100]]', '"history": [[1.0, 0.05, 1]]')
+        assert '[[1.0, 0.05, 1]]' in lines[1]
+    elif tamper == "remove":
+        del lines[1]
+    elif tamper == "reorder":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif tamper == "truncate":
+        del lines[-1]
+    if tamper == "delete":
+        ledger.path.unlink()
+    else:
+        ledger.path.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(LedgerTampered, match="ledger"):
+        ledger.report()
+    with pytest.raises(LedgerTampered):
+        LifetimeGuard(ledger, "/runs/c", "local", A)
+
+
+def test_a_plan_past_the_budget_is_refused_before_training(tmp_path: Path) -> None:
+    ledger = DatasetLedger(tmp_path)
+    ledger.set_budget(Budget(8.0, 1e-5, max_epsilon_per_round=4.0))
+    guard = LifetimeGuard(ledger, "/runs/a", "local", A)
+    guard.check_plan(1.0, 0.05, 10)  # fits (epsilon 2.2)
+    with pytest.raises(BudgetExceeded, match=r"lifetime privacy budget .* epsilon 8 .* refused before training"):
+        guard.check_plan(1.0, 0.05, 10_000)  # epsilon 50
+    with pytest.raises(BudgetExceeded, match="at most 4 per round"):
+        guard.check_plan(1.0, 0.05, 300)  # epsilon 6.5: within the lifetime budget, not within a round's
+    assert isinstance(BudgetExceeded("x"), PolicyRefused)
+    # what a run spends counts for the next one, on any dataset sharing an image
+    for _ in range(60):
+        guard.step(1.0, 0.05)
+    guard.record(epsilon_run=None)
+    again = LifetimeGuard(ledger, "/runs/b", "local", A_SUBSET)
+    assert again.spent() == pytest.approx(_epsilon([(1.0, 0.05, 60)]))
+    left = again.steps_left(1.0, 0.05)
+    assert left is not None and _epsilon([(1.0, 0.05, 60 + left)]) <= 8.0 < _epsilon([(1.0, 0.05, 61 + left)])
+
+
+def test_non_private_runs_are_refused_or_void_the_guarantee(tmp_path: Path) -> None:
+    ledger = DatasetLedger(tmp_path)
+    check_non_private(ledger, "/runs/nodp", "local", B)  # no budget: recorded
+    ledger.set_budget(Budget(5.0, 1e-5))
+    with pytest.raises(BudgetExceeded, match="without differential privacy .* is refused"):
+        check_non_private(ledger, "/runs/nodp2", "local", A)
+    assert math.isinf(ledger.report(set(B["hashes"]))["lifetime_epsilon_spent"])  # type: ignore[call-overload]
+    with pytest.raises(BudgetExceeded, match="non-private run .* void"):
+        LifetimeGuard(ledger, "/runs/dp", "local", B)
+    ledger.set_budget(Budget(5.0, 1e-5, allow_non_private=True))
+    check_non_private(ledger, "/runs/nodp3", "local", A)
+    assert [e["kind"] for e in ledger.entries()] == ["spend", "budget", "budget", "spend"]
+
+
+def test_budget_and_ledger_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "ledger"
+    assert main(["privacy", "budget", "--ledger", str(folder), "--lifetime-epsilon", "8", "--delta", "1e-5"]) == 0
+    DatasetLedger(folder).record("/runs/a", A, [STEP], driver="local")
+    monkeypatch.setenv("FEDSYNTH_LEDGER", str(folder))
+    capsys.readouterr()
+    assert main(["privacy", "ledger", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["budget"]["lifetime_epsilon"] == 8 and report["runs"][0]["steps"] == 100
+    assert main(["privacy", "ledger"]) == 0
+    out = capsys.readouterr().out
+    assert "hash chain intact" in out and "/runs/a" in out and f"{_epsilon([STEP]):.4g}" in out
+    folder.joinpath("ledger.jsonl").write_text("{}\n", encoding="utf-8")
+    assert main(["privacy", "ledger"]) == 2
+    assert "does not match its hash chain" in capsys.readouterr().err
+    assert main(["privacy", "budget", "--ledger", str(tmp_path / "x"), "--lifetime-epsilon", "-1", "--delta", "1e-5"]) == 2
+
+
+@pytest.mark.slow
+def test_local_runs_share_the_dataset_budget(tmp_path: Path, mri2d: dict[str, Path]) -> None:
+    """Two private runs on one dataset (different run folders): the second is refused before it
+    trains once the first spent most of the budget; a run stops at the budget; a resumed run
+    keeps counting; a non-private run is refused."""
+    from fedsynth.config import save_config
+    from fedsynth.local import TrainRequest, run_training
+
+    ledger = tmp_path / "ledger"
+    main(["privacy", "budget", "--ledger", str(ledger), "--lifetime-epsilon", "20", "--delta", "1e-5"])
+    dp = {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
+    save_config(tiny_config("autoencoder", training__max_steps=6, training__epochs=100, privacy=dp), tmp_path / "a.yaml")
+    run_training(TrainRequest(str(tmp_path / "a.yaml"), str(mri2d["mni152"]), str(tmp_path / "a"), ledger=str(ledger)))
+    report = DatasetLedger(ledger).report()
+    assert [r["steps"] for r in report["runs"]] == [6] and report["runs"][0]["driver"] == "local"
+    first = report["lifetime_epsilon_spent"]
+    # a second run whose plan passes the lifetime budget never starts
+    save_config(tiny_config("autoencoder", training__max_steps=100_000, training__epochs=100_000, privacy=dp), tmp_path / "b.yaml")
+    with pytest.raises(BudgetExceeded, match="refused before training"):
+        run_training(TrainRequest(str(tmp_path / "b.yaml"), str(mri2d["mni152"]), str(tmp_path / "b"), ledger=str(ledger)))
+    assert not (tmp_path / "b" / "last.ckpt").exists()
+    # resuming the first run with more steps: its new steps are added
+    save_config(tiny_config("autoencoder", training__max_steps=9, training__epochs=100, privacy=dp), tmp_path / "a.yaml")
+    run_training(TrainRequest(str(tmp_path / "a.yaml"), str(mri2d["mni152"]), str(tmp_path / "a"), resume=True,
+                              ledger=str(ledger)))
+    report = DatasetLedger(ledger).report()
+    assert sum(r["steps"] for r in report["runs"]) == 9 and report["lifetime_epsilon_spent"] > first
+    save_config(tiny_config("autoencoder", training__max_steps=2), tmp_path / "c.yaml")
+    with pytest.raises(BudgetExceeded, match="without differential privacy"):
+        run_training(TrainRequest(str(tmp_path / "c.yaml"), str(mri2d["mni152"]), str(tmp_path / "c"), ledger=str(ledger)))
