@@ -302,6 +302,9 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "metrics": payload.get("metrics", {}),
         "privacy_epsilon": privacy.get("epsilon") if privacy else None,
         "privacy_delta": privacy.get("delta") if privacy else None,
+        # a federation's global model: the example-level guarantee (weakest site) and the client-level one
+        "privacy": ({k: privacy.get(k) for k in ("example_level", "client_level")}
+                    if privacy.get("level") == "federation" else None),
         "fedsynth_version": payload.get("fedsynth_version"),
         "created": payload.get("created"),
         "latent_diffusion": FIRST_STAGE_EXTRA in payload.get("extra", {}),  # a model on a first stage

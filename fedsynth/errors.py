@@ -25,9 +25,23 @@ class OutputError(FedsynthError):
     """An output path cannot be written (a file where a folder is needed, no space left, no permission)."""
 
 
+#: how a site's refusal reads when it reaches the coordinator (the coordinator looks for it)
+REFUSAL = "refused by the site's own policy"
+
+
 class PolicyRefused(ConfigError):
-    """A site refuses the coordinator's config (weaker than its privacy floor); the message names
-    only fields and values, never paths or subject ids, so it may leave the site."""
+    """A site refuses the coordinator's config (weaker than its privacy floor, or past its privacy
+    budget). The message, with the floor's values, stays in the site's log; what the coordinator
+    learns is :meth:`public`: that the site refused, and which fields."""
+
+    def __init__(self, message: str, fields: tuple[str, ...] = (), site: str | None = None) -> None:
+        super().__init__(message)
+        self.fields, self.site = tuple(fields), site
+
+    def public(self) -> str:
+        """What may leave the site: the refusal and the field names, never the site's values."""
+        who = f"site '{self.site}'" if self.site else "the site"
+        return f"{who}: {REFUSAL} ({', '.join(self.fields) or 'its privacy policy'})"
 
 
 class SiteFailure(FedsynthError):

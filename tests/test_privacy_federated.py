@@ -74,14 +74,18 @@ def test_flower_federation_reports_epsilon_per_site(tmp_path: Path, mri2d) -> No
     assert len(rounds) == 2, [e["event"] for e in events]
     for r in rounds:
         assert sorted(r["accepted"]) == ["site1", "site2"]
+        # a refusal is a rejected site in the round record: which field, never the site's floor
+        assert r["rejected"] == [["site3", "refused by the site's own policy (privacy.noise_multiplier)"]], r["rejected"]
         assert set(r["site_metrics"]["site1"]) == {"epsilon", "num_samples"}, "site1 keeps its losses in"
         assert "train_loss" in r["site_metrics"]["site2"]
     received = [json.loads(line) for line in (run / "server" / "received.jsonl").read_text(encoding="utf-8").splitlines()]
-    refusals = [e["error"] for e in received if "error" in e]
-    assert len(refusals) == 2, received
-    for reason in refusals:
-        assert "site 'site3'" in reason and "privacy.noise_multiplier" in reason and "at least 2" in reason \
-            and "sent 1.2" in reason, reason
+    refusals = [e for e in received if "refused" in e]
+    assert [(e["site"], e["refused"]) for e in refusals] == [("site3", "privacy.noise_multiplier")] * 2, received
+    server_side = "".join(f.read_text(encoding="utf-8") for f in [*(run / "server").glob("*"), *(run / "global").glob("*.json"),
+                                                                   run / "logs" / "superlink.log"])
+    assert "at least 2" not in server_side and "sent 1.2" not in server_side  # the floor's values stay home
+    site3_log = (run / "logs" / "site3.log").read_text(encoding="utf-8")
+    assert "at least 2" in site3_log and "privacy.noise_multiplier" in site3_log
     assert not list((run / "sites" / "site3" / "state").glob("*/last.ckpt")), "site3 trained nothing"
     for site in ("site1", "site2"):
         eps = [r["site_metrics"][site]["epsilon"] for r in rounds]
@@ -90,5 +94,10 @@ def test_flower_federation_reports_epsilon_per_site(tmp_path: Path, mri2d) -> No
     assert 0 < client_eps[0] < client_eps[1]
     from fedsynth.checkpoint import checkpoint_info
 
-    assert checkpoint_info(run / "global" / "last.ckpt")["privacy_epsilon"] == pytest.approx(client_eps[1])
+    info = checkpoint_info(run / "global" / "last.ckpt")
+    site_eps = {site: rounds[-1]["site_metrics"][site]["epsilon"] for site in ("site1", "site2")}
+    # the model's guarantee: its weakest site's (not a mean over sites), each site's figure, and the client-level one
+    assert info["privacy_epsilon"] == pytest.approx(max(site_eps.values()))
+    assert info["privacy"]["example_level"]["sites"] == pytest.approx(site_eps)
+    assert info["privacy"]["client_level"]["epsilon"] == pytest.approx(client_eps[1])
     shutil.rmtree(certs, ignore_errors=True)  # keys never outlive the test

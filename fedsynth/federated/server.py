@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -103,6 +103,7 @@ class GlobalModel:
         self.dir = Path(run_dir) / "global"
         self.state = TrainingState(round=0)
         self.history: list[RoundSummary] = []
+        self.site_epsilon: dict[str, float] = {}  # each site's latest example-level epsilon in this federation
         # the server's EMA of the global generating groups across rounds (used by generate/evaluate)
         self.ema = (WeightAverage(self.model, [g for g in self.model.generating_groups() if g in self.shared],
                                   config.federation.ema_decay)
@@ -116,10 +117,29 @@ class GlobalModel:
             if self.ema is not None and payload.get("ema"):
                 self.ema.load_state_dict(payload["ema"])
             self.state = TrainingState(epoch=payload["epoch"], step=payload["step"], round=payload.get("round") or 0,
-                                       best_metric=payload.get("best_metric"), metrics=dict(payload.get("metrics", {})))
+                                       best_metric=payload.get("best_metric"), metrics=dict(payload.get("metrics", {})),
+                                       privacy=payload.get("privacy"))
+            example = (payload.get("privacy") or {}).get("example_level") or {}
+            self.site_epsilon = {str(k): float(v) for k, v in (example.get("sites") or {}).items()}
             if (self.dir / "history.json").is_file():
                 self.history = json.loads((self.dir / "history.json").read_text(encoding="utf-8"))
             log.info("resuming federation from round %s (%s)", self.state.round, last)
+
+    def guarantee(self, client_level: dict[str, Any] | None) -> dict[str, Any] | None:
+        """What the global model's checkpoint claims: the example-level guarantee of the federation
+        (the weakest site's: each patient's images are at one site, covered by that site's epsilon),
+        each site's figure, and the client-level guarantee when the server adds it."""
+        example = None
+        if self.config.privacy.enabled and self.site_epsilon:
+            worst = max(self.site_epsilon, key=lambda site: self.site_epsilon[site])
+            example = {"epsilon": self.site_epsilon[worst], "delta": self.config.privacy.delta, "weakest_site": worst,
+                       "sites": dict(sorted(self.site_epsilon.items()))}
+        if example is None and client_level is None:
+            return None
+        top = example or client_level
+        assert top is not None
+        return {"level": "federation", "epsilon": top["epsilon"], "delta": top["delta"],
+                "example_level": example, "client_level": client_level}
 
     @property
     def round(self) -> int:
@@ -129,31 +149,36 @@ class GlobalModel:
         """The weights sent to sites: shared groups only."""
         return self.model.get_weights(self.shared)
 
-    def aggregate(self, server_round: int, updates: Iterable[SiteUpdate], failures: Sequence[str] = ()) -> RoundSummary:
+    def aggregate(self, server_round: int, updates: Iterable[SiteUpdate], failures: Sequence[str] = (),
+                  refused: Sequence[tuple[str, str]] = ()) -> RoundSummary:
         """FedAvg this round's updates into the global model; returns a summary for the logs.
 
         The round policy of both backends (:func:`~fedsynth.federated.trial_common.check_round`):
         fewer valid updates than ``federation.min_sites`` raises :class:`NoValidUpdates` naming the
         round and every rejected site (``failures``: extra reasons, read after ``updates`` is consumed);
-        the global model is then unchanged.
+        the global model is then unchanged. ``refused`` (also read then): sites that refused the round
+        by their own policy, ``(site, fields)``; they count as rejected.
         """
         from fedsynth.federated.trial_common import check_round
 
         fedavg = make_aggregator(self.shared_weights(), self.config, server_round)
         for update in updates:
             fedavg.add(update)
-        check_round(server_round, fedavg.accepted, fedavg.rejected, self.config.federation.min_sites, failures)
+        rejected = [*fedavg.rejected, *refused]
+        check_round(server_round, fedavg.accepted, rejected, self.config.federation.min_sites, failures)
         self.model.set_weights(self._keep_frozen(fedavg.result()))
         if self.ema is not None:
             self.ema.update(self.model)
         self.state.round = server_round
-        privacy = fedavg.privacy_state()
-        if privacy is not None:  # client-level DP: the global checkpoint carries its epsilon
-            self.state.privacy = privacy
-        self.state.metrics = dict(fedavg.metrics())  # site metrics are already train_*/val_* prefixed
+        for site, site_metrics in fedavg.site_metrics.items():  # each site's epsilon so far (its whole ledger)
+            if "epsilon" in site_metrics and math.isfinite(float(site_metrics["epsilon"])):
+                self.site_epsilon[site] = float(site_metrics["epsilon"])
+        self.state.privacy = self.guarantee(fedavg.privacy_state())
+        metrics = {**fedavg.metrics(), "sites_rejected": float(len(rejected))}
+        self.state.metrics = dict(metrics)  # site metrics are already train_*/val_* prefixed
         summary: RoundSummary = {
-            "round": server_round, "accepted": fedavg.accepted, "rejected": fedavg.rejected,
-            "clipped": fedavg.clipped, "site_metrics": fedavg.site_metrics, "metrics": fedavg.metrics(),
+            "round": server_round, "accepted": fedavg.accepted, "rejected": rejected,
+            "clipped": fedavg.clipped, "site_metrics": fedavg.site_metrics, "metrics": metrics,
             "val_loss": None,  # set by record_evaluation (the same keys every round, on both backends)
         }
         # a round aggregated again (OpenFL replays a round's stored results after a restart) replaces its record

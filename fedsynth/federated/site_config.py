@@ -137,34 +137,34 @@ class SitePolicy:
     def check(self, config: ExperimentConfig, site_id: str) -> None:
         """Refuse a coordinator config weaker than this site's floor (one error naming the field and both values)."""
         f, p = self.floor, config.privacy
-        problems: list[str] = []
-        dp_needed = f.require_dp or any(v is not None for v in (f.max_epsilon, f.min_noise_multiplier))
-        if dp_needed and not p.enabled:
-            problems.append("privacy.enabled: the site requires true, the coordinator sent false")
+        problems: dict[str, str] = {}
+        dp_needed = f.require_dp or any(v is not None for v in (f.max_epsilon, f.min_noise_multiplier, f.lifetime_epsilon))
+        if dp_needed and not p.enabled and not (f.lifetime_epsilon is not None and f.allow_non_private and not f.require_dp):
+            problems["privacy.enabled"] = "the site requires true, the coordinator sent false"
         if p.enabled:
             if f.max_epsilon is not None and (p.target_epsilon is None or p.target_epsilon > f.max_epsilon):
-                problems.append(f"privacy.target_epsilon: the site allows at most {f.max_epsilon:g}, "
-                                f"the coordinator sent {_show(p.target_epsilon)}")
+                problems["privacy.target_epsilon"] = (f"the site allows at most {f.max_epsilon:g}, "
+                                                      f"the coordinator sent {_show(p.target_epsilon)}")
             if f.max_delta is not None and p.delta > f.max_delta:
-                problems.append(f"privacy.delta: the site allows at most {f.max_delta:g}, the coordinator sent {p.delta:g}")
+                problems["privacy.delta"] = f"the site allows at most {f.max_delta:g}, the coordinator sent {p.delta:g}"
             if f.max_grad_norm is not None and p.max_grad_norm > f.max_grad_norm:
-                problems.append(f"privacy.max_grad_norm: the site allows at most {f.max_grad_norm:g}, "
-                                f"the coordinator sent {p.max_grad_norm:g}")
+                problems["privacy.max_grad_norm"] = (f"the site allows at most {f.max_grad_norm:g}, "
+                                                     f"the coordinator sent {p.max_grad_norm:g}")
             if f.min_noise_multiplier is not None and p.noise_multiplier is not None \
                     and p.noise_multiplier < f.min_noise_multiplier:
-                problems.append(f"privacy.noise_multiplier: the site requires at least {f.min_noise_multiplier:g}, "
-                                f"the coordinator sent {p.noise_multiplier:g}")
+                problems["privacy.noise_multiplier"] = (f"the site requires at least {f.min_noise_multiplier:g}, "
+                                                        f"the coordinator sent {p.noise_multiplier:g}")
         if problems:
             raise PolicyRefused(f"site '{site_id}' refuses the coordinator's config, weaker than its privacy floor: "
-                              + "; ".join(problems))
+                                + "; ".join(f"{k}: {v}" for k, v in problems.items()), tuple(problems), site_id)
 
     def check_noise(self, noise_multiplier: float | None, site_id: str) -> None:
         """The noise actually used (calibrated from target_epsilon when not given) against the floor."""
         floor = self.floor.min_noise_multiplier
         if floor is not None and noise_multiplier is not None and noise_multiplier < floor:
             raise PolicyRefused(f"site '{site_id}' refuses the coordinator's config: privacy.noise_multiplier "
-                              f"(calibrated from target_epsilon) would be {noise_multiplier:.4g}, the site requires "
-                              f"at least {floor:g}")
+                                f"(calibrated from target_epsilon) would be {noise_multiplier:.4g}, the site requires "
+                                f"at least {floor:g}", ("privacy.noise_multiplier",), site_id)
 
     # ------------------------------------------------------------------ outbound
 

@@ -287,7 +287,8 @@ class LifetimeGuard:
         prior = ledger.history_of(ledger.spends(hashes))
         if prior is None and self.budget is not None:
             raise BudgetExceeded(f"the privacy ledger {ledger.folder} records a non-private run on images of this "
-                                 "dataset: its lifetime guarantee is void, no further private run can keep it")
+                                 "dataset: its lifetime guarantee is void, no further private run can keep it",
+                                 ("lifetime privacy budget",))
         self.prior: History = prior or []
         self.unrecorded: History = []
         self.accountant = PrivacyLedger(self.budget.accountant if self.budget else "rdp",
@@ -311,11 +312,12 @@ class LifetimeGuard:
                 f"the site's lifetime privacy budget for this dataset ({self.fingerprint['images']} images) is epsilon "
                 f"{self.budget.lifetime_epsilon:g} at delta {self.budget.delta:g}; {self.spent():.4g} is spent "
                 f"(ledger {self.ledger.folder}) and the {steps} planned step(s) would take it to {after:.4g}: refused "
-                "before training")
+                "before training", ("lifetime privacy budget",))
         cap = self.budget.max_epsilon_per_round
         if cap is not None and (one := self._epsilon(planned)) > cap:
             raise BudgetExceeded(f"the {steps} planned step(s) of this round would spend epsilon {one:.4g} on their "
-                                 f"own; the site allows at most {cap:g} per round (ledger {self.ledger.folder})")
+                                 f"own; the site allows at most {cap:g} per round (ledger {self.ledger.folder})",
+                                 ("privacy budget per round",))
 
     def steps_left(self, noise_multiplier: float, sample_rate: float) -> int | None:
         """Batches left before the lifetime budget (``None``: no budget)."""
@@ -347,5 +349,6 @@ def check_non_private(ledger: DatasetLedger, run: str, driver: str, fingerprint:
     if budget is not None and not budget.allow_non_private:
         raise BudgetExceeded(f"the site keeps a lifetime privacy budget for its data (ledger {ledger.folder}, epsilon "
                              f"{budget.lifetime_epsilon:g}); a run without differential privacy (privacy.enabled: "
-                             "false) is refused. Enable privacy, or record a budget with --allow-non-private")
+                             "false) is refused. Enable privacy, or record a budget with --allow-non-private",
+                             ("privacy.enabled",))
     ledger.record(run, fingerprint, None, driver=driver)

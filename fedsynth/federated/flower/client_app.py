@@ -92,16 +92,19 @@ def _site_id(context: Context) -> str:
 
 
 def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Errors leave the site as their type only (a refusal by the site's policy: with its fields and
-    values); the full message, which may name files or subjects, stays in the SuperNode's log."""
+    """Errors leave the site as their type only (a refusal by the site's policy: that it refused, and
+    which fields); the full message, which may name files, subjects or the floor's values, stays in
+    the site's own log."""
 
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except PolicyRefused:
+        except PolicyRefused as err:
             _forget_site()
-            raise
+            log.warning("%s", err)  # the floor's values stay in the site's own log
+            refusal = PolicyRefused(str(err), err.fields, err.site or _site_id(context))
+            raise PolicyRefused(refusal.public(), err.fields, refusal.site) from None
         except Exception as err:
             _forget_site()  # its in-memory state may be half-updated: the next message reloads from disk
             log.exception("site round failed")

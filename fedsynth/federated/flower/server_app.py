@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Iterator
 from logging import INFO, WARNING
@@ -32,7 +33,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import ExperimentConfig, load_config
-from fedsynth.errors import ConfigError, FedsynthError
+from fedsynth.errors import REFUSAL, ConfigError, FedsynthError
 from fedsynth.federated.aggregation import SiteUpdate, mean_metrics
 from fedsynth.federated.compat import INCOMPLETE_REPLY, bound_reply_downloads
 from fedsynth.federated.flower.messages import (
@@ -50,6 +51,8 @@ from fedsynth.federated.flower.messages import (
 from fedsynth.federated.flower.records import encode, record_groups, record_nbytes, record_to_weights
 from fedsynth.federated.server import GlobalModel, RoundSummary
 
+#: a site's refusal as it reaches the server (:meth:`fedsynth.errors.PolicyRefused.public`)
+REFUSED = re.compile(r"site '(?P<site>[^']*)': " + re.escape(REFUSAL) + r" \((?P<fields>[^)]*)\)")
 POLL_S = 0.25  # seconds between pulls of replies from the SuperLink (127.0.0.1, cheap)
 
 #: times one round sends a node its message again after the SuperLink lost it (:func:`lost_before_delivery`)
@@ -91,6 +94,7 @@ class FlowerFederation:
         self.server_dir.mkdir(parents=True, exist_ok=True)
         self._experiment = json.dumps(self.global_model.site_config.to_dict())  # no server paths
         self._failures: list[str] = []
+        self._refused: list[tuple[str, str]] = []  # (site, fields) of sites that refused this round by their policy
         self._node_site: dict[int, str] = {}  # node id -> site id, from the sites' replies
         self._verdicts: dict[str, Verdict] = {}  # site id -> what became of its last update (sent with the next message)
         self._deadline = math.inf  # of the exchange under way: downloading replies never outlasts it
@@ -128,9 +132,10 @@ class FlowerFederation:
         record = encode(self.global_model.shared_weights(), self.fed.transport_dtype, self.global_model.frozen)
         self.event("round_start", round=server_round, sites=len(nodes), sent_bytes_per_site=record_nbytes(record),
                    sent_groups=record_groups(record))
-        self._failures = []
+        self._failures, self._refused = [], []
         # the round policy (min_sites, no valid update) lives in GlobalModel.aggregate (both backends)
-        summary = self.global_model.aggregate(server_round, self._train_updates(server_round, nodes, record), self._failures)
+        summary = self.global_model.aggregate(server_round, self._train_updates(server_round, nodes, record),
+                                              self._failures, self._refused)
         self._verdicts = verdicts(server_round, summary)
         val: dict[str, float] = {}
         if self.evaluate:
@@ -215,7 +220,13 @@ class FlowerFederation:
                     problem = str(err)
             if problem is not None:
                 log(WARNING, "[fedsynth] round %s (%s): %s", server_round, phase, problem)
-                if phase == "train":
+                refusal = REFUSED.search(problem)
+                if phase == "train" and refusal:  # a site's own policy: a rejected site, named as it names itself
+                    site = self._node_site.get(node, refusal["site"])
+                    self._refused.append((site, f"{REFUSAL} ({refusal['fields']})"))
+                    self._append("received.jsonl", {"round": server_round, "phase": phase, "node": node, "site": site,
+                                                    "refused": refusal["fields"]})
+                elif phase == "train":
                     self._failures.append(problem)
                     self._append("received.jsonl", {"round": server_round, "phase": phase, "node": node, "error": problem})
                 continue
