@@ -24,7 +24,7 @@ from fedsynth.progress import bar
 
 #: modules that add sub-commands: each defines ``add_commands(subparsers)`` and uses ``@command``
 _EXTENSIONS: list[str] = ["fedsynth.pki", "fedsynth.federated.cli", "fedsynth.metrics.cli", "fedsynth.metrics.audit_cli",
-                         "fedsynth.federated.templates"]
+                         "fedsynth.federated.templates", "fedsynth.ledger_cli"]
 
 
 # --------------------------------------------------------------------------- core commands
@@ -64,8 +64,9 @@ def _init_config(args: argparse.Namespace) -> None:
 @command("construct-csv")
 def _construct_csv(args: argparse.Namespace) -> None:
     check_new_file(args.output, overwrite=args.overwrite)
-    n = construct_csv(args.input_dir, args.output, channel_ids=args.channels_id, labels_from_folders=args.labels_from_folders)
-    print(f"wrote {args.output} ({n} rows)")
+    n = construct_csv(args.input_dir, args.output, channel_ids=args.channels_id, labels_from_folders=args.labels_from_folders,
+                      split=args.split)
+    print(f"wrote {args.output} ({n} rows{f', split {args.split}' if args.split else ''})")
 
 
 @command("train")
@@ -81,7 +82,7 @@ def _train(args: argparse.Namespace) -> None:
 
         with_overrides(load_config(args.config), overrides, _override_source(args))  # refused here, before anything starts
     train(TrainRequest(args.config, args.data, args.output, args.val_data, args.epochs, args.resume, args.devices,
-                       overwrite=args.overwrite, overrides=overrides))
+                       overwrite=args.overwrite, overrides=overrides, ledger=args.ledger))
     print(f"run written to {args.output}")
 
 
@@ -307,13 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     p = sub.add_parser("construct-csv", help="write a GaNDLF-style CSV for a folder of images", **examples(
-        "fedsynth construct-csv --input-dir brains/slices/mni152 -o train.csv",
         "fedsynth construct-csv --input-dir subjects --channels-id _t1 _t2 -o train.csv",
-        "fedsynth construct-csv --input-dir classes --labels-from-folders -o labelled.csv"))
+        "fedsynth construct-csv --input-dir classes --labels-from-folders -o labelled.csv",
+        "fedsynth construct-csv --input-dir brains/slices/mni152 --split train -o train.csv   (build-dataset's split)"))
     p.add_argument("--input-dir", required=True, help="folder of images (one sub-folder per subject, or files)")
     p.add_argument("-o", "--output", required=True, help="CSV to write")
     p.add_argument("--channels-id", nargs="+", default=None, help="substrings naming each channel's file")
     p.add_argument("--labels-from-folders", action="store_true", help="class = sub-folder name")
+    p.add_argument("--split", default=None, metavar="NAME",
+                   help="a folder `fedsynth build-dataset` wrote: only the images of split NAME (train, held_out or "
+                        "gap) as its slices.csv records them; without it every image is listed, held-out ones too")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
 
     p = sub.add_parser("validate", help="check a config against its data without training (images, model, memory, plan)",
@@ -344,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
     again.add_argument("--overwrite", action="store_true", help="start again in a run folder that holds a run")
     p.add_argument("--devices", type=int, default=1, help="processes (DDP: gloo on CPU, nccl on GPU)")
+    p.add_argument("--ledger", default=None, help="the site's lifetime privacy ledger folder (default: $FEDSYNTH_LEDGER): "
+                                                  "the run is checked against its budget and recorded in it")
 
     p = sub.add_parser("generate", help="sample images from a run or checkpoint", **examples(
         "fedsynth generate --run runs/gan -n 16 -o samples                (last.ckpt, EMA weights)",
@@ -378,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "is written)")
 
     p = sub.add_parser("info", help="print a checkpoint's metadata as JSON", **examples(
-        "fedsynth info runs/gan/last.ckpt", "fedsynth info runs/fl/global/best.ckpt"))
+        "fedsynth info runs/gan/last.ckpt", "fedsynth info runs/fl/global/last.ckpt"))
     p.add_argument("checkpoint", help="checkpoint file (.ckpt)")
 
     p = sub.add_parser("build-dataset", help="write the real brain-MRI data set (2D slices in 3 planes, train/held-out "

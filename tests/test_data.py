@@ -131,3 +131,68 @@ def test_construct_csv_multichannel_subjects(tmp_path: Path, mri2d: dict[str, Pa
     assert read_manifest(tmp_path / "d.csv", expected_channels=2)[0].channels[1].name.endswith("t2.nii.gz")
     with pytest.raises(DataError, match="input directory not found"):
         construct_csv(tmp_path / "missing", tmp_path / "x.csv")
+
+
+SPLITS_OF_FOLDER = ["train", "held_out", "train", "gap", "train"]
+
+
+def _build_dataset_folder(tmp_path: Path, mri2d: dict[str, Path]) -> Path:
+    """A folder laid out as ``fedsynth build-dataset`` writes it: ``slices/mni152/`` and the ``slices.csv``
+    index (written by build-dataset's own writer) recording each slice's split."""
+    from fedsynth.data.brains import SliceRow, write_slice_index
+
+    out = tmp_path / "brains"
+    (out / "slices" / "mni152").mkdir(parents=True)
+    rows = []
+    for i, (f, split) in enumerate(zip(_slice_files(mri2d, len(SPLITS_OF_FOLDER)), SPLITS_OF_FOLDER, strict=True)):
+        path = out / "slices" / "mni152" / f"mni152_axial_{i}.nii.gz"
+        shutil.copy(f, path)
+        rows.append(SliceRow(path, "mni152", "mni152", "axial", float(i), split, "middle"))
+    write_slice_index(out, rows)
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "held_out", "gap"])
+def test_construct_csv_selects_the_split_build_dataset_recorded(tmp_path: Path, mri2d: dict[str, Path], split: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _build_dataset_folder(tmp_path, mri2d) / "slices" / "mni152"
+    out = tmp_path / f"{split}.csv"
+    assert main(["construct-csv", "--input-dir", str(folder), "--split", split, "-o", str(out)]) == 0
+    expected = [f"mni152_axial_{i}" for i, s in enumerate(SPLITS_OF_FOLDER) if s == split]
+    assert f"({len(expected)} rows, split {split})" in capsys.readouterr().out
+    assert [r.subject_id for r in read_manifest(out)] == expected
+    # without --split every image is listed, held-out and gap slices too
+    assert construct_csv(folder, tmp_path / "all.csv") == len(SPLITS_OF_FOLDER)
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("unknown_split", ["--split 'trian': expected one of train, held_out, gap"]),
+    ("no_index", ["--split train: no split information for", "no slices.csv", "`fedsynth build-dataset` writes one"]),
+    ("unlisted_image", ["--split train:", "extra.nii.gz is not listed in", "slices.csv, so its split is unknown"]),
+    ("empty_split", ["--split gap: none of the images under", "is in split 'gap' of"]),
+])
+def test_construct_csv_split_errors_name_the_value(tmp_path: Path, mri2d: dict[str, Path], case: str,
+                                                   expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    brains = _build_dataset_folder(tmp_path, mri2d)
+    folder, split = brains / "slices" / "mni152", "train"
+    if case == "unknown_split":
+        split = "trian"
+    elif case == "no_index":
+        folder = tmp_path / "own"
+        folder.mkdir()
+        shutil.copy(_slice_files(mri2d, 1)[0], folder / "a.nii.gz")
+    elif case == "unlisted_image":
+        shutil.copy(_slice_files(mri2d, 1)[0], folder / "extra.nii.gz")
+    else:
+        folder, split = brains / "slices" / "train_only", "gap"
+        folder.mkdir()
+        (brains / "slices" / "mni152" / "mni152_axial_0.nii.gz").rename(folder / "mni152_axial_0.nii.gz")
+        (brains / "slices.csv").write_text((brains / "slices.csv").read_text().replace("slices/mni152/mni152_axial_0.",
+                                                                                         "slices/train_only/mni152_axial_0."))
+    with pytest.raises(DataError) as err:
+        construct_csv(folder, tmp_path / "x.csv", split=split)
+    assert all(part in str(err.value) for part in expected), str(err.value)
+    assert main(["construct-csv", "--input-dir", str(folder), "--split", split, "-o", str(tmp_path / "x.csv")]) == 2
+    printed = capsys.readouterr().err
+    assert printed.count("error:") == 1 and all(part in printed for part in expected), printed
+    assert not (tmp_path / "x.csv").exists()

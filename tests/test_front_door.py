@@ -1,4 +1,4 @@
-"""The front door loads no torch: ``fedsynth --help``, ``init-config`` and config validation
+"""The front door loads no torch: ``fedsynth --help``, ``init-config``, ``construct-csv`` and config validation
 import neither torch nor MONAI (each checked in a fresh interpreter, as a user's shell runs it)."""
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ def _heavy_modules_after(body: str, tmp_path: Path) -> list[str]:
     "    assert load_config('x.yaml').family == name\n"
     "    open('x.yaml', 'w').write(render_yaml(default_config(name, 3, 16)))\n"
     "    assert load_config('x.yaml').spatial_dims == 3",
-], ids=["import-config", "help", "sub-command-help", "init-config", "validate-every-family"])
+    "import pathlib\nfrom fedsynth.cli import main\n"
+    "pathlib.Path('b/slices').mkdir(parents=True)\n"
+    "pathlib.Path('b/slices/a.png').write_bytes(b'')\n"
+    "pathlib.Path('b/slices.csv').write_text('path,split\\nslices/a.png,train\\n')\n"
+    "assert main(['construct-csv', '--input-dir', 'b/slices', '--split', 'train', '-o', 't.csv']) == 0",
+], ids=["import-config", "help", "sub-command-help", "init-config", "validate-every-family", "construct-csv-split"])
 def test_front_door_imports_no_torch(body: str, tmp_path: Path) -> None:
     assert _heavy_modules_after(body, tmp_path) == []
 

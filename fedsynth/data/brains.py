@@ -12,7 +12,8 @@ held-out, the 3 mm gaps on both sides of each held-out slab are dropped. The rul
 coordinates, so the same anatomy of ch2/ch2bet/ch2better lands in the same split. At 64x64 one
 pixel is about 3 mm, so every held-out slice is at least 4 mm (more than a pixel) from any training
 slice. Gap slices are written too (``slices.csv`` lists them with split ``gap``) but are in no
-training or held-out CSV.
+training or held-out CSV. ``slices.csv`` records every slice's split, so ``fedsynth construct-csv
+--input-dir brains/slices/mni152 --split train`` lists the training slices of one folder only.
 
 **Brain-containing slices only:** a slice is kept when its brain area (voxels above 15 % of the
 volume's 99.5th percentile) is at least 15 % of the largest area along that axis.
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedsynth.data.images import save_image
-from fedsynth.data.manifest import read_manifest, write_manifest
+from fedsynth.data.manifest import SPLIT_INDEX, read_manifest, write_manifest
 from fedsynth.errors import DataError
 from fedsynth.io import atomic_write_text
 
@@ -193,6 +194,22 @@ def volume_slices(name: str, out_dir: Path, image_size: int = 64) -> list[SliceR
     return rows
 
 
+def write_slice_index(out: Path, rows: Sequence[SliceRow]) -> Path:
+    """Write ``out/slices.csv``: every slice (gap slices too) with its plane, position and split, paths
+    relative to ``out`` (``fedsynth construct-csv --split`` reads it: :func:`fedsynth.data.manifest.read_split_index`)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "volume", "brain", "plane", "position_mm", "split", "third", "prompt"])
+    writer.writerows([str(r.path.relative_to(out)), r.volume, r.brain, r.plane, f"{r.position_mm:.1f}", r.split,
+                      r.third, r.prompt] for r in rows)
+    index = out / SPLIT_INDEX
+    atomic_write_text(index, text.getvalue())
+    return index
+
+
 def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: Sequence[str] | None = None,
                         volume_sizes: tuple[int, ...] = (32, 64),
                         progress: Callable[[str], None] | None = None) -> dict[str, Path]:
@@ -225,18 +242,7 @@ def build_brain_dataset(out_dir: str | Path, *, image_size: int = 64, volumes: S
         write(split, [r for r in rows if r.split == split])
         for brain in sorted({r.brain for r in rows}):
             write(f"{brain}_{split}", [r for r in rows if r.split == split and r.brain == brain])
-    index = out / "slices.csv"
-    import csv
-    import io
-
-
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "volume", "brain", "plane", "position_mm", "split", "third", "prompt"])
-    writer.writerows([str(r.path.relative_to(out)), r.volume, r.brain, r.plane, f"{r.position_mm:.1f}", r.split,
-                      r.third, r.prompt] for r in rows)
-    atomic_write_text(index, text.getvalue())
-    csvs["slices"] = index
+    csvs["slices"] = write_slice_index(out, rows)
     for size in volume_sizes:
         vol_rows = []
         for name in names:

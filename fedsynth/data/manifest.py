@@ -172,8 +172,62 @@ def split_by_subject(records: Sequence[Record], val_fraction: float, seed: int) 
     return [r for r in records if r.subject_id not in val_subjects], [r for r in records if r.subject_id in val_subjects]
 
 
+#: the per-image split index ``fedsynth build-dataset`` writes in its output folder (columns ``path``,
+#: relative to that folder, and ``split``), and the splits it records
+SPLIT_INDEX = "slices.csv"
+SPLITS = ("train", "held_out", "gap")
+
+
+def find_split_index(folder: str | Path) -> Path | None:
+    """The nearest :data:`SPLIT_INDEX` with ``path`` and ``split`` columns in ``folder`` or a folder above it."""
+    start = Path(folder).resolve()
+    for candidate in (start, *start.parents):
+        index = candidate / SPLIT_INDEX
+        if index.is_file():
+            with index.open(newline="", encoding="utf-8-sig") as fh:
+                header = next(csv.reader(fh), [])
+            if {"path", "split"} <= {h.strip() for h in header}:
+                return index
+    return None
+
+
+def read_split_index(index: str | Path) -> dict[Path, str]:
+    """``{resolved image path: split}`` from a :data:`SPLIT_INDEX` (paths are relative to its folder)."""
+    index = Path(index)
+    with index.open(newline="", encoding="utf-8-sig") as fh:
+        return {(index.parent / row["path"].strip()).resolve(): (row.get("split") or "").strip()
+                for row in csv.DictReader(fh) if (row.get("path") or "").strip()}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r}: expected one of {', '.join(SPLITS)} (the splits `fedsynth build-dataset` "
+                        f"records in its {SPLIT_INDEX})")
+
+
+def _select_split(rows: list[list[str]], n_channels: int, root: Path, split: str) -> list[list[str]]:
+    """The rows whose every channel file lies in ``split`` of the build-dataset index above ``root``."""
+    index = find_split_index(root)
+    if index is None:
+        raise DataError(f"--split {split}: no split information for {root}: no {SPLIT_INDEX} with 'path' and 'split' "
+                        f"columns in it or any folder above it (`fedsynth build-dataset` writes one). "
+                        "Leave out --split to list every image, and keep held-out images in a folder of their own")
+    splits = read_split_index(index)
+    kept = []
+    for row in rows:
+        files = [Path(f) for f in row[1:1 + n_channels]]
+        unknown = [f for f in files if f not in splits]
+        if unknown:
+            raise DataError(f"--split {split}: {unknown[0]} is not listed in {index}, so its split is unknown")
+        if all(splits[f] == split for f in files):
+            kept.append(row)
+    if not kept:
+        raise DataError(f"--split {split}: none of the images under {root} is in split '{split}' of {index}")
+    return kept
+
+
 def construct_csv(input_dir: str | Path, output: str | Path, *, channel_ids: Sequence[str] | None = None,
-                  labels_from_folders: bool = False) -> int:
+                  labels_from_folders: bool = False, split: str | None = None) -> int:
     """Write a manifest for the images under ``input_dir``; returns the number of rows.
 
     Layouts understood (as GaNDLF's ``construct_csv``):
@@ -182,8 +236,15 @@ def construct_csv(input_dir: str | Path, output: str | Path, *, channel_ids: Seq
     - images directly in ``input_dir`` (one subject each);
     - with ``labels_from_folders``: ``input_dir/<class name>/<images>``; classes are numbered in
       sorted order of folder names.
+
+    ``split`` (``train``, ``held_out`` or ``gap``): keep only the images of that split, as recorded
+    in the :data:`SPLIT_INDEX` that ``fedsynth build-dataset`` wrote in ``input_dir`` or a folder
+    above it (without it, every image is listed: held-out and gap slices too). An image the index
+    does not list, or no index at all, is an error.
     """
     root = Path(input_dir)
+    if split is not None:
+        _check_split(split)
     if not root.is_dir():
         raise DataError(f"input directory not found: {root}")
     rows: list[list[str]] = []
@@ -220,6 +281,8 @@ def construct_csv(input_dir: str | Path, output: str | Path, *, channel_ids: Seq
     n_channels = len(rows[0]) - (2 if labels_from_folders else 1)
     if any(len(r) != len(rows[0]) for r in rows):
         raise DataError(f"{root}: subjects have different numbers of channel files; pass --channels-id")
+    if split is not None:
+        rows = _select_split(rows, n_channels, root, split)
     header = ["SubjectID", *[f"Channel_{i}" for i in range(n_channels)]] + (["Label"] if labels_from_folders else [])
     with atomic_path(Path(output)) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
