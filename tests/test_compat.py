@@ -68,3 +68,20 @@ def test_a_reply_cut_off_mid_upload_does_not_outlast_the_round(monkeypatch: pyte
     with pytest.raises(ObjectUnavailableError, match=compat.INCOMPLETE_REPLY):
         grid.pull_objects(object_ids=["a", "b"], pull_object_fn=never_arrives)
     assert time.monotonic() - t0 < 5
+
+
+def test_the_supernode_file_store_writes_atomically_and_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader never sees a half-written FAB or .META; storing the same FAB again leaves the files alone."""
+    import os
+
+    from flwr.supercore.ffs.disk_ffs import DiskFfs
+
+    monkeypatch.setattr(DiskFfs, "put", DiskFfs.put)  # restored after the test
+    compat.atomic_flower_file_store()
+    store = DiskFfs(str(tmp_path))
+    key = store.put(b"fab bytes", {"sha256": "x"})
+    inode = os.stat(tmp_path / f"{key}.META").st_ino
+    assert store.put(b"fab bytes", {"sha256": "x"}) == key
+    assert os.stat(tmp_path / f"{key}.META").st_ino == inode  # not rewritten
+    assert store.get(key) == (b"fab bytes", {"sha256": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([key, f"{key}.META"])  # no temporary file left

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
+
 from fedsynth.cli import main
 from fedsynth.errors import PolicyRefused
 from fedsynth.privacy.lifetime import Budget, BudgetExceeded, DatasetLedger, LedgerTampered, LifetimeGuard, check_non_private
@@ -159,3 +159,50 @@ def test_local_runs_share_the_dataset_budget(tmp_path: Path, mri2d: dict[str, Pa
     save_config(tiny_config("autoencoder", training__max_steps=2), tmp_path / "c.yaml")
     with pytest.raises(BudgetExceeded, match="without differential privacy"):
         run_training(TrainRequest(str(tmp_path / "c.yaml"), str(mri2d["mni152"]), str(tmp_path / "c"), ledger=str(ledger)))
+
+
+@pytest.mark.slow
+def test_one_ledger_across_flower_and_openfl_federations(tmp_path: Path, mri2d: dict[str, Path]) -> None:
+    """site1's images in a Flower federation, then an OpenFL one (new federation ids, new state
+    folders): one ledger composes both; a third federation whose first round would pass the
+    site's lifetime budget is refused by site1 before it trains, and the round goes on without it."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("openfl")
+    from fedsynth.federated.flower.trial import LocalFederation
+    from fedsynth.federated.openfl.trial import run_trial
+    from fedsynth.federated.trial_common import TrialRequest
+    from fedsynth.privacy.ledger import PrivacyLedger
+
+    ledger = tmp_path / "site1-ledger"
+    dp = {"enabled": True, "noise_multiplier": 1.2, "max_grad_norm": 1.0, "delta": 1e-5}
+    sites = {"site1": mri2d["mni152"], "site2": mri2d["colin27"]}
+
+    def policy(lifetime: float) -> dict[str, dict[str, object]]:
+        return {"site1": {"ledger_dir": str(ledger), "privacy": {"require_dp": True, "lifetime_epsilon": lifetime}}}
+
+    def config(seed: int, min_sites: int = 2):  # type: ignore[no-untyped-def]
+        return tiny_config("gan", seed=seed, privacy=dp, federation={"local_steps": 2, "rounds": 2, "min_sites": min_sites,
+                                                                     "round_timeout_s": 120.0})
+
+    LocalFederation(TrialRequest(config(1), sites, tmp_path / "flower", evaluate=False, timeout_s=300,
+                                 site_policies=policy(50.0))).run()
+    run_trial(TrialRequest(config(2), sites, tmp_path / "openfl", timeout_s=300, site_policies=policy(50.0)))
+    report = DatasetLedger(ledger).report()
+    assert sorted(r["driver"] for r in report["runs"]) == ["flower", "openfl"]
+    assert [r["steps"] for r in report["runs"]] == [4, 4]  # 2 rounds x 2 local steps each
+    history = [(float(s), float(q), int(n)) for e in DatasetLedger(ledger).spends() for s, q, n in e["history"]]
+    accountant = PrivacyLedger("rdp", 1e-5)
+    assert report["lifetime_epsilon_spent"] == pytest.approx(accountant.epsilon_of(history))
+    sigma, q = history[0][:2]
+    # a budget between 8 steps (spent) and 10 (one more round): the next federation's first round is refused
+    budget = (accountant.epsilon_of([(sigma, q, 8)]) + accountant.epsilon_of([(sigma, q, 10)])) / 2
+    fed = LocalFederation(TrialRequest(config(3, min_sites=1), sites, tmp_path / "flower2", rounds=1, evaluate=False,
+                                       timeout_s=300, site_policies=policy(budget)))
+    fed.run()
+    record = json.loads((tmp_path / "flower2" / "global" / "history.json").read_text(encoding="utf-8"))
+    assert record[0]["accepted"] == ["site2"]
+    assert record[0]["rejected"] == [["site1", "refused by the site's own policy (lifetime privacy budget)"]]
+    after = DatasetLedger(ledger).report()
+    assert sum(r["steps"] for r in after["runs"]) == 8 and after["lifetime_epsilon_spent"] <= budget
+    assert [e["kind"] for e in DatasetLedger(ledger).entries()].count("budget") == 2  # the changed budget is on record
+    assert "lifetime privacy budget" in (tmp_path / "flower2" / "logs" / "site1.log").read_text(encoding="utf-8")

@@ -12,6 +12,7 @@ run one backend only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -73,6 +74,44 @@ def shorten_supernode_idle_poll(seconds: float) -> None:
     loop.time = ShortIdlePoll()  # type: ignore[assignment]
 
 
+def atomic_flower_file_store() -> None:
+    """flwr 1.23's ``DiskFfs.put`` rewrites a run's FAB and its ``.META`` JSON in place for every
+    message; the ClientApp process reading them at that moment gets an empty ``.META`` ("Expecting
+    value: line 1 column 1") and its SuperNode answers every later pull with that error, so the
+    site never trains again. Write both atomically (temporary file, then rename), and not at all
+    when the stored content is already there."""
+    require_series("flwr", FLOWER_SERIES, "the SuperNode's atomic file store")
+    import hashlib
+    import json
+    import tempfile
+
+    from flwr.supercore.ffs.disk_ffs import DiskFfs
+
+    def replace(target: Any, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def put(self: Any, content: bytes, meta: dict[str, str]) -> str:
+        key = hashlib.sha256(content).hexdigest()
+        self.base_dir.mkdir(exist_ok=True, parents=True)
+        blob, about = self.base_dir / key, self.base_dir / f"{key}.META"
+        encoded = json.dumps(meta).encode()
+        if not (blob.is_file() and blob.stat().st_size == len(content)):
+            replace(blob, content)
+        if not (about.is_file() and about.read_bytes() == encoded):
+            replace(about, encoded)
+        return key
+
+    DiskFfs.put = put  # type: ignore[method-assign]
+
+
 #: the reason of the error reply the ServerApp sees for a reply whose upload never completed
 INCOMPLETE_REPLY = "the site's reply never finished uploading"
 
@@ -100,7 +139,7 @@ def bound_reply_downloads(seconds_left: Callable[[], float]) -> None:
         except ObjectUnavailableError as err:
             raise Incomplete() from err
 
-    grid.pull_objects = bounded  # type: ignore[attr-defined]
+    grid.pull_objects = bounded
 
 
 def clientappio_stub(address: str) -> tuple[Any, Any]:

@@ -1,17 +1,19 @@
-"""``fedsynth-supernode``: flwr's own ``flower-supernode``, with a short idle poll.
+"""``fedsynth-supernode``: flwr's own ``flower-supernode``, with a short idle poll and an atomic file store.
 
 flwr 1.23's SuperNode sleeps a fixed 3 s each time it asks the SuperLink for a message and there
 is none (``flwr.supernode.start_client_internal``, not configurable). Between two rounds that is
 up to 3 s per round in which a site idles while the server already waits for it. This entry
 runs the same SuperNode with the same arguments and behaviour, except that the idle wait is
-``IDLE_POLL_S`` (one small gRPC request to the SuperLink per interval per site).
+``IDLE_POLL_S`` (one small gRPC request to the SuperLink per interval per site). Its file store
+writes atomically (:func:`~fedsynth.federated.compat.atomic_flower_file_store`): flwr's rewrites a
+file the site worker may be reading, which wedges the site.
 """
 
 from __future__ import annotations
 
 import sys
 
-from fedsynth.federated.compat import shorten_supernode_idle_poll
+from fedsynth.federated.compat import atomic_flower_file_store, shorten_supernode_idle_poll
 
 #: seconds a SuperNode waits before asking the SuperLink again when it had no message (flwr: 3)
 IDLE_POLL_S = 0.25
@@ -22,6 +24,7 @@ def main() -> int:
     from flwr.supernode.cli import flower_supernode
 
     shorten_supernode_idle_poll(IDLE_POLL_S)
+    atomic_flower_file_store()
     sys.argv[0] = "flower-supernode"
     flower_supernode()
     return 0
