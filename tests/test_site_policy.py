@@ -80,3 +80,55 @@ def test_site_refuses_calibrated_noise_below_its_floor_and_keeps_losses_in(mri2d
     assert set(result.metrics) == {"epsilon"} and result.metrics["epsilon"] > 0
     loss, n, metrics = site.evaluate(site.shared_weights())
     assert loss is None and n > 0 and "loss" not in metrics
+
+
+def test_a_refusal_leaves_the_site_without_its_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        SitePolicy(FLOOR).check(tiny_config("gan", privacy={**DP, "noise_multiplier": 0.3, "max_grad_norm": 10.0}), "site1")
+    public = err.value.public()  # type: ignore[attr-defined]
+    assert public == "site 'site1': refused by the site's own policy (privacy.max_grad_norm, privacy.noise_multiplier)"
+    assert "0.3" not in public and "10" not in public
+
+
+def test_kept_local_groups_are_averaged_over_the_other_sites_only() -> None:
+    """A site that keeps its discriminator home sends back what it received and says so: FedAvg
+    averages that group over the sites that trained it; under client-level DP it counts as unchanged."""
+    import numpy as np
+
+    from fedsynth.federated.aggregation import FedAvg, SiteUpdate
+
+    ref = {"generator/w": np.zeros(2, np.float32), "discriminator/w": np.zeros(2, np.float32)}
+    a = SiteUpdate("a", {"generator/w": np.full(2, 1.0), "discriminator/w": np.full(2, 4.0)}, 10, {})
+    b = SiteUpdate("b", {"generator/w": np.full(2, 3.0), "discriminator/w": np.zeros(2)}, 10,
+                   {"kept_local:discriminator": 1.0})
+    fedavg = FedAvg(ref)
+    assert fedavg.add(a) and fedavg.add(b)
+    out = fedavg.result()
+    assert np.allclose(out["generator/w"], 2.0) and np.allclose(out["discriminator/w"], 4.0)
+    unchanged = FedAvg(ref, honour_kept_local=False)
+    unchanged.add(a), unchanged.add(b)
+    assert np.allclose(unchanged.result()["discriminator/w"], 2.0)
+    assert SitePolicy().outbound({"kept_local:discriminator": 1.0, "loss": 0.1}) == {"kept_local:discriminator": 1.0}
+
+
+@pytest.mark.slow
+def test_a_site_keeps_its_discriminator_whatever_the_server_asks(tmp_path: Path, mri2d: dict[str, Path]) -> None:
+    import numpy as np
+
+    from fedsynth.federated.site import Site
+
+    config = tiny_config("gan", federation={"local_steps": 2})  # the server shares every group
+    site = Site(config, mri2d["mni152"], tmp_path / "state", site_id="a", keep_local=["discriminator"])
+    received = {k: v + 0.5 for k, v in site.shared_weights().items()}  # "the server's" weights
+    own_before = site.engine.model.get_weights(["discriminator"])
+    result = site.train_round(received, 1)
+    assert result.metrics["kept_local:discriminator"] == 1.0
+    for key, value in result.weights.items():
+        if key.startswith("discriminator/"):
+            assert np.array_equal(value, received[key])  # nothing of the site's discriminator leaves
+    own_after = site.engine.model.get_weights(["discriminator"])
+    # trained from its own weights, not from what the server sent
+    assert any(not np.allclose(own_after[k], own_before[k]) for k in own_before)
+    assert all(not np.allclose(own_after[k], received[k], atol=0.2) for k in own_after if own_after[k].size > 8)
+    with pytest.raises(ConfigError, match="keep_local names group 'critic'"):
+        Site(config, mri2d["mni152"], tmp_path / "state2", site_id="b", keep_local=["critic"])

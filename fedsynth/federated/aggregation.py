@@ -130,6 +130,16 @@ def validate_array(key: str, array: np.ndarray, expected_shape: tuple[int, ...],
         raise UpdateRejected(f"site '{site_id}': '{key}' contains NaN or Inf")
 
 
+#: a site's metric saying it kept a group at home this round (``kept_local:<group>`` = 1): the
+#: weights it sent for that group are the ones it received
+KEPT_LOCAL = "kept_local:"
+
+
+def kept_local(metrics: Mapping[str, float]) -> set[str]:
+    """The groups a site's update says it kept at home."""
+    return {k[len(KEPT_LOCAL):] for k, v in metrics.items() if k.startswith(KEPT_LOCAL) and v}
+
+
 def validate_update(update: SiteUpdate, reference: Mapping[str, np.ndarray]) -> None:
     """Check an update against the global weights it should replace."""
     if update.num_samples <= 0:
@@ -194,15 +204,20 @@ class FedAvg:
     """
 
     def __init__(self, reference: Mapping[str, np.ndarray], *, clip_update_norm: float | None = None,
-                 weighting: str = "samples", max_site_samples: int | None = None) -> None:
+                 weighting: str = "samples", max_site_samples: int | None = None, honour_kept_local: bool = True) -> None:
         """``weighting``: ``samples`` (each site by its reported sample count, capped at
-        ``max_site_samples`` when set) or ``equal`` (every accepted site counts once)."""
+        ``max_site_samples`` when set) or ``equal`` (every accepted site counts once).
+        ``honour_kept_local``: a group a site kept at home (it sends back what it received and says
+        so, :func:`kept_local`) is averaged over the other sites only; without it (client-level DP,
+        whose noise assumes every accepted site in every key) it counts as an unchanged update."""
         self.reference = {k: np.asarray(v) for k, v in reference.items()}
         self.clip_update_norm = clip_update_norm
         self.weighting = weighting
         self.max_site_samples = max_site_samples
         self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in self.reference.items()}
         self._total = 0  # sum of weights
+        self._key_total = dict.fromkeys(self.reference, 0)  # sum of weights of the sites that sent each key
+        self.honour_kept_local = honour_kept_local
         self._samples = 0  # sum of reported sample counts
         self.accepted: list[str] = []
         self.rejected: list[tuple[str, str]] = []
@@ -224,9 +239,13 @@ class FedAvg:
                 scale = self.clip_update_norm / norm
                 self.clipped.append(update.site_id)
         weight = self.site_weight(update.num_samples)
+        kept = kept_local(update.metrics) if self.honour_kept_local else set()
         for key, ref in self.reference.items():
+            if group_of(key) in kept:
+                continue
             delta = np.asarray(update.weights[key], dtype=np.float64) - ref.astype(np.float64)
             self._sum[key] += weight * scale * delta
+            self._key_total[key] += weight
         self._total += weight
         self._samples += update.num_samples
         self.accepted.append(update.site_id)
@@ -249,7 +268,7 @@ class FedAvg:
         if not self.accepted:
             reasons = "; ".join(r for _, r in self.rejected) or "no site sent an update"
             raise NoValidUpdates(f"no valid update this round ({reasons})")
-        return {k: s / self._total for k, s in self._sum.items()}
+        return {k: s / self._key_total[k] if self._key_total[k] else s for k, s in self._sum.items()}
 
     def result(self, mean_delta: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """New global weights in the reference dtypes (optionally from a post-processed delta)."""

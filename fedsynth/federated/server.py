@@ -46,7 +46,7 @@ def make_aggregator(reference: Mapping[str, np.ndarray], config: ExperimentConfi
     this one included)."""
     fed, privacy = config.federation, config.privacy
     if privacy.client_noise_multiplier is not None:
-        return ClientLevelDP(FedAvg(reference, weighting="equal"), clip_update_norm=fed.clip_update_norm,
+        return ClientLevelDP(FedAvg(reference, weighting="equal", honour_kept_local=False), clip_update_norm=fed.clip_update_norm,
                              noise_multiplier=privacy.client_noise_multiplier, delta=privacy.client_delta,
                              server_round=server_round)
     return FedAvg(reference, clip_update_norm=fed.clip_update_norm, weighting=fed.weighting,

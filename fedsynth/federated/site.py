@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,15 @@ import numpy as np
 from fedsynth.config import ExperimentConfig
 from fedsynth.data.dataset import ImageDataset, load_datasets
 from fedsynth.engine import LAST, Engine, build_engine
-from fedsynth.errors import TrainingDiverged, WeightsError
-from fedsynth.federated.aggregation import frozen_groups, group_of, resolve_group_policy, select_groups, shared_groups
+from fedsynth.errors import ConfigError, TrainingDiverged, WeightsError
+from fedsynth.federated.aggregation import (
+    KEPT_LOCAL,
+    frozen_groups,
+    group_of,
+    resolve_group_policy,
+    select_groups,
+    shared_groups,
+)
 from fedsynth.federated.site_config import SitePolicy
 from fedsynth.io import FolderLock
 from fedsynth.privacy.lifetime import DatasetLedger
@@ -67,7 +74,7 @@ class Site:
 
     def __init__(self, config: ExperimentConfig, train_csv: str | Path, state_dir: str | Path, *,
                  site_id: str = "site", val_csv: str | Path | None = None, policy: SitePolicy | None = None,
-                 ledger: DatasetLedger | None = None, driver: str = "site") -> None:
+                 ledger: DatasetLedger | None = None, driver: str = "site", keep_local: Sequence[str] = ()) -> None:
         self.policy_rules = policy or SitePolicy.permissive()
         self.policy_rules.check(config, site_id)  # before anything is built from the coordinator's config
         self.config = config
@@ -82,6 +89,13 @@ class Site:
         self.policy = resolve_group_policy(self.engine.model, config.federation)
         self.shared = shared_groups(self.policy)
         self.frozen = frozen_groups(self.engine.model, self.policy)  # sent unchanged (float32)
+        unknown = sorted(set(keep_local) - set(self.engine.model.groups()))
+        if unknown:
+            raise ConfigError(f"site '{site_id}': keep_local names group '{unknown[0]}', which a "
+                              f"{config.family} model does not have; its groups are {self.engine.model.groups()}")
+        # the site's own choice, whatever the coordinator's policy: these groups never leave it; the
+        # site trains them as its own and answers with what it received (which tells nothing of its data)
+        self.kept = [g for g in keep_local if g in self.shared and g not in self.frozen]
         self._data: tuple[ImageDataset, ImageDataset | None] | None = None
         if (self.state_dir / LAST).is_file():
             self.engine.resume(self.state_dir / LAST)
@@ -105,7 +119,7 @@ class Site:
         if local:
             raise WeightsError(f"site '{self.site_id}': received weights for non-shared group(s) {local}")
         self.engine.model.check_received(weights, f"site '{self.site_id}'")  # e.g. a shipped first stage's hash
-        self.engine.model.set_weights(weights, strict=True)
+        self.engine.model.set_weights({k: v for k, v in weights.items() if group_of(k) not in self.kept}, strict=True)
 
     def train_round(self, global_weights: Mapping[str, np.ndarray], server_round: int) -> RoundResult:
         """Apply global weights, train locally for one round, persist state, return shared weights."""
@@ -129,7 +143,11 @@ class Site:
             raise
         self.engine.save(self.state_dir / LAST)
         metrics = self.policy_rules.outbound(self.engine.state.metrics)
-        return RoundResult(select_groups(self.engine.model.get_weights(), self.shared), len(train), metrics)
+        weights = select_groups(self.engine.model.get_weights(), self.shared)
+        for key in [k for k in weights if group_of(k) in self.kept]:
+            weights[key] = np.asarray(global_weights[key])  # what it received: the site's own stays home
+        metrics.update({f"{KEPT_LOCAL}{g}": 1.0 for g in self.kept})
+        return RoundResult(weights, len(train), metrics)
 
     def _restore_last_good(self) -> None:
         """After a diverged round: rebuild the engine from the site's last good state (or its

@@ -24,6 +24,7 @@ from pydantic import Field
 from fedsynth.config import ExperimentConfig, read_yaml, validate_model
 from fedsynth.config_base import Strict as _Strict
 from fedsynth.errors import PolicyRefused
+from fedsynth.federated.aggregation import KEPT_LOCAL
 from fedsynth.io import atomic_write_text
 from fedsynth.privacy.lifetime import Budget, DatasetLedger, default_ledger_dir
 
@@ -63,6 +64,9 @@ class SiteDataConfig(_Strict):
     ledger_dir: Path | None = Field(None, description="the site's lifetime privacy ledger, shared by every run on its "
                                                       "data (default: $FEDSYNTH_LEDGER, else ledger/ next to this file)")
     privacy: SitePrivacyFloor = Field(default_factory=SitePrivacyFloor)
+    keep_local: list[str] = Field(default_factory=list, description="groups that never leave this site, whatever the "
+                                                                    "coordinator asks (e.g. [discriminator]): trained here, "
+                                                                    "the received weights sent back unchanged")
     share_metrics: list[str] = Field(default_factory=list, description="metrics (besides num_samples and epsilon) "
                                                                       "that may leave the site, e.g. [loss, d_loss]; '*' = all")
 
@@ -169,6 +173,8 @@ class SitePolicy:
     # ------------------------------------------------------------------ outbound
 
     def allows(self, name: str) -> bool:
+        if name.startswith(KEPT_LOCAL):
+            return True  # which groups stayed home: the server must know not to average them
         base = name.removeprefix("val_").removeprefix("train_")
         return "*" in self.share or name in self.share or base in self.share or base in DP_SAFE_METRICS
 

@@ -64,7 +64,7 @@ def _site(instruction: RoundInstruction, context: Context):  # noqa: ANN202 (Sit
     data = load_site_config(path)
     state_dir = data.state_dir or path.parent.resolve() / "state"
     site = Site(instruction.config(), data.train_csv, state_dir, site_id=data.site_id, val_csv=data.val_csv,
-                policy=SitePolicy.of(data), ledger=open_site_ledger(data), driver="flower")
+                policy=SitePolicy.of(data), ledger=open_site_ledger(data), driver="flower", keep_local=data.keep_local)
     _cached = (key, site, data)
     log.info("site %s: engine built, state from %s", data.site_id, site.state_dir)
     return site, data

@@ -68,7 +68,8 @@ class FedsynthTaskRunner(TaskRunner):
             state_dir = data.state_dir if data is not None and data.state_dir is not None else self.state_dir / col_name
             policy = SitePolicy.of(data) if data is not None else None
             self.site = Site(self.config, loader.train_csv, state_dir, site_id=col_name, val_csv=loader.val_csv,
-                             policy=policy, ledger=open_site_ledger(data), driver="openfl")
+                             policy=policy, ledger=open_site_ledger(data), driver="openfl",
+                             keep_local=data.keep_local if data is not None else ())
             log.info("site %s: %d training images, groups %s (local: %s)", col_name, self.site.num_samples,
                      self.policy, [g for g in self.policy if g not in self.shared])
         return self.site
