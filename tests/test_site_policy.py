@@ -132,3 +132,22 @@ def test_a_site_keeps_its_discriminator_whatever_the_server_asks(tmp_path: Path,
     assert all(not np.allclose(own_after[k], received[k], atol=0.2) for k in own_after if own_after[k].size > 8)
     with pytest.raises(ConfigError, match="keep_local names group 'critic'"):
         Site(config, mri2d["mni152"], tmp_path / "state2", site_id="b", keep_local=["critic"])
+
+
+def test_a_site_that_declares_nothing_gets_the_safe_floor(tmp_path: Path) -> None:
+    """No privacy section: DP required, only the sample count and epsilon leave; the shipped
+    template carries a floor with a lifetime budget; the one-operator trial is the exception."""
+    from fedsynth.resources import resource_dir
+
+    (tmp_path / "data.yaml").write_text("site_id: s\ntrain_csv: t.csv\n", encoding="utf-8")
+    bare = load_site_config(tmp_path / "data.yaml")
+    assert bare.privacy.require_dp and bare.share_metrics == [] and bare.ledger_dir == (tmp_path / "ledger").resolve()
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        SitePolicy.of(bare).check(tiny_config("gan"), "s")
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        SitePolicy.default().check(tiny_config("gan"), "s")  # an OpenFL line naming bare CSVs
+    template = load_site_config(resource_dir("flower-site") / "data.yaml")
+    assert template.privacy.require_dp and template.privacy.lifetime_epsilon and template.share_metrics == []
+    assert template.privacy.budget() is not None and not template.privacy.allow_non_private
+    trial = load_site_config(write_trial_site_config(tmp_path / "t", "t", tmp_path / "t.csv", None))
+    SitePolicy.of(trial).check(tiny_config("gan"), "t")

@@ -35,7 +35,8 @@ DP_SAFE_METRICS = ("epsilon",)
 class SitePrivacyFloor(_Strict):
     """The weakest privacy a site accepts; a coordinator's config may only be stricter."""
 
-    require_dp: bool = Field(False, description="refuse to train unless privacy.enabled")
+    require_dp: bool = Field(True, description="refuse to train unless privacy.enabled (default true: a site "
+                                               "that trains without DP says so)")
     max_epsilon: float | None = Field(None, gt=0, description="the coordinator's privacy.target_epsilon must be <= this")
     max_delta: float | None = Field(None, gt=0, lt=1, description="privacy.delta must be <= this")
     min_noise_multiplier: float | None = Field(None, gt=0, description="noise multiplier used (given or calibrated) must be >= this")
@@ -109,13 +110,14 @@ def write_trial_site_config(site_dir: Path, site_id: str, train_csv: Path, val_c
                             policy: Mapping[str, object] | None = None) -> Path:
     """``SITE_DIR/data.yaml`` of a one-machine trial (state in ``SITE_DIR/state``), checked like a site's own.
 
-    ``policy`` holds the ``privacy`` floor and ``share_metrics``; without one, every metric is
-    shared (the trial's operator runs every site).
+    ``policy`` holds the ``privacy`` floor, ``share_metrics`` and the other site fields; without
+    them the trial's site takes whatever the experiment config says and shares every metric: one
+    operator runs every site of a trial, and is the coordinator too.
     """
     raw: dict[str, object] = {"site_id": site_id, "train_csv": str(Path(train_csv).resolve()),
                               "val_csv": str(Path(val_csv).resolve()) if val_csv else None,
                               "state_dir": str(Path(site_dir).resolve() / "state"), "share_metrics": ["*"],
-                              **dict(policy or {})}
+                              "privacy": {"require_dp": False}, **dict(policy or {})}
     cfg = validate_model(SiteDataConfig, raw, f"site policy of '{site_id}'")
     return write_site_config(Path(site_dir) / "data.yaml", cfg)
 
@@ -124,12 +126,17 @@ class SitePolicy:
     """The site's rules applied to what arrives (the coordinator's config) and what leaves (metrics)."""
 
     def __init__(self, floor: SitePrivacyFloor | None = None, share_metrics: Iterable[str] = ()) -> None:
-        self.floor = floor or SitePrivacyFloor()
+        self.floor = floor or SitePrivacyFloor(require_dp=False)  # no floor given: none
         self.share = set(share_metrics)
 
     @classmethod
     def of(cls, data: SiteDataConfig) -> SitePolicy:
         return cls(data.privacy, data.share_metrics)
+
+    @classmethod
+    def default(cls) -> SitePolicy:
+        """A site that declared nothing: DP required, only the sample count and epsilon leave it."""
+        return cls(SitePrivacyFloor(), [])
 
     @classmethod
     def permissive(cls) -> SitePolicy:

@@ -66,7 +66,8 @@ class FedsynthTaskRunner(TaskRunner):
             if data is not None and data.site_id != col_name:
                 raise ConfigError(f"collaborator '{col_name}': its site data config names site_id '{data.site_id}'")
             state_dir = data.state_dir if data is not None and data.state_dir is not None else self.state_dir / col_name
-            policy = SitePolicy.of(data) if data is not None else None
+            # a collaborator whose plan/data.yaml line names CSVs only has declared no floor: the safe default
+            policy = SitePolicy.of(data) if data is not None else SitePolicy.default()
             self.site = Site(self.config, loader.train_csv, state_dir, site_id=col_name, val_csv=loader.val_csv,
                              policy=policy, ledger=open_site_ledger(data), driver="openfl",
                              keep_local=data.keep_local if data is not None else ())
