@@ -170,3 +170,81 @@ def test_a_message_the_superlink_lost_is_sent_again(tmp_path: Path) -> None:
     assert federation.global_model.round == 1
     received = (tmp_path / "run" / "server" / "received.jsonl").read_text(encoding="utf-8")
     assert '"site": "site1"' in received and "error" not in received
+
+
+@pytest.mark.slow
+def test_a_site_worker_without_its_supernode_exits_so_it_can_be_restarted() -> None:
+    """No SuperNode answers at the worker's ClientAppIo address: the worker exits with status 1
+    after --unreachable-s (flwr's own retry would wait forever), so the site's start script exits."""
+    import subprocess
+    import sys
+    import time
+
+    from fedsynth.processes import free_port
+
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "fedsynth.federated.flower.worker", "--clientappio-api-address",
+                           f"127.0.0.1:{free_port()}", "--unreachable-s", "3"], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "did not answer for 3 s" in done.stderr and "restarts it" in done.stderr, done.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_nodes_are_named_by_their_registered_keys(tmp_path: Path) -> None:
+    """The roster binds node ids to site names: a node claiming another site's name is rejected
+    under its real name; an unknown node is rejected; the real site's update counts.
+
+    Real flwr link state and in-memory grid; the SuperNodes' side is played on the same state."""
+    import threading
+    import time
+
+    from conftest import tiny_config
+    from flwr.app import ConfigRecord, Message
+    from flwr.server.grid.inmemory_grid import InMemoryGrid
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+    from fedsynth.federated.flower.messages import RoundInstruction, TrainReply
+    from fedsynth.federated.flower.roster import Roster
+    from fedsynth.federated.flower.server_app import FlowerFederation
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME)
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, ConfigRecord(), None)
+    nodes = {name: state.create_node(f"{name}-owner", f"{name}-key".encode(), heartbeat_interval=30.0)
+             for name in ("site1", "site2", "stranger")}
+    for node in nodes.values():
+        assert state.acknowledge_node_heartbeat(node, 30.0)
+    roster = Roster(tmp_path / "run")
+    roster.bind(nodes["site1"], "site1")
+    roster.bind(nodes["site2"], "site2")
+    grid = InMemoryGrid(factory)
+    grid.set_run(run_id)
+    config = tiny_config("autoencoder", federation__min_sites=1, federation__round_timeout_s=60.0)
+    federation = FlowerFederation(grid, config, tmp_path / "run", evaluate=False)
+    claims = {"site1": "site1", "site2": "site1", "stranger": "site3"}  # site2 says it is site1
+
+    def supernodes() -> None:
+        answered: set[str] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(answered) < 3:
+            for name, node in nodes.items():
+                for message in state.get_message_ins(node_id=node, limit=1):
+                    sent = RoundInstruction.from_record(message.content)
+                    reply = Message(TrainReply(claims[name], sent.arrays, 5, {}).to_record(), reply_to=message)
+                    reply.metadata.__dict__["_message_id"] = reply.object_id
+                    assert state.store_message_res(reply)
+                    answered.add(name)
+            time.sleep(0.02)
+
+    sites = threading.Thread(target=supernodes, daemon=True)
+    sites.start()
+    federation.run_round(1)
+    sites.join(10)
+    summary = federation.global_model.history[-1]
+    assert summary["accepted"] == ["site1"]
+    rejected = dict(summary["rejected"])
+    assert set(rejected) == {"site2", f"node {nodes['stranger']}"}
+    assert "registered as site 'site2' but says it is 'site1'" in rejected["site2"]
+    assert "not in the roster" in rejected[f"node {nodes['stranger']}"]

@@ -200,9 +200,12 @@ def test_untrusted_supernodes_are_refused(tmp_path: Path, certs: Path, mri2d: di
             assert code is not None and code != 0, (name, fed.processes.tail(name))
         nodes = flwr_cli(["supernode", "ls", str(fed.app_dir), FEDERATION], fed.env, fed.app_dir)["nodes"]
         assert len([n for n in nodes if n["status"] == "online"]) == 1  # only the legitimate site1
-        # revoking a site is one command: its registered key no longer gets it in
+        # revoking a site is one command, by its name: its registered key no longer gets it in
+        from fedsynth.federated.flower.roster import Roster, revoke_site
+
         site2 = next(n["node-id"] for n in nodes if n["status"] != "online")
-        flwr_cli(["supernode", "unregister", str(site2), str(fed.app_dir), FEDERATION], fed.env, fed.app_dir)
+        assert revoke_site(fed.app_dir, "site2", fed.env) == site2
+        assert Roster(fed.run_dir).name(site2) is None and Roster(fed.run_dir).entries()[site2]["revoked"]
         fed.start_supernode("site2", name="revoked", max_wait_s=8)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and fed.processes.alive("revoked"):
@@ -290,3 +293,21 @@ def test_a_killed_superlink_resumes_from_the_last_completed_round(tmp_path: Path
     assert [h["round"] for h in history] == [1, 2, 3]
     assert all(h["accepted"] and set(h["accepted"]) <= {"site1", "site2"} for h in history)
 
+
+
+def test_a_site_claiming_another_sites_name_is_rejected(tmp_path: Path, certs: Path, mri2d: dict[str, Path]) -> None:
+    """site2 connects with its own registered key but its data.yaml says it is site1: the server
+    names nodes by their keys (the roster), rejects the impostor under its real name, and site1's
+    update and metrics are intact."""
+    request = _request(tmp_path, certs, mri2d, "gan", rounds=1, min_sites=1, round_timeout_s=60.0)
+    request.site_policies = {"site2": {"site_id": "site1"}}  # what site2's own data.yaml says
+    fed = LocalFederation(request)
+    done = fed.run()
+    _assert_no_orphans(fed)
+    assert done["round"] == 1
+    run = Path(request.run_dir)
+    history = json.loads((run / "global" / "history.json").read_text(encoding="utf-8"))
+    assert history[0]["accepted"] == ["site1"]
+    (site, reason), = history[0]["rejected"]
+    assert site == "site2" and "registered as site 'site2' but says it is 'site1'" in reason
+    assert set(history[0]["site_metrics"]) == {"site1"} and history[0]["site_metrics"]["site1"]["num_samples"] > 0

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedsynth.config import FederationConfig
 from fedsynth.errors import ConfigError, FedsynthError
+from fedsynth.federated.site_config import KEPT_LOCAL
 
 log = logging.getLogger("fedsynth.aggregation")
 
@@ -128,11 +129,6 @@ def validate_array(key: str, array: np.ndarray, expected_shape: tuple[int, ...],
         raise UpdateRejected(f"site '{site_id}': wrong shape for '{key}': expected {tuple(expected_shape)}, got {tuple(array.shape)}")
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise UpdateRejected(f"site '{site_id}': '{key}' contains NaN or Inf")
-
-
-#: a site's metric saying it kept a group at home this round (``kept_local:<group>`` = 1): the
-#: weights it sent for that group are the ones it received
-KEPT_LOCAL = "kept_local:"
 
 
 def kept_local(metrics: Mapping[str, float]) -> set[str]:

@@ -142,9 +142,10 @@ def bound_reply_downloads(seconds_left: Callable[[], float]) -> None:
     grid.pull_objects = bounded
 
 
-def clientappio_stub(address: str) -> tuple[Any, Any]:
+def clientappio_stub(address: str, give_up_after_s: float | None = None) -> tuple[Any, Any]:
     """``(channel, stub)`` for a SuperNode's ClientAppIo API, with flwr's own retry policy (the
-    same private helpers flwr's ``flwr-clientapp`` executor uses)."""
+    same private helpers flwr's ``flwr-clientapp`` executor uses), except that an unreachable
+    SuperNode is retried for ``give_up_after_s`` seconds (flwr: forever), then the call raises."""
     require_series("flwr", FLOWER_SERIES, "the fedsynth site worker (ClientAppIo API)")
     from flwr.common.grpc import create_channel
     from flwr.common.retry_invoker import _make_simple_grpc_retry_invoker, _wrap_stub
@@ -152,8 +153,32 @@ def clientappio_stub(address: str) -> tuple[Any, Any]:
 
     channel = create_channel(server_address=address, insecure=True, root_certificates=None)
     stub = ClientAppIoStub(channel)
-    _wrap_stub(stub, _make_simple_grpc_retry_invoker())
+    invoker = _make_simple_grpc_retry_invoker()
+    invoker.max_time = give_up_after_s
+    _wrap_stub(stub, invoker)
     return channel, stub
+
+
+def record_clientapp_replies() -> set[str]:
+    """The tokens of the messages whose reply flwr's ``run_clientapp`` pushed to the SuperNode.
+
+    flwr 1.23's ``run_clientapp`` logs a gRPC error and returns as it does after a success; the
+    site worker needs to tell them apart (a SuperNode that fails every message leaves the site
+    wedged). Returns the set the wrapped ``push_clientappoutputs`` adds each token to."""
+    require_series("flwr", FLOWER_SERIES, "the fedsynth site worker (reply bookkeeping)")
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    pushed: set[str] = set()
+    original = getattr(runtime.push_clientappoutputs, "__wrapped__", runtime.push_clientappoutputs)
+
+    def push(stub: Any, token: str, message: Any, context: Any) -> Any:
+        out = original(stub=stub, token=token, message=message, context=context)
+        pushed.add(token)
+        return out
+
+    push.__wrapped__ = original  # type: ignore[attr-defined]
+    runtime.push_clientappoutputs = push
+    return pushed
 
 
 # --------------------------------------------------------------------------- OpenFL

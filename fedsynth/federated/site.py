@@ -31,14 +31,13 @@ from fedsynth.data.dataset import ImageDataset, load_datasets
 from fedsynth.engine import LAST, Engine, build_engine
 from fedsynth.errors import ConfigError, TrainingDiverged, WeightsError
 from fedsynth.federated.aggregation import (
-    KEPT_LOCAL,
     frozen_groups,
     group_of,
     resolve_group_policy,
     select_groups,
     shared_groups,
 )
-from fedsynth.federated.site_config import SitePolicy
+from fedsynth.federated.site_config import KEPT_LOCAL, SitePolicy
 from fedsynth.io import FolderLock
 from fedsynth.privacy.lifetime import DatasetLedger
 

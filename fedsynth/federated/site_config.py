@@ -24,9 +24,12 @@ from pydantic import Field
 from fedsynth.config import ExperimentConfig, read_yaml, validate_model
 from fedsynth.config_base import Strict as _Strict
 from fedsynth.errors import PolicyRefused
-from fedsynth.federated.aggregation import KEPT_LOCAL
 from fedsynth.io import atomic_write_text
 from fedsynth.privacy.lifetime import Budget, DatasetLedger, default_ledger_dir
+
+#: a site's metric saying it kept a group at home this round (``kept_local:<group>`` = 1): the
+#: weights it sent for that group are the ones it received
+KEPT_LOCAL = "kept_local:"
 
 #: metrics that reveal nothing beyond the DP guarantee itself (always allowed to leave)
 DP_SAFE_METRICS = ("epsilon",)

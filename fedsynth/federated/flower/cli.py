@@ -73,6 +73,41 @@ def add_flower_command(backends: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="app folder to write")
     p.set_defaults(command="federate flower-app")
 
+    p = backends.add_parser("flower-register", help="register sites' SuperNode keys and bind each key to its site's name",
+                            **examples("fedsynth federate flower-register --app /srv/fedsynth/app "
+                                       "--site site1=/etc/fedsynth/sites/site1.auth.pub",
+                                       description="Runs 'flwr supernode register' for each key and records which site "
+                                                   "the node id belongs to (RUN_DIR/server/roster.json). The ServerApp "
+                                                   "names each site by its key, never by the name the site reports; a "
+                                                   "node claiming another site's name is rejected."))
+    p.add_argument("--app", required=True, help="the Flower app folder (fedsynth federate flower-app -o)")
+    p.add_argument("--site", action="append", required=True, metavar="NAME=KEY.pub", help="one per site (repeat)")
+    p.set_defaults(command="federate flower-register")
+
+    p = backends.add_parser("flower-revoke", help="unregister a site's key; the name stays revoked in the roster",
+                            **examples("fedsynth federate flower-revoke --app /srv/fedsynth/app --site site2"))
+    p.add_argument("--app", required=True, help="the Flower app folder")
+    p.add_argument("--site", required=True, help="the site to revoke, by its name")
+    p.set_defaults(command="federate flower-revoke")
+
+    @command("federate flower-register")
+    def _register(args: argparse.Namespace) -> None:
+        require("flwr", "flower", "fedsynth federate flower-register")
+        from fedsynth.federated.flower.roster import register_site
+        from fedsynth.federated.trial_common import parse_sites
+
+        for site, (key, _) in parse_sites(args.site, "--site").items():
+            node = register_site(args.app, site, key)
+            print(f"site '{site}': key {key} registered as node {node}")
+
+    @command("federate flower-revoke")
+    def _revoke(args: argparse.Namespace) -> None:
+        require("flwr", "flower", "fedsynth federate flower-revoke")
+        from fedsynth.federated.flower.roster import revoke_site
+
+        node = revoke_site(args.app, args.site)
+        print(f"site '{args.site}': node {node} unregistered; its key no longer gets in")
+
     @command("federate flower")
     def _trial(args: argparse.Namespace) -> None:
         require("flwr", "flower", "fedsynth federate flower")

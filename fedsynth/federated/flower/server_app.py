@@ -17,6 +17,7 @@ actually got, for audits and tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -49,6 +50,7 @@ from fedsynth.federated.flower.messages import (
     Verdict,
 )
 from fedsynth.federated.flower.records import encode, record_groups, record_nbytes, record_to_weights
+from fedsynth.federated.flower.roster import Roster
 from fedsynth.federated.server import GlobalModel, RoundSummary
 
 #: a site's refusal as it reaches the server (:meth:`fedsynth.errors.PolicyRefused.public`)
@@ -97,6 +99,8 @@ class FlowerFederation:
         self._refused: list[tuple[str, str]] = []  # (site, fields) of sites that refused this round by their policy
         self._node_site: dict[int, str] = {}  # node id -> site id, from the sites' replies
         self._verdicts: dict[str, Verdict] = {}  # site id -> what became of its last update (sent with the next message)
+        self.roster = Roster(run_dir)  # node id -> site name, bound to the keys the operator registered
+        self._warned_no_roster = False
         self._deadline = math.inf  # of the exchange under way: downloading replies never outlasts it
         bound_reply_downloads(lambda: self._deadline - time.monotonic())
 
@@ -218,6 +222,16 @@ class FlowerFederation:
                     decoded = kind.from_record(reply.content, f"the {phase} reply of node {node}")
                 except MessageError as err:
                     problem = str(err)
+                else:
+                    site, impostor = self._identify(node, decoded.site_id)
+                    if impostor is not None:
+                        log(WARNING, "[fedsynth] round %s (%s): %s: rejected", server_round, phase, impostor)
+                        if phase == "train":
+                            self._refused.append((site, impostor))
+                            self._append("received.jsonl", {"round": server_round, "phase": phase, "node": node,
+                                                            "site": site, "error": impostor})
+                        continue
+                    decoded = dataclasses.replace(decoded, site_id=site)
             if problem is not None:
                 log(WARNING, "[fedsynth] round %s (%s): %s", server_round, phase, problem)
                 refusal = REFUSED.search(problem)
@@ -231,6 +245,21 @@ class FlowerFederation:
                     self._append("received.jsonl", {"round": server_round, "phase": phase, "node": node, "error": problem})
                 continue
             yield node, decoded
+
+    def _identify(self, node: int, claimed: str) -> tuple[str, str | None]:
+        """The site a node is, by its registered key (the roster), and why its reply is refused, if it is."""
+        if not self.roster.exists():
+            if not self._warned_no_roster:
+                self._warned_no_roster = True
+                log(WARNING, "[fedsynth] no roster (%s): sites are named as they name themselves; register their keys "
+                    "with fedsynth federate flower-register to tie names to keys", self.roster.path)
+            return claimed, None
+        bound = self.roster.name(node)
+        if bound is None:
+            return f"node {node}", f"node {node} is not in the roster (its key was never bound to a site, or was revoked)"
+        if claimed != bound:
+            return bound, f"node {node} is registered as site '{bound}' but says it is '{claimed}'"
+        return bound, None
 
     def _train_updates(self, server_round: int, nodes: list[int], arrays: ArrayRecord) -> Iterator[SiteUpdate]:
         for node, reply in self._replies(server_round, nodes, MessageType.TRAIN, arrays, TrainReply):

@@ -34,6 +34,7 @@ from fedsynth.federated.flower.launcher import (
     superlink_argv,
     supernode_argv,
 )
+from fedsynth.federated.flower.roster import register_site
 from fedsynth.federated.site_config import write_trial_site_config
 from fedsynth.federated.trial_common import (
     SITE_SYNTAX,
@@ -114,9 +115,11 @@ class LocalFederation:
             for site_id in self.request.sites:
                 self.register(self.certs / f"{site_id}.auth.pub")
 
-    def register(self, public_key: Path) -> None:
-        """Register a SuperNode's public key with the SuperLink (node authentication)."""
-        flwr_cli(["supernode", "register", str(public_key), str(self.app_dir), FEDERATION], self.env, self.app_dir)
+    def register(self, public_key: Path, site_id: str | None = None) -> int:
+        """Register a SuperNode's public key with the SuperLink (node authentication) and bind it to
+        ``site_id`` (default: the key's name, ``<site>.auth.pub``) in the run's roster."""
+        site = site_id or Path(public_key).name.removesuffix(".auth.pub")
+        return register_site(self.app_dir, site, public_key, self.env)
 
     def start_supernode(self, site_id: str, *, root_cert: Path | None | str = "default", auth_key: Path | None | str = "default",
                         data_config: Path | None | str = "default", max_wait_s: float | None = None, name: str | None = None) -> str:

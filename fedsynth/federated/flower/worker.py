@@ -12,6 +12,11 @@ state to ``state_dir`` after every round, so a restarted worker continues where 
 
 The process isolation is the same: the SuperNode never runs fedsynth code, and the worker
 only talks to its own SuperNode. ``--supernode-pid`` makes the worker exit with its SuperNode.
+
+A site must not stay "online" while it cannot train: the worker exits with status 1 when its
+SuperNode stops answering for ``UNREACHABLE_S`` seconds, or fails ``MAX_FAILED_MESSAGES``
+messages in a row (e.g. every pull answered with an error), so the site's start script exits
+and its service manager restarts both; the restarted site continues from its state on disk.
 """
 
 from __future__ import annotations
@@ -22,15 +27,30 @@ import sys
 import threading
 import time
 
-from fedsynth.federated.compat import clientappio_stub
+from fedsynth.federated.compat import clientappio_stub, record_clientapp_replies
 from fedsynth.processes import exit_on_sigterm
 
 log = logging.getLogger("fedsynth.flower.worker")
 
+#: seconds without an answer from the SuperNode before the worker gives up and exits
+UNREACHABLE_S = 60.0
+#: messages in a row whose reply never reached the SuperNode before the worker exits
+MAX_FAILED_MESSAGES = 3
+
+
+class SiteWedged(SystemExit):
+    """The worker cannot serve its SuperNode: exit non-zero so the site is restarted."""
+
+    def __init__(self, why: str) -> None:
+        log.error("site worker: %s; exiting so that the site's service manager restarts it", why)
+        super().__init__(1)
+
 
 def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, supernode_pid: int | None = None,
-                    poll_s: float = 0.2) -> None:
-    """Serve ClientApp messages of the SuperNode at ``clientappio_address`` until it goes away."""
+                    poll_s: float = 0.2, unreachable_s: float = UNREACHABLE_S) -> None:
+    """Serve ClientApp messages of the SuperNode at ``clientappio_address`` until it goes away
+    (then raise :class:`SiteWedged`, exit status 1)."""
+    import grpc
     from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supernode.runtime.run_clientapp import run_clientapp
@@ -39,12 +59,32 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
         start_parent_process_monitor(supernode_pid)  # exits (SIGKILL to itself) when the SuperNode is gone
     import fedsynth.federated.flower.client_app  # noqa: F401  (torch, MONAI and the app: imported once)
 
-    channel, stub = clientappio_stub(clientappio_address)
-    busy: tuple[threading.Thread, int] | None = None  # the message being handled and its run
+    channel, stub = clientappio_stub(clientappio_address, give_up_after_s=unreachable_s)
+    replied = record_clientapp_replies()
+    failed = 0  # messages in a row whose reply never reached the SuperNode
+    busy: tuple[threading.Thread, int, str] | None = None  # the message being handled, its run and token
+
+    def pending_runs() -> list[int]:
+        try:
+            return list(stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids)
+        except grpc.RpcError as err:
+            raise SiteWedged(f"the SuperNode at {clientappio_address} did not answer for {unreachable_s:.0f} s "
+                             f"({err.code().name})") from None
+
+    def check(done: tuple[threading.Thread, int, str] | None) -> None:
+        nonlocal failed
+        if done is None or done[0].is_alive():
+            return
+        failed = 0 if done[2] in replied else failed + 1
+        if failed >= MAX_FAILED_MESSAGES:
+            raise SiteWedged(f"{failed} messages in a row failed between this worker and its SuperNode "
+                             "(see the errors above)")
+
     log.info("fedsynth site worker: serving the SuperNode at %s", clientappio_address)
     try:
         while True:
-            run_ids = list(stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids)
+            check(busy)
+            run_ids = pending_runs()
             if busy is not None and busy[0].is_alive():
                 # one message at a time; a message of *another* run while one still waits for its
                 # inputs means that run is gone (e.g. a SuperLink restarted mid-round): serve the new one
@@ -62,10 +102,10 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
             thread = threading.Thread(target=run_clientapp, args=(clientappio_address, token),
                                       kwargs={"flwr_dir": flwr_dir}, name=f"clientapp-run-{run_id}", daemon=True)
             thread.start()
-            busy = (thread, run_id)
+            busy = (thread, run_id, token)
             while thread.is_alive():  # the usual case: wait for it, but keep an eye on other runs
                 thread.join(timeout=poll_s * 10)
-                if thread.is_alive() and any(r != run_id for r in stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids):
+                if thread.is_alive() and any(r != run_id for r in pending_runs()):
                     break
     finally:
         channel.close()
@@ -77,6 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the SuperNode's --clientappio-api-address (default 127.0.0.1:9094)")
     parser.add_argument("--flwr-dir", default=None, help="the SuperNode's --flwr-dir, if it has one")
     parser.add_argument("--supernode-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    parser.add_argument("--unreachable-s", type=float, default=UNREACHABLE_S,
+                        help=f"exit (status 1) when the SuperNode has not answered for this long (default {UNREACHABLE_S:g})")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -84,7 +126,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedsynth").setLevel(logging.INFO)
     exit_on_sigterm()  # stopped by its service manager / the trial
-    run_site_worker(args.clientappio_api_address, args.flwr_dir, supernode_pid=args.supernode_pid)
+    run_site_worker(args.clientappio_api_address, args.flwr_dir, supernode_pid=args.supernode_pid,
+                    unreachable_s=args.unreachable_s)
     return 0
 
 
