@@ -144,6 +144,11 @@ def test_autoencoder_fp16_with_evaluation(tmp_path: Path, certs: Path, mri2d: di
     for site in ("site1", "site2"):  # one long-lived worker per site: built once, reused for the other 3 messages
         log = (run / "logs" / f"{site}.log").read_text(encoding="utf-8")
         assert log.count(f"site {site}: engine built") == 1 and log.count(f"site {site}: engine, data and state reused") == 3
+        # the site logs each round, its steps and (from the second round on) the round's ETA
+        assert f"site {site}: round 1/2: 2 local step(s) from step 0" in log and "steps 0..2 in" in log
+        assert f"site {site}: round 2/2: 2 local step(s) from step 2, about " in log
+    ends = [e for e in _events(run) if e["event"] == "round_end"]
+    assert [(e["round"], e["rounds"]) for e in ends] == [(1, 2), (2, 2)] and ends[-1]["eta_s"] == 0 and ends[0]["eta_s"] > 0
     _generates(run / "global" / "last.ckpt", tmp_path / "samples")
 
 
@@ -311,3 +316,43 @@ def test_a_site_claiming_another_sites_name_is_rejected(tmp_path: Path, certs: P
     (site, reason), = history[0]["rejected"]
     assert site == "site2" and "registered as site 'site2' but says it is 'site1'" in reason
     assert set(history[0]["site_metrics"]) == {"site1"} and history[0]["site_metrics"]["site1"]["num_samples"] > 0
+
+
+def test_a_restarted_site_rejoins_without_the_operator(tmp_path: Path, certs: Path, mri2d: dict[str, Path]) -> None:
+    """site2's SuperNode is SIGKILLed after round 1 and restarted by a "service manager" (again 5 s
+    after every exit, nothing else): the SuperLink lets it in once its old session expires, and it
+    trains in a later round, from its state on disk; nobody touches the coordinator."""
+    import threading
+
+    request = _request(tmp_path, certs, mri2d, "gan", rounds=40, min_sites=1, round_timeout_s=20.0)
+    stop = threading.Event()
+    starts: list[str] = []
+
+    def service_manager(fed: LocalFederation) -> None:
+        while not stop.is_set():
+            name = fed.start_supernode("site2", name=f"site2-restart{len(starts)}")
+            starts.append(name)
+            while fed.processes.alive(name) and not stop.is_set():
+                time.sleep(0.5)
+            stop.wait(5.0)
+
+    def kill_site2(event: dict[str, Any], fed: LocalFederation) -> None:
+        if event["event"] == "round_end" and event["round"] == 1 and not starts:
+            fed.processes.stop("site2", sig=signal.SIGKILL, grace=5)
+            threading.Thread(target=service_manager, args=(fed,), daemon=True).start()
+        if event["event"] == "round_end" and event["round"] > 1 and "site2" in event["accepted"]:
+            stop.set()
+
+    fed = LocalFederation(request)
+    try:
+        done = fed.run(kill_site2)
+    finally:
+        stop.set()
+    _assert_no_orphans(fed)
+    assert done["round"] == 40
+    history = json.loads((Path(request.run_dir) / "global" / "history.json").read_text(encoding="utf-8"))
+    back = [h["round"] for h in history if h["round"] > 1 and "site2" in h["accepted"]]
+    assert back, [h["accepted"] for h in history]
+    logs = [(Path(request.run_dir) / "logs" / f"{name}.log").read_text(encoding="utf-8") for name in starts]
+    refused = [log for log in logs if "did not let this SuperNode in" in log]
+    assert len(refused) == len(starts) - 1, "every restart before the session expired exits with the reason"

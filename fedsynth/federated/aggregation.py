@@ -23,8 +23,8 @@ from typing import Protocol
 import numpy as np
 
 from fedsynth.config import FederationConfig
-from fedsynth.errors import ConfigError, FedsynthError
-from fedsynth.federated.site_config import KEPT_LOCAL
+from fedsynth.errors import REFUSAL, ConfigError, FedsynthError
+from fedsynth.federated.site_config import KEPT_LOCAL, REFUSED
 
 log = logging.getLogger("fedsynth.aggregation")
 
@@ -222,6 +222,10 @@ class FedAvg:
 
     def add(self, update: SiteUpdate) -> bool:
         """Fold one site's update in; returns ``False`` (and logs why) if it was rejected."""
+        refused = sorted(k[len(REFUSED):] for k, v in update.metrics.items() if k.startswith(REFUSED) and v)
+        if refused:  # the site refused the round by its own policy: a rejected site, nothing to average
+            self.rejected.append((update.site_id, f"{REFUSAL} ({', '.join(refused)})"))
+            return False
         try:
             validate_update(update, self.reference)
         except UpdateRejected as err:

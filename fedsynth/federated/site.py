@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ def federation_key(config: ExperimentConfig) -> str:
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode("utf-8")).hexdigest()
     return f"fed-{digest[:12]}"
 
+log = logging.getLogger("fedsynth.site")
 
 #: how long a site waits for another process to give its state folder up: with Flower's default
 #: isolation each message runs in a fresh process, and the previous one may still be exiting
@@ -96,6 +99,7 @@ class Site:
         # site trains them as its own and answers with what it received (which tells nothing of its data)
         self.kept = [g for g in keep_local if g in self.shared and g not in self.frozen]
         self._data: tuple[ImageDataset, ImageDataset | None] | None = None
+        self._seconds_per_step: float | None = None  # of the last round: the next round's ETA
         if (self.state_dir / LAST).is_file():
             self.engine.resume(self.state_dir / LAST)
 
@@ -133,6 +137,10 @@ class Site:
             self.policy_rules.check_noise(privacy.planned_noise_multiplier(len(train)), self.site_id)
         partial = 1 if fed.local_steps and state.batch_in_epoch else 0
         per_round = fed.local_steps or fed.local_epochs * math.ceil(len(train) / self.config.training.batch_size)
+        first, started = state.step, time.monotonic()
+        eta = f", about {per_round * self._seconds_per_step:.0f} s" if self._seconds_per_step else ""
+        log.info("site %s: round %s/%s: %s local step(s) from step %s%s", self.site_id, server_round, fed.rounds,
+                 per_round, first, eta)
         try:
             self.engine.fit(train, val, epochs=state.epoch + fed.local_epochs + partial, max_steps=max_steps,
                             planned_steps=fed.rounds * per_round)
@@ -141,6 +149,11 @@ class Site:
             self._restore_last_good()
             raise
         self.engine.save(self.state_dir / LAST)
+        took, steps = time.monotonic() - started, self.engine.state.step - first
+        if steps:
+            self._seconds_per_step = took / steps
+        log.info("site %s: round %s/%s: steps %s..%s in %.1f s", self.site_id, server_round, fed.rounds, first,
+                 self.engine.state.step, took)
         metrics = self.policy_rules.outbound(self.engine.state.metrics)
         weights = select_groups(self.engine.model.get_weights(), self.shared)
         for key in [k for k in weights if group_of(k) in self.kept]:

@@ -31,6 +31,10 @@ from fedsynth.privacy.lifetime import Budget, DatasetLedger, default_ledger_dir
 #: weights it sent for that group are the ones it received
 KEPT_LOCAL = "kept_local:"
 
+#: a site's metric saying it refused the round by its own policy (``refused:<field>`` = 1); the
+#: weights it sent are the ones it received (OpenFL: a task result must come back)
+REFUSED = "refused:"
+
 #: metrics that reveal nothing beyond the DP guarantee itself (always allowed to leave)
 DP_SAFE_METRICS = ("epsilon",)
 
@@ -183,7 +187,7 @@ class SitePolicy:
     # ------------------------------------------------------------------ outbound
 
     def allows(self, name: str) -> bool:
-        if name.startswith(KEPT_LOCAL):
+        if name.startswith((KEPT_LOCAL, REFUSED)):
             return True  # which groups stayed home: the server must know not to average them
         base = name.removeprefix("val_").removeprefix("train_")
         return "*" in self.share or name in self.share or base in self.share or base in DP_SAFE_METRICS

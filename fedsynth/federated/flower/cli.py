@@ -27,7 +27,10 @@ def _print_event(event: dict[str, Any], _federation: object) -> None:
         rejected = "; ".join(f"{s}: {r}" for s, r in event.get("rejected", [])) or "none"
         sites = ", ".join(f"{site} (n={int(m.get('num_samples', 0))}, train_loss={m.get('train_loss', float('nan')):.4g})"
                           for site, m in event.get("site_metrics", {}).items())
-        print(f"round {event['round']} done in {event['seconds']:.1f} s: {shown or 'no metrics'}; rejected: {rejected}\n"
+        eta = f", ETA {event['eta_s']:.0f} s for rounds {event['round'] + 1}..{event['rounds']}" \
+            if event.get("rounds", 0) > event["round"] else ""
+        print(f"round {event['round']}/{event.get('rounds', '?')} done in {event['seconds']:.1f} s{eta}: "
+              f"{shown or 'no metrics'}; rejected: {rejected}\n"
               f"  sites: {sites}\n  checkpoint {event['checkpoint']}", flush=True)
 
 

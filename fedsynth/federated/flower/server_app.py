@@ -102,6 +102,7 @@ class FlowerFederation:
         self.roster = Roster(run_dir)  # node id -> site name, bound to the keys the operator registered
         self._warned_no_roster = False
         self._deadline = math.inf  # of the exchange under way: downloading replies never outlasts it
+        self._round_seconds: list[float] = []  # for the federation's ETA
         bound_reply_downloads(lambda: self._deadline - time.monotonic())
 
     # ------------------------------------------------------------------ logs
@@ -147,9 +148,14 @@ class FlowerFederation:
             if LOSS in val:
                 self.global_model.record_evaluation(val.pop(LOSS), val)
         path = self.global_model.save()
-        self.event("round_end", round=server_round, accepted=summary["accepted"], rejected=summary["rejected"],
+        seconds = time.monotonic() - t0
+        self._round_seconds.append(seconds)
+        recent = self._round_seconds[-5:]
+        eta = sum(recent) / len(recent) * (self.fed.rounds - server_round)
+        self.event("round_end", round=server_round, rounds=self.fed.rounds, eta_s=round(eta, 1),
+                   accepted=summary["accepted"], rejected=summary["rejected"],
                    clipped=summary["clipped"], metrics=self.global_model.state.metrics,
-                   site_metrics=summary["site_metrics"], seconds=round(time.monotonic() - t0, 2), checkpoint=str(path),
+                   site_metrics=summary["site_metrics"], seconds=round(seconds, 2), checkpoint=str(path),
                    site_nodes={site: node for node, site in self._node_site.items()})  # for `flwr supernode unregister`
         return path
 

@@ -17,6 +17,8 @@ from fedsynth.federated.compat import atomic_flower_file_store, shorten_supernod
 
 #: seconds a SuperNode waits before asking the SuperLink again when it had no message (flwr: 3)
 IDLE_POLL_S = 0.25
+#: exit status when the SuperLink does not let this SuperNode in yet (EX_TEMPFAIL: restart me later)
+NOT_LET_IN = 75
 
 
 def main() -> int:
@@ -26,7 +28,18 @@ def main() -> int:
     shorten_supernode_idle_poll(IDLE_POLL_S)
     atomic_flower_file_store()
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    try:
+        flower_supernode()
+    except RuntimeError as err:
+        if "generator didn't yield" not in str(err):
+            raise
+        # flwr 1.23 reports a refused activation as contextlib's "generator didn't yield"
+        print("fedsynth-supernode: the SuperLink did not let this SuperNode in. Either its key is not "
+              "registered (ask the operator: fedsynth federate flower-register), or the SuperLink still "
+              "counts this site online from before it stopped (for up to 60 s, two missed heartbeats). "
+              f"Exiting with status {NOT_LET_IN}: restart it in a few seconds (a service manager with "
+              "Restart=always does) and it rejoins the next round.", file=sys.stderr)
+        return NOT_LET_IN
     return 0
 
 

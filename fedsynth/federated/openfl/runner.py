@@ -25,11 +25,11 @@ from openfl.utilities import TensorKey
 
 from fedsynth.checkpoint import load_checkpoint
 from fedsynth.engine import seed_everything
-from fedsynth.errors import CheckpointError, ConfigError
+from fedsynth.errors import CheckpointError, ConfigError, PolicyRefused
 from fedsynth.federated.aggregation import from_transport, resolve_group_policy, select_groups, shared_groups
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
-from fedsynth.federated.site import Site
-from fedsynth.federated.site_config import SitePolicy, open_site_ledger
+from fedsynth.federated.site import RoundResult, Site
+from fedsynth.federated.site_config import REFUSED, SitePolicy, open_site_ledger
 from fedsynth.models import build_model
 
 log = logging.getLogger("fedsynth.openfl")
@@ -90,9 +90,19 @@ class FedsynthTaskRunner(TaskRunner):
 
     def train_task(self, col_name: str, round_num: int, input_tensor_dict: dict[str, np.ndarray],
                    **kwargs: Any) -> tuple[dict[TensorKey, np.ndarray], dict[TensorKey, np.ndarray]]:
-        """Train one round on this site; send the shared groups and the round's metrics."""
-        site = self._site(col_name)
-        result = site.train_round(self._incoming(input_tensor_dict), round_num + 1)
+        """Train one round on this site; send the shared groups and the round's metrics.
+
+        A round the site's own policy refuses (its floor, its lifetime privacy budget) is answered
+        with the weights it received and ``refused:<field>`` metrics: the aggregator counts the
+        site as rejected instead of waiting for it, and learns which fields, never their values
+        (those stay in this collaborator's log)."""
+        try:
+            site = self._site(col_name)
+            result = site.train_round(self._incoming(input_tensor_dict), round_num + 1)
+        except PolicyRefused as err:
+            log.warning("%s", err)
+            received = self._incoming(input_tensor_dict)
+            result = RoundResult(received, 1, {f"{REFUSED}{field}": 1.0 for field in err.fields or ("privacy policy",)})
         out: dict[TensorKey, np.ndarray] = {
             TensorKey(name, col_name, round_num, True, ("metric",)): np.array(value, dtype=np.float32)
             for name, value in sorted(result.metrics.items())
@@ -104,7 +114,10 @@ class FedsynthTaskRunner(TaskRunner):
     def validate_task(self, col_name: str, round_num: int, input_tensor_dict: dict[str, np.ndarray],
                       apply: str = "global", **kwargs: Any) -> tuple[dict[TensorKey, np.ndarray], dict[TensorKey, np.ndarray]]:
         """Validate the aggregated (``apply=global``) or locally tuned (``apply=local``) model."""
-        site = self._site(col_name)
+        try:
+            site = self._site(col_name)
+        except PolicyRefused:
+            return {}, {}  # a site that refuses the federation reports nothing (its train task says why)
         loss, n, metrics = site.evaluate(self._incoming(input_tensor_dict))
         self._valid_size = n
         suffix = "validate_agg" if apply == "global" else "validate_local"
