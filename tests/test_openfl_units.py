@@ -246,3 +246,26 @@ def test_refusals_are_logged_by_name_and_revoking_is_one_command(tmp_path: Path,
     assert "revoked 'col2'" in capsys.readouterr().out
     assert main(["revoke", "ghost", "-c", str(cols)]) == 2
     assert "no collaborator 'ghost' to revoke" in capsys.readouterr().err
+
+
+def test_a_round_without_any_validation_score_is_stored(tmp_path: Path) -> None:
+    """Sites keep their validation losses by default, so the aggregator has no best score: OpenFL 1.9
+    could not store such a round (``float(None)``) and the federation hung at the end of round 1."""
+    from openfl.databases.persistent_db import PersistentTensorDB
+    from openfl.utilities import TensorKey
+
+    from fedsynth.federated.compat import openfl_persist_rounds_without_a_score
+    from fedsynth.federated.openfl.tools import read_final_model
+
+    openfl_persist_rounds_without_a_score()
+    db = PersistentTensorDB(str(tmp_path / "tensor.db"))
+    key = TensorKey("generator/w", "agg", 1, False, ("model",))
+    db.finalize_round({key: np.ones(2, np.float32)}, {key: np.ones(2, np.float32)}, 0, None)
+    assert db.get_round_and_best_score() == (0, float("-inf"))  # "none yet": any real score is better
+    db.finalize_round({key: np.ones(2, np.float32)}, {key: np.ones(2, np.float32)}, 1, -0.5)
+    assert db.get_round_and_best_score() == (1, -0.5)
+    db.close()
+    db = PersistentTensorDB(str(tmp_path / "none.db"))
+    db.finalize_round({key: np.ones(2, np.float32)}, {key: np.ones(2, np.float32)}, 0, None)
+    db.close()
+    assert read_final_model(tmp_path / "none.db")[2] is None

@@ -141,6 +141,44 @@ def test_templates_command_copies_a_site_kit(tmp_path: Path, capsys: pytest.Capt
     assert "not an empty folder" in capsys.readouterr().err
 
 
+def test_superlink_template_is_the_shipped_file_with_every_address_a_variable(tmp_path: Path) -> None:
+    """``fedsynth templates flower-aggregator`` writes aggregator/flower/start-superlink.sh as is; the
+    three addresses and both folders are variables whose defaults are the aggregator guide's command."""
+    import os
+    import subprocess
+
+    from fedsynth.cli import main
+
+    assert main(["templates", "flower-aggregator", "-o", str(tmp_path / "agg")]) == 0
+    shipped, script = ROOT / "aggregator" / "flower" / "start-superlink.sh", tmp_path / "agg" / "start-superlink.sh"
+    assert script.read_bytes() == shipped.read_bytes() and script.stat().st_mode & 0o111
+    assert not re.search(r"\d+\.\d+\.\d+\.\d+:\d+", shipped.read_text(encoding="utf-8").split("exec ", 1)[1]), \
+        "an address written into the command instead of a variable"
+    stub = tmp_path / "bin" / "flower-superlink"  # prints its arguments instead of listening anywhere
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n', encoding="utf-8")
+    stub.chmod(0o755)
+
+    def argv(**values: str) -> list[str]:
+        env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CERTS": "/c",
+               "STATE": str(tmp_path / "state"), **values}
+        return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.split()
+
+    def option(args: list[str], name: str) -> str:
+        return args[args.index(name) + 1]
+
+    ports = {"FLEET": "127.0.0.1:1001", "SERVERAPPIO": "127.0.0.1:1002", "CONTROL": "127.0.0.1:1003"}
+    options = {"FLEET": "--fleet-api-address", "SERVERAPPIO": "--serverappio-api-address", "CONTROL": "--control-api-address"}
+    args = argv(**ports)
+    assert {var: option(args, opt) for var, opt in options.items()} == ports
+    assert option(args, "--ssl-ca-certfile") == "/c/ca.crt" and option(args, "--database") == str(tmp_path / "state" / "superlink.db")
+    guide = (ROOT / "aggregator" / "README.md").read_text(encoding="utf-8")
+    defaults = argv()
+    for opt in options.values():  # the defaults are the addresses of the guide's own command
+        assert f"{opt} {option(defaults, opt)}" in guide, opt
+
+
 def test_missing_nilearn_names_the_demo_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from fedsynth.data.brains import load_canonical
     from fedsynth.errors import DataError

@@ -184,6 +184,30 @@ def record_clientapp_replies() -> set[str]:
 # --------------------------------------------------------------------------- OpenFL
 
 
+def openfl_persist_rounds_without_a_score() -> None:
+    """OpenFL 1.9's aggregator stores its best validation score with every round in ``tensor.db``
+    (``float(best_score)``); while no site has shared a validation loss (sites keep theirs unless
+    their data config says ``share_metrics: [loss]``) that score is ``None``, the round cannot be
+    stored and the federation hangs at the end of round 1. Store "no score yet" as ``-inf`` instead:
+    any later score is better, and a restarted aggregator reads it back as the same "none yet".
+
+    Applied by every ``GroupRoutedFedAvg`` (the plan's aggregation type), so for the fedsynth
+    aggregator entry and ``fx aggregator start`` alike.
+    """
+    require_series("openfl", OPENFL_SERIES, "storing a round without a validation score")
+    from openfl.databases.persistent_db import PersistentTensorDB
+
+    original = PersistentTensorDB._save_round_and_best_score
+    if getattr(original, "_fedsynth", False):
+        return
+
+    def save(self: Any, cursor: Any, round_number: int, best_score: float | None) -> None:
+        original(self, cursor, round_number, float("-inf") if best_score is None else best_score)
+
+    save._fedsynth = True  # type: ignore[attr-defined]
+    PersistentTensorDB._save_round_and_best_score = save
+
+
 def openfl_let_recovery_end_a_round() -> None:
     """OpenFL 1.9: an aggregator restarted from ``tensor.db`` replays the stored task results; when they
     complete a round, its metric writer's ``on_round_end`` runs before any ``on_round_begin`` /

@@ -50,7 +50,6 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
                     poll_s: float = 0.2, unreachable_s: float = UNREACHABLE_S) -> None:
     """Serve ClientApp messages of the SuperNode at ``clientappio_address`` until it goes away
     (then raise :class:`SiteWedged`, exit status 1)."""
-    import grpc
     from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supernode.runtime.run_clientapp import run_clientapp
@@ -67,9 +66,10 @@ def run_site_worker(clientappio_address: str, flwr_dir: str | None = None, *, su
     def pending_runs() -> list[int]:
         try:
             return list(stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids)
-        except grpc.RpcError as err:
+        except Exception as err:  # grpc.RpcError once flwr's retries gave up: nobody to serve
+            code = err.code() if callable(getattr(err, "code", None)) else None  # type: ignore[attr-defined]
             raise SiteWedged(f"the SuperNode at {clientappio_address} did not answer for {unreachable_s:.0f} s "
-                             f"({err.code().name})") from None
+                             f"({getattr(code, 'name', type(err).__name__)})") from None
 
     def check(done: tuple[threading.Thread, int, str] | None) -> None:
         nonlocal failed

@@ -32,7 +32,7 @@ from openfl.interface.aggregation_functions import AggregationFunction
 from fedsynth.engine import seed_everything
 from fedsynth.errors import FedsynthError
 from fedsynth.federated.aggregation import SHARED, NoValidUpdates, SiteUpdate, from_transport, group_of, resolve_group_policy
-from fedsynth.federated.compat import end_openfl_aggregator
+from fedsynth.federated.compat import end_openfl_aggregator, openfl_persist_rounds_without_a_score
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
 from fedsynth.federated.server import GlobalModel
 from fedsynth.models import build_model
@@ -52,6 +52,7 @@ class GroupRoutedFedAvg(AggregationFunction):
     def __init__(self, config_path: str = CONFIG_IN_WORKSPACE, config_sha256: str | None = None,
                  run_dir: str = ".") -> None:
         super().__init__()
+        openfl_persist_rounds_without_a_score()
         self.config = load_pinned_config(config_path, config_sha256)
         seed_everything(self.config.seed)
         self.policy = resolve_group_policy(build_model(self.config), self.config.federation)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,8 @@ def read_final_model(db_path: str | Path = "local_state/tensor.db") -> tuple[dic
         raise CheckpointError(f"{db_path} holds no aggregated model yet")
     last_round = max(k.round_number for k in model)
     weights = {k.tensor_name: v for k, v in model.items() if k.round_number == last_round}
-    return weights, int(last_round), (float(best) if committed >= 0 else None)
+    # no score yet is stored as -inf (see compat.openfl_persist_rounds_without_a_score)
+    return weights, int(last_round), (float(best) if committed >= 0 and math.isfinite(float(best)) else None)
 
 
 def export_checkpoint(which: str, output: str | Path, plan: str = "plan/plan.yaml",
@@ -274,6 +276,9 @@ def export_checkpoint(which: str, output: str | Path, plan: str = "plan/plan.yam
         metrics: dict[str, float] = {}
     elif which == "best":
         source = agg.get("best_state_path", "save/best.pbuf")
+        if not Path(source).is_file() and Path(db_path).is_file():
+            raise CheckpointError(f"no best model ({source}): no site has shared a validation loss (a site shares it "
+                                  "with 'share_metrics: [loss]' in its data config); export --which last instead")
         tensors, round_number = read_pbuf(source, plan)
         best_score = read_final_model(db_path)[2] if Path(db_path).is_file() else None
         metrics = {"val_loss": -best_score} if best_score is not None else {}
