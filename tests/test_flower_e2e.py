@@ -321,10 +321,18 @@ def test_a_site_claiming_another_sites_name_is_rejected(tmp_path: Path, certs: P
 def test_a_restarted_site_rejoins_without_the_operator(tmp_path: Path, certs: Path, mri2d: dict[str, Path]) -> None:
     """site2's SuperNode is SIGKILLed after round 1 and restarted by a "service manager" (again 5 s
     after every exit, nothing else): the SuperLink lets it in once its old session expires, and it
-    trains in a later round, from its state on disk; nobody touches the coordinator."""
+    trains in a later round, from its state on disk; nobody touches the coordinator. Its lifetime
+    privacy ledger goes on across the restart: every step it took, recorded once."""
     import threading
 
+    from fedsynth.privacy.lifetime import DatasetLedger
+
     request = _request(tmp_path, certs, mri2d, "gan", rounds=40, min_sites=1, round_timeout_s=20.0)
+    cfg = tiny_config("gan", privacy={"enabled": True, "noise_multiplier": 1.2, "max_grad_norm": 1.0},
+                      federation={"local_steps": 2, "round_timeout_s": 20.0, "min_sites": 1, "rounds": 40})
+    save_config(cfg, tmp_path / "cfg.yaml")
+    ledger = tmp_path / "site2-ledger"
+    request.site_policies = {"site2": {"ledger_dir": str(ledger), "privacy": {"lifetime_epsilon": 1000.0}}}
     stop = threading.Event()
     starts: list[str] = []
 
@@ -356,3 +364,8 @@ def test_a_restarted_site_rejoins_without_the_operator(tmp_path: Path, certs: Pa
     logs = [(Path(request.run_dir) / "logs" / f"{name}.log").read_text(encoding="utf-8") for name in starts]
     refused = [log for log in logs if "did not let this SuperNode in" in log]
     assert len(refused) == len(starts) - 1, "every restart before the session expired exits with the reason"
+    trained = 1 + len([h for h in history if h["round"] > 1 and "site2" in h["accepted"]])
+    spent = DatasetLedger(ledger).report()
+    state = load_checkpoint(next((Path(request.run_dir) / "sites" / "site2" / "state").glob("*/last.ckpt")))
+    assert len(spent["runs"]) == 1 and spent["runs"][0]["driver"] == "flower"  # one run, restarted
+    assert sum(r["steps"] for r in spent["runs"]) == state["privacy"]["steps"] >= 2 * trained  # each step once

@@ -269,3 +269,23 @@ def test_a_round_without_any_validation_score_is_stored(tmp_path: Path) -> None:
     db.finalize_round({key: np.ones(2, np.float32)}, {key: np.ones(2, np.float32)}, 0, None)
     db.close()
     assert read_final_model(tmp_path / "none.db")[2] is None
+
+
+def test_a_metric_is_averaged_over_the_sites_that_sent_it() -> None:
+    """One site shares its validation score, the other keeps it home (or refused the round): OpenFL 1.9
+    returned None for the average and the aggregator crashed on float(None)."""
+    from openfl.databases.tensor_db import TensorDB
+    from openfl.interface.aggregation_functions import WeightedAverage
+    from openfl.utilities import TensorKey
+
+    from fedsynth.federated.compat import openfl_average_metrics_over_senders
+
+    openfl_average_metrics_over_senders()
+    db = TensorDB()
+    tags = ("metric", "validate_agg")
+    db.cache_tensor({TensorKey("score", "agg", 0, True, ("col1", *tags)): np.array(-0.5, np.float32),
+                     TensorKey("other", "agg", 0, True, ("col1", *tags)): np.array(1.0, np.float32),
+                     TensorKey("other", "agg", 0, True, ("col2", *tags)): np.array(3.0, np.float32)})
+    weights = {"col1": 0.25, "col2": 0.75}
+    assert float(db.get_aggregated_tensor(TensorKey("score", "agg", 0, True, tags), weights, WeightedAverage())) == -0.5
+    assert float(db.get_aggregated_tensor(TensorKey("other", "agg", 0, True, tags), weights, WeightedAverage())) == 2.5

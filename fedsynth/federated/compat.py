@@ -208,6 +208,37 @@ def openfl_persist_rounds_without_a_score() -> None:
     PersistentTensorDB._save_round_and_best_score = save
 
 
+def openfl_average_metrics_over_senders() -> None:
+    """OpenFL 1.9 averages each validation metric over every collaborator of the task and returns
+    ``None`` (then crashes on ``float(None)``) when one of them did not send it: a site that keeps its
+    loss home (``share_metrics``) beside one that shares it, or a site that refused the round. Average
+    a reported metric over the collaborators that sent it (their weights renormalised)."""
+    require_series("openfl", OPENFL_SERIES, "averaging metrics over the sites that sent them")
+    from openfl.databases.tensor_db import TensorDB
+    from openfl.utilities import change_tags
+
+    original = TensorDB.get_aggregated_tensor
+    if getattr(original, "_fedsynth", False):
+        return
+
+    def get_aggregated_tensor(self: Any, tensor_key: Any, collaborator_weight_dict: dict[str, float],
+                              aggregation_function: Any) -> Any:
+        name, origin, fl_round, report, tags = tensor_key
+        weights = dict(collaborator_weight_dict)
+        if report and weights:
+            db = self.tensor_db
+            rows = db[(db["tensor_name"] == name) & (db["origin"] == origin) & (db["round"] == fl_round)
+                      & (db["report"] == report)]["tags"]
+            sent = {c: w for c, w in weights.items() if change_tags(tags, add_field=c) in set(rows)}
+            if sent and len(sent) < len(weights):
+                total = sum(sent.values())
+                weights = {c: (w / total if total > 0 else 1.0 / len(sent)) for c, w in sent.items()}
+        return original(self, tensor_key, weights, aggregation_function)
+
+    get_aggregated_tensor._fedsynth = True  # type: ignore[attr-defined]
+    TensorDB.get_aggregated_tensor = get_aggregated_tensor
+
+
 def openfl_let_recovery_end_a_round() -> None:
     """OpenFL 1.9: an aggregator restarted from ``tensor.db`` replays the stored task results; when they
     complete a round, its metric writer's ``on_round_end`` runs before any ``on_round_begin`` /

@@ -32,7 +32,11 @@ from openfl.interface.aggregation_functions import AggregationFunction
 from fedsynth.engine import seed_everything
 from fedsynth.errors import FedsynthError
 from fedsynth.federated.aggregation import SHARED, NoValidUpdates, SiteUpdate, from_transport, group_of, resolve_group_policy
-from fedsynth.federated.compat import end_openfl_aggregator, openfl_persist_rounds_without_a_score
+from fedsynth.federated.compat import (
+    end_openfl_aggregator,
+    openfl_average_metrics_over_senders,
+    openfl_persist_rounds_without_a_score,
+)
 from fedsynth.federated.openfl.common import CONFIG_IN_WORKSPACE, load_pinned_config
 from fedsynth.federated.server import GlobalModel
 from fedsynth.models import build_model
@@ -53,6 +57,7 @@ class GroupRoutedFedAvg(AggregationFunction):
                  run_dir: str = ".") -> None:
         super().__init__()
         openfl_persist_rounds_without_a_score()
+        openfl_average_metrics_over_senders()
         self.config = load_pinned_config(config_path, config_sha256)
         seed_everything(self.config.seed)
         self.policy = resolve_group_policy(build_model(self.config), self.config.federation)

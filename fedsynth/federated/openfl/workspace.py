@@ -103,7 +103,7 @@ def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str,
     ``global/`` (every task's ``aggregation_type.settings.run_dir``; default: the workspace).
 
     ``site_configs`` (collaborator -> its site data config) makes ``plan/data.yaml`` name each
-    site's own ``data.yaml`` (privacy floor, metric policy). Without them each site of this
+    site's own ``data.yaml`` (privacy floor, metric policy). A site without one in this
     one-operator workspace gets a trial data config in ``data/<name>/`` (no floor, every metric
     shared, state in ``local_state/fedsynth/<name>``): a collaborator line naming bare CSVs gets a
     hospital's safe default instead (DP required, losses kept home).
@@ -118,11 +118,11 @@ def create_workspace(prefix: Path, config: ExperimentConfig, sites: Mapping[str,
     for d in WORKSPACE_DIRS:
         (prefix / d).mkdir(parents=True, exist_ok=True)
     save_config(config, prefix / CONFIG_IN_WORKSPACE)
-    if site_configs is None:
-        site_configs = {name: write_trial_site_config(prefix / "data" / name, name, Path(train).resolve(),
-                                                      Path(val).resolve() if val else None,
-                                                      {"state_dir": str((prefix / "local_state" / "fedsynth" / name).resolve())})
-                        for name, (train, val) in sites.items()}
+    site_configs = {**{name: write_trial_site_config(prefix / "data" / name, name, Path(train).resolve(),
+                                                     Path(val).resolve() if val else None,
+                                                     {"state_dir": str((prefix / "local_state" / "fedsynth" / name).resolve())})
+                       for name, (train, val) in sites.items() if name not in (site_configs or {})},
+                    **(site_configs or {})}
     lines = ["# collaborator_name,SITE_DATA_YAML  or  collaborator_name,TRAIN_CSV[,VAL_CSV]"]
     for name, (train, val) in sites.items():
         if site_configs and name in site_configs:
