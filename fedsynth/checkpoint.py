@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedsynth import __version__
-from fedsynth.errors import CheckpointError
+from fedsynth.errors import CheckpointError, ConfigError
 from fedsynth.io import atomic_path
 
 FORMAT = "fedsynth-checkpoint"
@@ -260,6 +260,17 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+def _stored_defaults(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of a stored config with the defaults of the fields it lacks filled in (a checkpoint
+    written before a field existed); ``{}`` if it no longer validates (its changes are then listed as is)."""
+    from fedsynth.config import config_from_dict
+
+    try:
+        return _flatten(config_from_dict(dict(stored), "stored config").to_dict())
+    except ConfigError:
+        return {}
+
+
 def config_changes(stored: Mapping[str, Any], config: Any, source: str) -> list[str]:
     """Compare a checkpoint's config with the one a resumed run uses.
 
@@ -267,6 +278,8 @@ def config_changes(stored: Mapping[str, Any], config: Any, source: str) -> list[
     listing every change a resume cannot honour exactly.
     """
     old, new = _flatten(dict(stored)), _flatten(config.to_dict())
+    for key, value in _stored_defaults(stored).items():
+        old.setdefault(key, value)  # a field newer than the checkpoint: what its fedsynth did is the default
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     allowed = [k for k in changed if any(k == a or k.startswith(a + ".") for a in RESUME_CHANGEABLE)]
     if new.get("privacy.enabled") and new.get("privacy.target_epsilon") and new.get("privacy.epochs") is None:

@@ -3,13 +3,16 @@
 :func:`plan_training` turns a config and the number of training images into its stages
 (latent diffusion: the first-stage autoencoder, then the UNet), each with its steps, epochs and
 batches; ``fedsynth train`` prints it before training and ``fedsynth validate`` prints it instead
-of training. The engine labels its progress bar with :func:`network_label`.
+of training. The engine labels its progress bar with :func:`network_label`. A command of several different
+stages (``fedsynth evaluate``) shows them with :class:`Stages`.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,12 +76,12 @@ def format_plan(stages: list[StagePlan]) -> str:
     return "\n".join(f"stage {i}/{len(stages)} {s.describe()}" for i, s in enumerate(stages, 1))
 
 
-def announce(message: str) -> None:
-    """A line above any progress bar (tqdm keeps the bar intact)."""
+def announce(message: str, *, stderr: bool = False) -> None:
+    """A line above any progress bar (tqdm keeps the bar intact), on stdout or ``stderr``."""
     from tqdm.auto import tqdm
 
     for line in message.splitlines():
-        tqdm.write(f"[fedsynth] {line}")
+        tqdm.write(f"[fedsynth] {line}", file=sys.stderr if stderr else None)
 
 
 def bar(total: int, desc: str, *, initial: int = 0, unit: str = "step", enabled: bool = True, **kwargs: Any) -> Any:
@@ -91,3 +94,44 @@ def bar(total: int, desc: str, *, initial: int = 0, unit: str = "step", enabled:
     encoding = (getattr(sys.stderr, "encoding", None) or "").lower().replace("-", "")
     kwargs.setdefault("ascii", not encoding.startswith("utf"))
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, **kwargs)
+
+
+#: what a stage calls as its work advances: ``tick(n)`` = ``n`` more units done
+Tick = Callable[[int], None]
+
+
+def _no_tick(n: int = 1) -> None:
+    """The tick of a stage shown nowhere."""
+
+
+class Stages:
+    """One progress display for a command made of named stages of different kinds of work.
+
+    The plan (every stage, in order) is said first; then each stage gets its own bar,
+    ``evaluate 3/7 encoder features``, with its total (in the stage's own unit: images,
+    replicates, steps), elapsed time and ETA, left on screen when the stage ends. A disabled
+    display shows nothing and its ticks cost nothing. The command's wall time is printed by the
+    CLI (:data:`fedsynth.cli.LONG_COMMANDS`).
+    """
+
+    def __init__(self, command: str, names: Sequence[str], *, enabled: bool = True) -> None:
+        self.command = command
+        self.names = list(names)
+        self.enabled = enabled
+        if enabled:
+            announce(f"{command}: {len(self.names)} stages: " + ", ".join(self.names), stderr=True)  # with the bars
+
+    @contextmanager
+    def stage(self, name: str, total: int, unit: str = "img") -> Iterator[Tick]:
+        """Show stage ``name`` (one of the plan's) for ``total`` units of work; yields its tick."""
+        if name not in self.names:
+            raise ValueError(f"stage {name!r} is not in the plan of {self.command}: {self.names}")
+        shown = bar(max(int(total), 0), f"{self.command} {self.names.index(name) + 1}/{len(self.names)} {name}",
+                    unit=unit, enabled=self.enabled)
+        if shown is None:
+            yield _no_tick
+            return
+        try:
+            yield shown.update
+        finally:
+            shown.close()

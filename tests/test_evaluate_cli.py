@@ -183,3 +183,27 @@ def test_utility_label_column_errors_name_the_file(mri2d: dict[str, Path], tmp_p
     rc, _, err = _run(capsys, "--real", mri2d["mni152"], "--synthetic", synthetic, "-o", tmp_path / "r.json",
                       "--utility")
     assert rc == 2 and "--utility needs --train" in err
+
+
+def test_evaluate_shows_its_stages_with_totals(mri2d: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """One progress display on stderr: the plan, then each named stage's bar with its total; the
+    command ends with its wall time. Evaluating in-process (evaluate_sets) shows nothing."""
+    from fedsynth.metrics import evaluate as ev
+
+    csv = mri2d["mni152"]
+    rc, out, err = _run(capsys, "--real", csv, "--synthetic", csv, "--train", csv, "-o", tmp_path / "r.json",
+                        "--png", tmp_path / "r.png", "--bootstrap", "3", "--utility", "--utility-steps", "2")
+    assert rc == 0, err
+    names = [ev.LOADING, ev.RADIOMICS, ev.ENCODER, ev.INTERVALS, ev.DIVERSITY, ev.MEMORIZATION, ev.UTILITY, ev.FIGURE]
+    assert f"evaluate: {len(names)} stages: {', '.join(names)}" in err
+    for i, name in enumerate(names, 1):
+        assert f"evaluate {i}/{len(names)} {name}" in err, name
+    assert "72/72" in err  # loading: 24 images in each of the three CSVs
+    assert "3/3" in err and "6/6" in err  # bootstrap replicates, utility steps (3 classifiers x 2)
+    assert out.strip().splitlines()[-1].startswith("fedsynth evaluate: done in")
+    assert ev.evaluation_stages(ev.EvaluationOptions(bootstrap=0, checkpoint="ae.ckpt"), loading=False) == [
+        ev.RADIOMICS, ev.ENCODER, ev.DIVERSITY, ev.MEMORIZATION, ev.RECONSTRUCTION]
+    real = load_real(csv, infer_config(csv))
+    ev.evaluate_sets(real, real, ev.EvaluationOptions(bootstrap=2, use_pyradiomics=False))
+    assert "evaluate" not in capsys.readouterr().err

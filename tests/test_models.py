@@ -16,6 +16,7 @@ VARIANTS = [
     ("gan", 2, 0, {}), ("gan", 3, 2, {}), ("gan", 2, 2, {"model__spectral_norm": True, "model__loss": "hinge"}),
     ("autoencoder", 2, 0, {}), ("autoencoder", 3, 0, {}), ("autoencoder", 2, 0, {"model__architecture": "vqvae"}),
     ("autoencoder", 2, 0, {"model__adversarial_weight": 0.1}), ("autoencoder", 2, 0, {"model__attention": True}),
+    ("autoencoder", 2, 0, {"model__decoder_padding": "replicate"}), ("autoencoder", 3, 0, {"model__decoder_padding": "replicate"}),
     ("diffusion", 2, 0, {}), ("diffusion", 3, 2, {}),
 ]
 EXPECTED_GROUPS = {"gan": ["generator", "discriminator"], "autoencoder": ["encoder", "decoder"], "diffusion": ["unet"]}
@@ -62,6 +63,61 @@ def test_get_set_round_trip(family: str, dims: int, classes: int, extra: dict) -
     assert changed and all(k.startswith(f"{first}/") for k in changed)
     for key, value in after.items():
         np.testing.assert_array_equal(value, source[key] if key.startswith(f"{first}/") else before[key], err_msg=key)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_replicate_padded_kl_decoder_has_no_bright_border(dims: int) -> None:
+    """A constant latent decodes to a constant image once every decoder convolution pads with edge
+    pixels: zero padding made the border (a bright corner pixel on every demo sample) differ, mostly
+    through the last 3x3 convolution. The pads hold no weights: the state-dict keys stay the same."""
+    from fedsynth.models.autoencoder import AutoencoderModel
+
+    zeros = _model("autoencoder", dims, 0, {})
+    padded = _model("autoencoder", dims, 0, {"model__decoder_padding": "replicate"})
+    assert isinstance(zeros, AutoencoderModel) and isinstance(padded, AutoencoderModel)
+    assert padded.get_weights().keys() == zeros.get_weights().keys()
+    padded.set_weights(zeros.get_weights(), strict=True)  # either's weights load into the other
+    latent = torch.full((1, *zeros.latent_shape()), 0.7)
+    with torch.no_grad():
+        old, new = zeros.codec().decode(latent)[0, 0], padded.codec().decode(latent)[0, 0]
+    centre = tuple(s // 2 for s in old.shape)
+    corners = [tuple(c) for c in np.ndindex(*(2,) * dims)]
+    corner_values = [float(old[tuple(0 if c == 0 else -1 for c in corner)]) for corner in corners]
+    assert max(abs(v - float(old[centre])) for v in corner_values) > 1e-3  # zero padding: corners differ
+    torch.testing.assert_close(new, torch.full_like(new, float(new[centre])), atol=1e-5, rtol=0)
+    pads = [m for m in padded.codec().decoder.modules() if isinstance(m, (torch.nn.ReplicationPad2d, torch.nn.ReplicationPad3d))]
+    convs = [m for m in padded.codec().decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert len(pads) == sum(m.kernel_size[0] > 1 for m in convs) and all(not any(m.padding) for m in convs)
+    assert not any(isinstance(m, torch.nn.ReplicationPad2d) for m in padded.codec().encoder.modules())
+
+
+def test_decoder_padding_defaults_keep_old_checkpoints_and_recipes_fix_new_configs(tmp_path) -> None:
+    """A checkpoint written before ``decoder_padding`` existed loads and resumes as zero padding (what
+    it was trained with); configs from the recipe (init-config, the demo) pad with edge pixels."""
+    from fedsynth.checkpoint import TrainingState, config_changes, load_checkpoint, save_checkpoint
+    from fedsynth.config import default_config
+    from fedsynth.errors import CheckpointError, ConfigError
+    from fedsynth.models import model_from_checkpoint
+
+    assert default_config("autoencoder", 2, 32).model.decoder_padding == "replicate"
+    latent = default_config("diffusion", 2, 32, latent=True).model
+    assert latent.first_stage.decoder_padding == "replicate"
+    config = tiny_config("autoencoder")
+    assert config.model.decoder_padding == "zeros"
+    model = _model("autoencoder", 2, 0, {})
+    path = save_checkpoint(tmp_path / "old.ckpt", model, TrainingState())
+    payload = load_checkpoint(path)
+    del payload["config"]["model"]["decoder_padding"]  # as written before the field existed
+    torch.save(payload, path)
+    old = model_from_checkpoint(path)
+    assert old.config.model.decoder_padding == "zeros"
+    assert not any(isinstance(m, torch.nn.ReplicationPad2d) for m in old.codec().modules())
+    assert config_changes(payload["config"], config, str(path)) == []  # resumes with its config
+    fixed = tiny_config("autoencoder", model={**config.model.model_dump(), "decoder_padding": "replicate"})
+    with pytest.raises(CheckpointError, match=r"model\.decoder_padding: 'zeros' -> 'replicate'"):
+        config_changes(payload["config"], fixed, str(path))
+    with pytest.raises(ConfigError, match="decoder_padding"):
+        tiny_config("autoencoder", model={"family": "autoencoder", "architecture": "vqvae", "decoder_padding": "replicate"})
 
 
 def test_set_weights_rejects_bad_keys_and_shapes() -> None:

@@ -110,6 +110,32 @@ def test_autoencoder_kl_per_sample_grads(mri2d, attention: bool) -> None:
     _check(model, optimizers, ["discriminator"], "discriminator", d_loss_of)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, pytest.param(3, marks=pytest.mark.slow)], ids=["2d-hooks", "3d-functorch"])
+def test_replicate_padded_decoder_per_sample_grads(request: pytest.FixtureRequest, spatial_dims: int) -> None:
+    """The decoder's edge padding is a parameter-free module in front of each convolution (padding 0):
+    Opacus' Conv hooks, which assume zero padding inside the conv, see the padded input and stay exact
+    (``padding_mode="replicate"`` on the convolutions themselves is off by ~100 %). In float64, so that
+    the biases a GroupNorm cancels (gradient ~0) are not decided by float32 rounding."""
+    model_cfg = {"family": "autoencoder", "channels": [8, 16], "latent_channels": 2, "decoder_padding": "replicate"}
+    cfg = tiny_config("autoencoder", spatial_dims, model=model_cfg, privacy={"enabled": True, "noise_multiplier": 1.0})
+    model, plugin, optimizers, images = _private(cfg, request.getfixturevalue(f"mri{spatial_dims}d")["mni152"])
+    assert plugin.grad_sample_mode == ("hooks" if spatial_dims == 2 else "functorch")
+    pad = torch.nn.ReplicationPad2d if spatial_dims == 2 else torch.nn.ReplicationPad3d
+    assert any(isinstance(m, pad) for m in model.plain_net("autoencoder").decoder.modules())
+    model.to(torch.float64)  # in place: the optimizers keep the same parameters
+    images = images.double()
+    eps = torch.randn(N, *model.latent_shape(), dtype=torch.float64)
+
+    def loss_of(net, rows):
+        x = to_model_range(images[rows])
+        inner = net._module if hasattr(net, "_module") else net
+        mu, sigma = inner.encode(x)
+        _, rec_loss, kl = model.codec_losses(x, (inner.decode(mu + eps[rows] * sigma), mu, sigma))
+        return rec_loss + kl
+
+    _check(model, optimizers, ["encoder", "decoder"], "autoencoder", loss_of)
+
+
 @pytest.mark.slow  # trains beyond a step or spawns processes
 def test_vqvae_per_sample_grads_and_frozen_codebook(mri2d) -> None:
     model_cfg = {"family": "autoencoder", "architecture": "vqvae", "channels": [8, 16], "latent_channels": 2}

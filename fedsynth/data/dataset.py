@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,9 @@ class ImageDataset(Dataset):
     with a warning naming its row.
     """
 
-    def __init__(self, records: Sequence[Record], config: ExperimentConfig, *, train: bool) -> None:
+    def __init__(self, records: Sequence[Record], config: ExperimentConfig, *, train: bool,
+                 progress: Callable[[int], None] | None = None) -> None:
+        """``progress(1)`` is called after each record is read (a progress display's tick)."""
         if not records:
             raise DataError("no images to load (empty record list)")
         self.config = config
@@ -46,10 +48,12 @@ class ImageDataset(Dataset):
             if float(array.max()) == float(array.min()):
                 log.warning("skipping %s: the image is constant (every voxel is %g)", rec.where(), float(array.min()))
                 self.skipped.append(rec)
-                continue
-            if config.data.cache:
-                self._cache[len(kept)] = self._preprocess(rec, array)
-            kept.append(rec)
+            else:
+                if config.data.cache:
+                    self._cache[len(kept)] = self._preprocess(rec, array)
+                kept.append(rec)
+            if progress is not None:
+                progress(1)
         if not kept:
             raise DataError(f"{records[0].source}: every image is constant ({len(records)} row(s)); nothing to train on")
         self.records = kept

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedsynth.config_base import FamilyConfig
 from fedsynth.families import Family
@@ -37,6 +37,9 @@ class AutoencoderConfig(FamilyConfig):
     adversarial_start_step: int = Field(0, ge=0, description="train reconstruction + KL only before this step (warm-up)")
     discriminator_channels: int = Field(32, ge=1)
     discriminator_layers: int = Field(2, ge=1)
+    decoder_padding: Literal["zeros", "replicate"] = Field(
+        "zeros", description="kl decoder's border: replicate pads each convolution with its edge pixels (no bright "
+                             "corner pixel); zeros is MONAI's, and that of every run made before this field")
 
     @field_validator("channels")
     @classmethod
@@ -44,6 +47,13 @@ class AutoencoderConfig(FamilyConfig):
         if not v or any(c <= 0 for c in v):
             raise ValueError("a non-empty list of positive integers")
         return v
+
+    @model_validator(mode="after")
+    def _padding_of_kl_decoders(self) -> AutoencoderConfig:
+        if self.decoder_padding != "zeros" and self.architecture != "kl":
+            raise ValueError(f"decoder_padding '{self.decoder_padding}' is for the kl decoder; the vqvae decoder "
+                             "upsamples with transposed convolutions: set decoder_padding: zeros")
+        return self
 
 
 
@@ -83,7 +93,9 @@ def recipe(spatial_dims: int, size: list[int]) -> dict[str, Any]:
     """KL autoencoder, 3 levels from 64 pixels (2D), a patch adversarial loss after a warm-up (docs/recipes.md)."""
     small = min(size) < 32
     model: dict[str, Any] = {"family": "autoencoder", "channels": [32, 64] if small or spatial_dims == 3 else [32, 64, 64],
-                             "latent_channels": 4 if spatial_dims == 2 else 3}
+                             "latent_channels": 4 if spatial_dims == 2 else 3,
+                             # the decoder's zero padding leaves a bright corner pixel on every sample
+                             "decoder_padding": "replicate"}
     if spatial_dims == 2 and min(size) >= 64:  # sharper decoder: patch adversarial loss after a warm-up
         model.update(adversarial_weight=0.02, adversarial_start_step=1000)
     training = {"learning_rate": 5e-4, "betas": [0.9, 0.999], "ema_decay": 0.999, "warmup_steps": 100}

@@ -6,9 +6,10 @@ on". An attack is as good as its ROC: AUC 0.5 = guessing; TPR at a low FPR = how
 images it exposes while rarely accusing an outsider. The attacks a privacy reviewer runs:
 
 - the family's own per-image score, what training drove down for its training images:
-  diffusion: the denoising loss at several timesteps (fixed noise, a few draws; latent diffusion
-  also: its first stage's reconstruction error); GAN and style-based GAN: the discriminator's
-  logit; autoencoder: the reconstruction error (and its patch discriminator's mean logit if it has one);
+  diffusion: the denoising loss at several intermediate timesteps (fixed noise, a few draws) and
+  their log-mean (latent diffusion also: its first stage's reconstruction error); GAN and
+  style-based GAN: the discriminator's logit; autoencoder: the reconstruction error through the
+  deterministic latent (and its patch discriminator's mean logit if it has one);
 - every family: the distance from each image to its nearest generated sample (a model that
   copies its training images puts samples next to them).
 
@@ -46,7 +47,7 @@ class AuditOptions:
     """Attack settings."""
 
     samples: int = 256  # generated images for the nearest-neighbour attack (0: skip it)
-    timesteps: tuple[float, ...] = (0.02, 0.1, 0.25, 0.5)  # diffusion: fractions of num_train_timesteps
+    timesteps: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)  # diffusion: fractions of num_train_timesteps
     noise_draws: int = 4  # diffusion: noise draws averaged per image and timestep
     sampler: str | None = None  # diffusion sampling for the nearest-neighbour attack (default: the config's)
     steps: int | None = None
@@ -119,11 +120,26 @@ def diffusion_losses(model: Any, c: Candidates, options: AuditOptions) -> dict[s
     return out
 
 
+def log_mean(losses: dict[str, np.ndarray]) -> np.ndarray:
+    """Per image, the mean over timesteps of the log loss (the log of the geometric mean).
+
+    Denoising losses differ by an order of magnitude between timesteps (the noise is hardest to
+    predict when there is least of it) and the timesteps with the largest losses are the least
+    informative; a plain mean is their score. In logs every timestep counts by its relative change,
+    which is what training drives down for a member.
+    """
+    return np.mean([np.log(np.maximum(v, 1e-12)) for v in losses.values()], 0)
+
+
 @torch.no_grad()
 def reconstruction_errors(autoencoder: Any, c: Candidates, size: int) -> np.ndarray:
-    """Mean squared reconstruction error per image (data range)."""
-    errors = [((autoencoder.reconstruct(x).float().cpu() - x) ** 2).flatten(1).mean(1)
-              for x, _, _ in _batches(c, size)]
+    """Mean squared reconstruction error per image (data range), through the deterministic latent
+    (the KL posterior's mean, or the VQ-quantised code): a sampled latent would only add noise to
+    every score, members' and non-members' alike, and make the score depend on the random state."""
+    errors = []
+    for x, _, _ in _batches(c, size):
+        recon = autoencoder.decode_latent(autoencoder.encode_latent(x.to(autoencoder.device)))
+        errors.append(((recon.float().cpu() - x) ** 2).flatten(1).mean(1))
     return torch.cat(errors).numpy()
 
 
@@ -179,8 +195,8 @@ def attack_scores(model: SynthesisModel, members: Candidates, non_members: Candi
         for key in lm:
             out[key] = (-lm[key], -ln[key], f"minus the denoising loss at timestep {key.rsplit('t', 1)[1]} "
                                              f"(mean of {options.noise_draws} fixed noise draws)")
-        out["denoising_loss_mean"] = (-np.mean(list(lm.values()), 0), -np.mean(list(ln.values()), 0),
-                                      "minus the denoising loss averaged over the timesteps")
+        out["denoising_loss_mean"] = (-log_mean(lm), -log_mean(ln),
+                                      "minus the mean over the timesteps of the log denoising loss")
         first = model.first_stage()
         if isinstance(first, AutoencoderModel):
             out["first_stage_reconstruction"] = (-reconstruction_errors(first, members, options.batch_size),

@@ -53,8 +53,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default=None, help="report JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--samples", type=int, default=256, help="generated samples for the nearest-sample attack (0: skip)")
-    p.add_argument("--timesteps", type=float, nargs="+", default=[0.02, 0.1, 0.25, 0.5],
-                   help="diffusion: timesteps of the denoising-loss attack, as fractions of num_train_timesteps")
+    p.add_argument("--timesteps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5],
+                   help="diffusion: timesteps of the denoising-loss attack, as fractions of num_train_timesteps "
+                        "(intermediate ones: the smallest carry little membership signal)")
     p.add_argument("--noise-draws", type=int, default=4, help="diffusion: noise draws averaged per image and timestep")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="diffusion sampler for the samples")
     p.add_argument("--steps", type=int, default=None, help="diffusion sampling steps for the samples")

@@ -9,11 +9,12 @@ from typing import Any
 from fedsynth.commands import command, examples
 from fedsynth.errors import FedsynthError
 from fedsynth.io import check_new_file
+from fedsynth.progress import Stages
 
 
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> None:
-    from fedsynth.metrics.evaluate import EvaluationOptions, evaluate, write_report
+    from fedsynth.metrics.evaluate import FIGURE, EvaluationOptions, evaluate, evaluation_stages, write_report
     from fedsynth.metrics.utility import UtilityOptions
 
     if args.bin_count < 2:
@@ -33,12 +34,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     options = EvaluationOptions(bin_count=args.bin_count, encoder=args.encoder, checkpoint=args.checkpoint,
                                 train_csv=args.train, copy_threshold=args.copy_threshold, bootstrap=args.bootstrap,
                                 seed=args.seed, utility=utility)
-    report, real, synthetic = evaluate(args.real, args.synthetic, options, config_path=args.config)
+    # one progress display: each stage's bar with its total and ETA (on stderr); the wall time ends the command
+    stages = Stages("evaluate", evaluation_stages(options, figure=bool(args.png)))
+    report, real, synthetic = evaluate(args.real, args.synthetic, options, config_path=args.config, stages=stages)
     write_report(report, args.output)
     if args.png:
         from fedsynth.metrics.plots import write_png
 
-        write_png(report, real, synthetic, Path(args.png), bin_count=args.bin_count)
+        with stages.stage(FIGURE, 1, unit="figure") as tick:
+            write_png(report, real, synthetic, Path(args.png), bin_count=args.bin_count)
+            tick(1)
     print(summary_text(report))
     _print_sources(args)
     print(f"wrote {args.output}" + (f" and {args.png}" if args.png else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,9 +19,10 @@ from fedsynth.io import atomic_write_text
 from fedsynth.metrics import features as feat
 from fedsynth.metrics import intervals, stats
 from fedsynth.metrics import radiomics as rad
-from fedsynth.metrics.images import ImageSet, check_pair, infer_config, load_real, load_synthetic
+from fedsynth.metrics.images import ImageSet, check_pair, infer_config, real_records, stack, synthetic_records
 from fedsynth.metrics.similarity import memorization, memorization_share, pairwise_ms_ssim, reconstruction_quality
 from fedsynth.metrics.utility import UtilityOptions
+from fedsynth.progress import Stages
 
 if TYPE_CHECKING:
     from fedsynth.models.autoencoder import AutoencoderModel
@@ -49,6 +51,27 @@ class EvaluationOptions:
     utility: UtilityOptions | None = None  # train-on-synthetic, test-on-real (needs labels and a training set)
 
 
+#: the stages of an evaluation as its progress display names them, in order
+LOADING = "loading images"
+RADIOMICS = "radiomic features (FRD, KS, W1)"
+ENCODER = "encoder features (FID, KID, PRDC)"
+INTERVALS = "bootstrap intervals"
+DIVERSITY = "diversity (MS-SSIM)"
+MEMORIZATION = "memorization"
+RECONSTRUCTION = "reconstructions (SSIM, PSNR)"
+UTILITY = "utility classifiers"
+FIGURE = "figure"
+
+
+def evaluation_stages(options: EvaluationOptions, *, loading: bool = True, figure: bool = False) -> list[str]:
+    """The stages an evaluation with ``options`` goes through: ``loading`` the image files first
+    (:func:`evaluate`; :func:`evaluate_sets` gets them loaded), a ``figure`` last (``--png``)."""
+    names = [LOADING] if loading else []
+    names += [RADIOMICS, ENCODER] + ([INTERVALS] if options.bootstrap > 0 else []) + [DIVERSITY, MEMORIZATION]
+    names += ([RECONSTRUCTION] if options.checkpoint else []) + ([UTILITY] if options.utility is not None else [])
+    return names + ([FIGURE] if figure else [])
+
+
 def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
@@ -66,10 +89,13 @@ def _load_autoencoder(path: str) -> AutoencoderModel:
 
 
 def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOptions | None = None,
-                  train: ImageSet | None = None) -> dict[str, Any]:
-    """Compute the report for already loaded image sets (see :func:`evaluate` for files)."""
+                  train: ImageSet | None = None, *, stages: Stages | None = None) -> dict[str, Any]:
+    """Compute the report for already loaded image sets (see :func:`evaluate` for files).
+
+    ``stages``: the progress display (:func:`evaluation_stages`); none is shown by default."""
     opt = options or EvaluationOptions()
     check_pair(real, synthetic)
+    shown = stages or Stages("evaluate", evaluation_stages(opt, loading=False), enabled=False)
     started = time.perf_counter()
     spatial_dims = real.images.ndim - 2
     notes: list[str] = []
@@ -82,16 +108,20 @@ def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOption
         notes.append(f"few images ({len(real)} real, {len(synthetic)} synthetic): distribution metrics are noisy; "
                      "compare runs evaluated with the same counts")
 
+    floor_rows = intervals.floor_subset(len(train), len(synthetic), opt.seed) if train is not None else None
+    floor_images = train.images[floor_rows] if train is not None and floor_rows is not None else None
+    featurised = len(real) + len(synthetic) + (len(floor_images) if floor_images is not None else 0)
+
     # radiomics
     use_pr = opt.use_pyradiomics if opt.use_pyradiomics is not None else not rad.backend().startswith("numpy")
-    names, real_f, real_failed = rad.extract(real.images, opt.bin_count, use_pr)
-    syn_names, syn_f, syn_failed = rad.extract(synthetic.images, opt.bin_count, use_pr)
-    syn_f = _aligned(names, syn_names, syn_f)
-    frd_value, n_used = rad.frd(real_f, syn_f)
-    floor_rows = intervals.floor_subset(len(train), len(synthetic), opt.seed) if train is not None else None
-    floor_f = _aligned(names, *rad.extract(train.images[floor_rows], opt.bin_count, use_pr)[:2]) \
-        if train is not None and floor_rows is not None else None
-    comparison = rad.per_feature(names, real_f, syn_f)
+    with shown.stage(RADIOMICS, featurised) as tick:
+        names, real_f, real_failed = rad.extract(real.images, opt.bin_count, use_pr, tick)
+        syn_names, syn_f, syn_failed = rad.extract(synthetic.images, opt.bin_count, use_pr, tick)
+        syn_f = _aligned(names, syn_names, syn_f)
+        frd_value, n_used = rad.frd(real_f, syn_f)
+        floor_f = _aligned(names, *rad.extract(floor_images, opt.bin_count, use_pr, tick)[:2]) \
+            if floor_images is not None else None
+        comparison = rad.per_feature(names, real_f, syn_f)
     report["radiomics"] = {
         "backend": rad.backend() if use_pr else "numpy (IBSI first-order)",
         "bin_count": opt.bin_count,
@@ -111,27 +141,31 @@ def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOption
     if opt.encoder == "autoencoder":
         if not opt.checkpoint:
             raise FedsynthError("--encoder autoencoder needs --checkpoint (an autoencoder checkpoint trained on real data)")
-        encoder: torch.nn.Module = feat.AutoencoderEncoder(_load_autoencoder(opt.checkpoint), opt.checkpoint)
-    elif opt.encoder == "random-conv":
-        encoder = feat.RandomConvEncoder(spatial_dims, real.images.shape[1])
-    else:
+    elif opt.encoder != "random-conv":
         raise FedsynthError(f"unknown encoder '{opt.encoder}': expected 'random-conv' or 'autoencoder'")
-    real_raw, syn_raw = feat.embed(encoder, real.images), feat.embed(encoder, synthetic.images)  # encoders run once
-    real_e, syn_e = feat.standardize(real_raw, syn_raw)
-    kid_mean, kid_std = feat.kid(real_e, syn_e, seed=opt.seed)
+    with shown.stage(ENCODER, featurised) as tick:
+        encoder: torch.nn.Module = (feat.AutoencoderEncoder(_load_autoencoder(opt.checkpoint), opt.checkpoint)
+                                    if opt.encoder == "autoencoder" and opt.checkpoint else
+                                    feat.RandomConvEncoder(spatial_dims, real.images.shape[1]))
+        real_raw = feat.embed(encoder, real.images, tick=tick)  # encoders run once
+        syn_raw = feat.embed(encoder, synthetic.images, tick=tick)
+        floor_raw = feat.embed(encoder, floor_images, tick=tick) if floor_images is not None else None
+        real_e, syn_e = feat.standardize(real_raw, syn_raw)
+        kid_mean, kid_std = feat.kid(real_e, syn_e, seed=opt.seed)
+        fid = feat.frechet_distance(real_e, syn_e)
+        prdc = feat.prdc(real_e, syn_e)
     report["encoder"] = {"name": encoder.name, "description": encoder.description, "feature_dim": int(real_e.shape[1]),
                          "standardized": "features z-scored with the real set's mean/std before FID/KID/PRDC"}
-    report["encoder_fid"] = feat.frechet_distance(real_e, syn_e)
+    report["encoder_fid"] = fid
     report["kid"] = {"mean": kid_mean, "std": kid_std}
-    report.update(feat.prdc(real_e, syn_e))
+    report.update(prdc)
 
     # intervals, the real-vs-real floor and the gap to it, all from the features extracted above
-    floor = None
-    if train is not None and floor_rows is not None and floor_f is not None:
-        floor = intervals.Features(floor_f, feat.embed(encoder, train.images[floor_rows]))
+    floor = intervals.Features(floor_f, floor_raw) if floor_f is not None and floor_raw is not None else None
     first_order = [j for j, n in enumerate(names) if "firstorder_" in n]
-    summary = intervals.summary(intervals.Features(real_f, real_raw), intervals.Features(syn_f, syn_raw), first_order,
-                                floor=floor, replicates=opt.bootstrap, seed=opt.seed)
+    with (shown.stage(INTERVALS, opt.bootstrap, unit="replicate") if opt.bootstrap > 0 else nullcontext(None)) as tick:
+        summary = intervals.summary(intervals.Features(real_f, real_raw), intervals.Features(syn_f, syn_raw), first_order,
+                                    floor=floor, replicates=opt.bootstrap, seed=opt.seed, tick=tick)
     summary["floor"] = ({"source": train.source, "count": len(floor_rows), "of": len(train),
                          "definition": "training images vs the held-out real images, the same metrics at the "
                                        "synthetic count (a seeded random subset of the training images)"}
@@ -140,33 +174,42 @@ def evaluate_sets(real: ImageSet, synthetic: ImageSet, options: EvaluationOption
         notes.append("no --train: no real-vs-real floor; a metric alone does not say how close to real data is")
 
     # diversity
-    report["diversity"] = {"ms_ssim_synthetic": pairwise_ms_ssim(synthetic.images, opt.max_pairs, opt.seed),
-                           "ms_ssim_real": pairwise_ms_ssim(real.images, opt.max_pairs, opt.seed)}
+    pairs = [min(opt.max_pairs, n * (n - 1) // 2) for n in (len(synthetic), len(real))]
+    with shown.stage(DIVERSITY, sum(pairs), unit="pair") as tick:
+        report["diversity"] = {"ms_ssim_synthetic": pairwise_ms_ssim(synthetic.images, opt.max_pairs, opt.seed, tick),
+                               "ms_ssim_real": pairwise_ms_ssim(real.images, opt.max_pairs, opt.seed, tick)}
 
-    # memorization
+    # memorization: nearest neighbours, their intervals, the share nearer than held-out images
     reference = train or real
-    report["memorization"] = {"training_source": reference.source,
-                              **memorization(reference.images, synthetic.images, reference.ids, opt.copy_threshold)}
-    ratios = np.asarray(report["memorization"]["ratios"])
-    if opt.bootstrap > 0:
-        draws = stats.bootstrap(lambda i: {"near": float((ratios[i] < opt.copy_threshold).mean()),
-                                           "closer": float((ratios[i] < 1.0).mean())}, [len(ratios)], opt.bootstrap, opt.seed)
-        report["memorization"]["near_copy_fraction_ci95"] = stats.interval(draws["near"])
-        report["memorization"]["closer_than_real_fraction_ci95"] = stats.interval(draws["closer"])
-    if train is not None:  # real = held-out images: the share of samples closer to training data than real data gets
-        report["memorization"]["nearer_than_held_out"] = memorization_share(train.images, real.images, synthetic.images)
+    with shown.stage(MEMORIZATION, 1 + (opt.bootstrap > 0) + (train is not None), unit="step") as tick:
+        report["memorization"] = {"training_source": reference.source,
+                                  **memorization(reference.images, synthetic.images, reference.ids, opt.copy_threshold)}
+        tick(1)
+        ratios = np.asarray(report["memorization"]["ratios"])
+        if opt.bootstrap > 0:
+            draws = stats.bootstrap(lambda i: {"near": float((ratios[i] < opt.copy_threshold).mean()),
+                                               "closer": float((ratios[i] < 1.0).mean())}, [len(ratios)], opt.bootstrap, opt.seed)
+            report["memorization"]["near_copy_fraction_ci95"] = stats.interval(draws["near"])
+            report["memorization"]["closer_than_real_fraction_ci95"] = stats.interval(draws["closer"])
+            tick(1)
+        if train is not None:  # real = held-out images: the share of samples closer to training data than real data gets
+            report["memorization"]["nearer_than_held_out"] = memorization_share(train.images, real.images, synthetic.images)
+            tick(1)
 
     # autoencoder reconstructions
     if opt.checkpoint:
-        model = _load_autoencoder(opt.checkpoint)
-        report["reconstruction"] = {"checkpoint": opt.checkpoint, **reconstruction_quality(model, real.images)}
+        with shown.stage(RECONSTRUCTION, len(real)) as tick:
+            model = _load_autoencoder(opt.checkpoint)
+            report["reconstruction"] = {"checkpoint": opt.checkpoint, **reconstruction_quality(model, real.images, tick=tick)}
 
     if opt.utility is not None:
-        from fedsynth.metrics.utility import utility
+        from fedsynth.metrics.utility import ARMS, utility
 
         if train is None:
             raise FedsynthError("--utility needs --train: the real training images are the ceiling it is compared with")
-        report["utility"] = utility(train, synthetic, real, opt.utility, replicates=opt.bootstrap, seed=opt.seed)
+        with shown.stage(UTILITY, len(ARMS) * opt.utility.steps, unit="step") as tick:
+            report["utility"] = utility(train, synthetic, real, opt.utility, replicates=opt.bootstrap, seed=opt.seed,
+                                        tick=tick)
         summary["utility"] = {k: report["utility"]["arms"][k]["balanced_accuracy"] for k in report["utility"]["arms"]}
 
     report["notes"] = notes
@@ -196,9 +239,12 @@ def _clean(value: Any) -> Any:
 
 
 def evaluate(real_csv: str, synthetic: str, options: EvaluationOptions | None = None, *,
-             config_path: str | None = None) -> tuple[dict[str, Any], ImageSet, ImageSet]:
-    """Load both sets through the data pipeline and compute the report; returns ``(report, real, synthetic)``."""
+             config_path: str | None = None, stages: Stages | None = None) -> tuple[dict[str, Any], ImageSet, ImageSet]:
+    """Load both sets through the data pipeline and compute the report; returns ``(report, real, synthetic)``.
+
+    ``stages``: the progress display (:func:`evaluation_stages`); none is shown by default."""
     opt = options or EvaluationOptions()
+    shown = stages or Stages("evaluate", evaluation_stages(opt), enabled=False)
     if config_path is None and opt.checkpoint:
         from fedsynth.checkpoint import load_checkpoint
         from fedsynth.config import config_from_dict
@@ -206,10 +252,13 @@ def evaluate(real_csv: str, synthetic: str, options: EvaluationOptions | None = 
         config: ExperimentConfig = config_from_dict(load_checkpoint(opt.checkpoint)["config"], opt.checkpoint)
     else:
         config = infer_config(real_csv, config_path)
-    real = load_real(real_csv, config)
-    syn = load_synthetic(synthetic, config)
-    train = load_real(opt.train_csv, config) if opt.train_csv else None
-    report = evaluate_sets(real, syn, opt, train)
+    sets = [(real_records(real_csv, config), str(real_csv)), (synthetic_records(synthetic, config), str(synthetic))]
+    if opt.train_csv:
+        sets.append((real_records(opt.train_csv, config), str(opt.train_csv)))
+    with shown.stage(LOADING, sum(len(records) for records, _ in sets)) as tick:
+        real, syn, *rest = [stack(records, config, source, tick) for records, source in sets]
+    train = rest[0] if rest else None
+    report = evaluate_sets(real, syn, opt, train, stages=shown)
     report["preprocessing"] = {"spatial_dims": config.spatial_dims, "image_size": list(config.image_size),
                                "channels": config.channels, "normalization": config.data.normalization,
                                "resize_mode": config.data.resize_mode,

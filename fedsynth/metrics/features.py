@@ -17,6 +17,7 @@ decide everything, and e.g. blur goes unnoticed). Scores from different encoders
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -83,11 +84,17 @@ class AutoencoderEncoder(torch.nn.Module):
 
 
 @torch.no_grad()
-def embed(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Encoder features of ``(N, C, *spatial)`` images as an ``(N, D)`` float64 array."""
+def embed(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 32,
+          tick: Callable[[int], None] | None = None) -> np.ndarray:
+    """Encoder features of ``(N, C, *spatial)`` images as an ``(N, D)`` float64 array; ``tick(n)``
+    after each batch of ``n`` images."""
     encoder.eval()
-    out = [encoder(torch.from_numpy(images[i:i + batch_size]).float()).double().numpy()
-           for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = images[i:i + batch_size]
+        out.append(encoder(torch.from_numpy(batch).float()).double().numpy())
+        if tick is not None:
+            tick(len(batch))
     return np.concatenate(out)
 
 

@@ -19,6 +19,7 @@ from fedsynth.data.dataset import ImageDataset
 from fedsynth.data.images import read_image, to_spatial_dims
 from fedsynth.data.manifest import IMAGE_SUFFIXES, Record, read_manifest
 from fedsynth.errors import DataError
+from fedsynth.progress import Tick
 
 log = logging.getLogger("fedsynth.evaluate")
 
@@ -55,16 +56,21 @@ def infer_config(real_csv: str | Path, config_path: str | Path | None = None) ->
     return default_config("autoencoder", len(size), size, channels=len(first.channels) * array.shape[0])
 
 
-def _stack(records: list[Record], config: ExperimentConfig, source: str) -> ImageSet:
-    dataset = ImageDataset(records, config, train=False)
+def stack(records: list[Record], config: ExperimentConfig, source: str, tick: Tick | None = None) -> ImageSet:
+    """The images of ``records``, preprocessed as in training; ``tick(1)`` after each record read."""
+    dataset = ImageDataset(records, config, train=False, progress=tick)
     images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32)
     return ImageSet(images, [r.subject_id for r in dataset.records], source, tuple(r.row for r in dataset.records))
 
 
+def real_records(csv: str | Path, config: ExperimentConfig) -> list[Record]:
+    """The rows of a real CSV manifest (read, not yet loaded)."""
+    return read_manifest(csv, expected_channels=config.channels)
+
+
 def load_real(csv: str | Path, config: ExperimentConfig) -> ImageSet:
     """Real images from a CSV manifest, preprocessed as in training."""
-    records = read_manifest(csv, expected_channels=config.channels)
-    return _stack(records, config, str(csv))
+    return stack(real_records(csv, config), config, str(csv))
 
 
 def _folder_records(folder: Path, channels: int) -> list[Record]:
@@ -83,18 +89,21 @@ def _folder_records(folder: Path, channels: int) -> list[Record]:
     return [Record(f.name.split(".")[0], (f,), None, i + 1, str(folder)) for i, f in enumerate(files)]
 
 
-def load_synthetic(path: str | Path, config: ExperimentConfig) -> ImageSet:
-    """Synthetic images from a folder (``manifest.csv`` if present, else every image file) or a CSV."""
+def synthetic_records(path: str | Path, config: ExperimentConfig) -> list[Record]:
+    """The synthetic images of a folder (``manifest.csv`` if present, else every image file) or a CSV, as records."""
     path = Path(path)
     if path.is_dir():
-        records = _folder_records(path, config.channels)
-    elif path.is_file() and path.suffix.lower() == ".csv":
-        records = read_manifest(path, expected_channels=config.channels)
-    elif path.exists():
+        return _folder_records(path, config.channels)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return read_manifest(path, expected_channels=config.channels)
+    if path.exists():
         raise DataError(f"--synthetic {path}: expected a folder of images or a CSV manifest, got a {path.suffix or 'plain'} file")
-    else:
-        raise DataError(f"--synthetic {path}: no such folder or CSV")
-    return _stack(records, config, str(path))
+    raise DataError(f"--synthetic {path}: no such folder or CSV")
+
+
+def load_synthetic(path: str | Path, config: ExperimentConfig) -> ImageSet:
+    """Synthetic images from a folder (``manifest.csv`` if present, else every image file) or a CSV."""
+    return stack(synthetic_records(path, config), config, str(path))
 
 
 def check_pair(real: ImageSet, synthetic: ImageSet, minimum: int = 2) -> None:

@@ -21,6 +21,7 @@ own noise cancels) and with the synthetic and floor sets drawn independently.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,8 +128,8 @@ def floor_subset(n_train: int, size: int, seed: int) -> np.ndarray:
 
 
 def summary(real: Features, synthetic: Features, first_order: list[int], *, floor: Features | None = None,
-            replicates: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Point value, bootstrap interval, floor and gap of every headline metric.
+            replicates: int = 200, seed: int = 0, tick: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Point value, bootstrap interval, floor and gap of every headline metric (``tick(1)`` per replicate).
 
     ``first_order``: radiomic columns that are first-order statistics (for mean KS / W1).
     Returns ``{"metrics": {name: {...}}, "bootstrap": {...}}``; ``floor`` (training-image features,
@@ -148,7 +149,7 @@ def summary(real: Features, synthetic: Features, first_order: list[int], *, floo
             values.update({f"floor.{k}": v for k, v in ref.metrics(ir, i_floor).items()})
         return values
 
-    draws = stats.bootstrap(replicate, [n_r, n_s, max(n_f, 1)], replicates, seed) if replicates > 0 else {}
+    draws = stats.bootstrap(replicate, [n_r, n_s, max(n_f, 1)], replicates, seed, tick) if replicates > 0 else {}
     metrics: dict[str, Any] = {}
     for name, better in HEADLINE.items():
         entry: dict[str, Any] = {"value": point[name], "ci95": stats.interval(draws[f"syn.{name}"]) if draws else None}

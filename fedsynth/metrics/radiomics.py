@@ -88,8 +88,10 @@ def _pyradiomics_extractor(bin_count: int, spatial_dims: int) -> Callable[[np.nd
     return run
 
 
-def extract(images: np.ndarray, bin_count: int = 32, use_pyradiomics: bool | None = None) -> tuple[list[str], np.ndarray, int]:
-    """Radiomic features of ``(N, C, *spatial)`` images: ``(names, (N, F) matrix, failed_count)``.
+def extract(images: np.ndarray, bin_count: int = 32, use_pyradiomics: bool | None = None,
+            tick: Callable[[int], None] | None = None) -> tuple[list[str], np.ndarray, int]:
+    """Radiomic features of ``(N, C, *spatial)`` images: ``(names, (N, F) matrix, failed_count)``;
+    ``tick(1)`` after each image.
 
     Channels are featurised separately (names prefixed ``c<k>_`` when C > 1). An image on which
     extraction fails (e.g. a constant image) gets NaN features and is counted in ``failed_count``.
@@ -115,6 +117,8 @@ def extract(images: np.ndarray, bin_count: int = 32, use_pyradiomics: bool | Non
                 failed += 1
             row.update({prefix + k: v for k, v in feats.items()})
         rows.append(row)
+        if tick is not None:
+            tick(1)
     names = sorted({k for r in rows for k in r})
     matrix = np.array([[r.get(k, np.nan) for k in names] for r in rows], dtype=np.float64)
     return names, matrix, failed

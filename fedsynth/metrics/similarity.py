@@ -10,6 +10,7 @@ and computes in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,8 +43,10 @@ def ms_ssim_metric(spatial_dims: int, size: int) -> MultiScaleSSIMMetric:
                                 reduction="none")
 
 
-def pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 300, seed: int = 0) -> dict[str, float]:
-    """Mean MS-SSIM over (up to ``max_pairs`` random) distinct pairs: high = alike = low diversity."""
+def pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 300, seed: int = 0,
+                     tick: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Mean MS-SSIM over (up to ``max_pairs`` random) distinct pairs: high = alike = low diversity;
+    ``tick(n)`` after each batch of ``n`` pairs."""
     n = len(images)
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     if len(pairs) > max_pairs:
@@ -54,13 +57,16 @@ def pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 300, seed: int = 0) ->
     i, j = (list(x) for x in zip(*pairs, strict=False))
     for s in range(0, len(i), 64):
         metric(t[i[s:s + 64]], t[j[s:s + 64]])
+        if tick is not None:
+            tick(len(i[s:s + 64]))
     values = metric.get_buffer().flatten().numpy()
     return {"mean": float(values.mean()), "std": float(values.std()), "pairs": len(pairs)}
 
 
-def reconstruction_quality(model: AutoencoderModel, images: np.ndarray, batch_size: int = 16) -> dict[str, float]:
+def reconstruction_quality(model: AutoencoderModel, images: np.ndarray, batch_size: int = 16,
+                           tick: Callable[[int], None] | None = None) -> dict[str, float]:
     """Mean per-image SSIM (kernel adapted to the size) and PSNR (data range 1) of an autoencoder's
-    reconstructions of ``images``."""
+    reconstructions of ``images``; ``tick(n)`` after each batch of ``n`` images."""
     spatial_dims = images.ndim - 2
     kernel, _ = ssim_geometry(min(images.shape[2:]))
     ssim = SSIMMetric(spatial_dims, data_range=1.0, win_size=kernel, reduction="none")
@@ -70,6 +76,8 @@ def reconstruction_quality(model: AutoencoderModel, images: np.ndarray, batch_si
         recon = model.reconstruct(x).float().cpu().clamp(0, 1)
         ssim(recon, x)
         psnr(recon, x)
+        if tick is not None:
+            tick(len(x))
     return {"ssim": float(ssim.get_buffer().mean()), "psnr": float(psnr.get_buffer().clamp_max(PSNR_CAP_DB).mean()),
             "count": len(images)}
 

@@ -35,11 +35,12 @@ def resample(rng: np.random.Generator, n: int, size: int | None = None) -> np.nd
 
 
 def bootstrap(statistic: Callable[..., float | dict[str, float]], sizes: Sequence[int], replicates: int,
-              seed: int = 0) -> dict[str, np.ndarray]:
+              seed: int = 0, tick: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Replicates of ``statistic(idx_0, idx_1, ...)``, each set resampled with replacement independently.
 
     ``statistic`` gets one index array per set (its size from ``sizes``) and returns a number or a
     ``{name: number}`` dict; the result maps each name (``"value"`` for a number) to its replicates.
+    ``tick(1)`` after each replicate.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, list[float]] = {}
@@ -47,6 +48,8 @@ def bootstrap(statistic: Callable[..., float | dict[str, float]], sizes: Sequenc
         value = statistic(*(resample(rng, n) for n in sizes))
         for key, v in (value if isinstance(value, dict) else {"value": value}).items():
             out.setdefault(key, []).append(float(v) if v is not None else math.nan)
+        if tick is not None:
+            tick(1)
     return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
     import torch
 
     from fedsynth.metrics.images import ImageSet
+
+
+#: the classifiers trained, each tested on the held-out real images: on the synthetic images, on as
+#: many real training images, on all real training images (the ceiling)
+ARMS = ("synthetic", "real_same_count", "real")
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,9 @@ def read_labels(images: ImageSet, name: str, *, fallback: bool = False) -> tuple
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, options: UtilityOptions,
-                     seed: int) -> torch.nn.Module:
-    """A MONAI ``Classifier`` trained for ``options.steps`` Adam steps on seeded random batches (CPU)."""
+                     seed: int, tick: Callable[[int], None] | None = None) -> torch.nn.Module:
+    """A MONAI ``Classifier`` trained for ``options.steps`` Adam steps on seeded random batches (CPU);
+    ``tick(1)`` after each step."""
     import torch
     from monai.networks.nets import Classifier
 
@@ -111,6 +118,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, o
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if tick is not None:
+                tick(1)
     net.eval()
     return net
 
@@ -126,8 +135,9 @@ def predict(net: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> n
 
 
 def utility(train: ImageSet, synthetic: ImageSet, test: ImageSet, options: UtilityOptions, *,
-            replicates: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Accuracy and balanced accuracy on ``test`` of the three arms, with bootstrap intervals."""
+            replicates: int = 200, seed: int = 0, tick: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Accuracy and balanced accuracy on ``test`` of the three arms, with bootstrap intervals;
+    ``tick(1)`` after each classifier training step (``len(ARMS) * options.steps`` in all)."""
     y_train, col_train = read_labels(train, options.label)
     y_test, col_test = read_labels(test, options.label)
     y_syn, col_syn = read_labels(synthetic, options.label, fallback=True)
@@ -140,9 +150,9 @@ def utility(train: ImageSet, synthetic: ImageSet, test: ImageSet, options: Utili
                             "classifier needs at least two classes (generate each class, list them in one CSV)")
     num_classes = int(max(y_train.max(), y_test.max(), y_syn.max())) + 1
     subset = np.sort(np.random.default_rng(seed + 2).permutation(len(train))[:len(synthetic)])
-    arms = {"synthetic": (synthetic.images, y_syn), "real_same_count": (train.images[subset], y_train[subset]),
-            "real": (train.images, y_train)}
-    predictions = {name: predict(train_classifier(x, y, num_classes, options, seed), test.images)
+    arms = dict(zip(ARMS, [(synthetic.images, y_syn), (train.images[subset], y_train[subset]), (train.images, y_train)],
+                    strict=True))
+    predictions = {name: predict(train_classifier(x, y, num_classes, options, seed, tick), test.images)
                    for name, (x, y) in arms.items()}
 
     def replicate(i: np.ndarray) -> dict[str, float]:

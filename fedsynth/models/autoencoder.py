@@ -57,7 +57,7 @@ class AutoencoderModel(SynthesisModel):
             if s % divisor:
                 raise ValueError(f"image_size {list(self.image_size)} must be divisible by {divisor} for {levels} levels")
         if cfg.architecture == "kl":
-            self.nets["autoencoder"] = AutoencoderKL(
+            kl = AutoencoderKL(
                 spatial_dims=self.spatial_dims,
                 in_channels=self.in_channels,
                 out_channels=self.in_channels,
@@ -69,6 +69,9 @@ class AutoencoderModel(SynthesisModel):
                 with_encoder_nonlocal_attn=cfg.attention,
                 with_decoder_nonlocal_attn=cfg.attention,
             )
+            if cfg.decoder_padding != "zeros":  # zero padding left a bright corner pixel on every sample
+                explicit_padding(kl.decoder, cfg.decoder_padding)
+            self.nets["autoencoder"] = kl
             self.latent_factor = 2 ** (levels - 1)
         else:
             self.nets["autoencoder"] = VQVAE(
@@ -232,6 +235,55 @@ class AutoencoderModel(SynthesisModel):
             assert isinstance(net, VQVAE)
             z = net.quantizer.embed(idx).contiguous()
         return self.decode_latent(z)
+
+
+#: parameter-free pads per mode, by spatial dims
+_PADS: dict[str, tuple[type[nn.Module], ...]] = {
+    "replicate": (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
+}
+
+
+def explicit_padding(network: nn.Module, mode: str) -> int:
+    """Give every zero-padded convolution inside ``network`` an explicit ``mode`` pad in front of it.
+
+    The convolution then pads nothing (``padding=0``) and sees the already padded input, so Opacus
+    computes its per-sample gradients as for any unpadded convolution (its Conv hooks assume zero
+    padding inside the conv: ``padding_mode="replicate"`` on the conv itself breaks them). The pad
+    is a parameter-free module inserted into the convolution's ``nn.Sequential`` (MONAI's
+    ``Convolution``) under its own name, so the state-dict keys do not change. Returns how many
+    convolutions were changed.
+    """
+    changed = 0
+    for parent in list(network.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        if not any(_zero_padding(child) for _, child in children):
+            continue
+        for name, _ in children:  # re-added in order, each padded convolution after its pad
+            delattr(parent, name)
+        for name, child in children:
+            padding = _zero_padding(child)
+            if padding is not None:
+                amounts = tuple(p for p in reversed(padding) for _ in (0, 1))  # last dim first, both sides
+                parent.add_module(f"pad_{name}", _PADS[mode][len(padding) - 1](amounts))
+                assert isinstance(child, nn.modules.conv._ConvNd)
+                child.padding = (0,) * len(padding)
+                changed += 1
+            parent.add_module(name, child)
+    return changed
+
+
+def _zero_padding(module: nn.Module) -> tuple[int, ...] | None:
+    """The zero padding per spatial axis of a (non-transposed) convolution that pads; ``None`` otherwise."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed:
+        return None
+    padding = module.padding
+    if padding == "valid" or not isinstance(padding, str) and not any(padding):
+        return None
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        raise ValueError(f"cannot make the padding of {module} explicit: padding {padding!r}, mode {module.padding_mode}")
+    return tuple(int(p) for p in padding)
 
 
 def _no_codebook_update(module: nn.Module, _args: tuple[Any, ...]) -> None:
