@@ -118,6 +118,22 @@ def test_a_late_validation_makes_that_round_best(tmp_path: Path) -> None:
     assert best["round"] == 1 and best["best_metric"] == 0.5 and best["metrics"]["val_loss"] == 0.5
 
 
+def test_the_server_logs_each_round_and_the_federations_eta(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Both backends aggregate through GlobalModel: one line per round, with the ETA of the rest."""
+    import logging
+
+    from fedsynth.federated.server import GlobalModel
+
+    server = GlobalModel(tiny_config("autoencoder", federation__rounds=3), tmp_path)
+    with caplog.at_level(logging.INFO, logger="fedsynth.server"):
+        for rnd in (1, 2):
+            weights = server.shared_weights()
+            server.aggregate(rnd, [SiteUpdate("site1", weights, 1), SiteUpdate("site2", weights, 1)])
+    lines = [r.getMessage() for r in caplog.records if "aggregated" in r.getMessage()]
+    assert lines[0] == "round 1/3 aggregated: 2 site(s) accepted, 0 rejected"
+    assert lines[1].startswith("round 2/3 aggregated: 2 site(s) accepted, 0 rejected, ETA ") and lines[1].endswith(" s")
+
+
 @pytest.mark.slow
 def test_both_backends_write_the_same_layout(mri2d: dict[str, Path], tmp_path: Path) -> None:
     results = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
@@ -104,6 +105,8 @@ class GlobalModel:
         self.state = TrainingState(round=0)
         self.history: list[RoundSummary] = []
         self.site_epsilon: dict[str, float] = {}  # each site's latest example-level epsilon in this federation
+        self._last_aggregate: float | None = None  # when the last round was aggregated (the ETA's pace)
+        self._round_seconds: list[float] = []
         # the server's EMA of the global generating groups across rounds (used by generate/evaluate)
         self.ema = (WeightAverage(self.model, [g for g in self.model.generating_groups() if g in self.shared],
                                   config.federation.ema_decay)
@@ -184,7 +187,20 @@ class GlobalModel:
         # a round aggregated again (OpenFL replays a round's stored results after a restart) replaces its record
         self.history = [h for h in self.history if h.get("round", 0) < server_round]
         self.history.append(summary)
+        self._log_progress(server_round, summary)
         return summary
+
+    def _log_progress(self, server_round: int, summary: RoundSummary) -> None:
+        """One line per aggregated round, both backends: who was in, and the federation's ETA."""
+        now = time.monotonic()
+        if self._last_aggregate is not None:
+            self._round_seconds = [*self._round_seconds[-4:], now - self._last_aggregate]
+        self._last_aggregate = now
+        rounds = self.config.federation.rounds
+        eta = (f", ETA {sum(self._round_seconds) / len(self._round_seconds) * (rounds - server_round):.0f} s"
+               if self._round_seconds and server_round < rounds else "")
+        log.info("round %s/%s aggregated: %s site(s) accepted, %s rejected%s", server_round, rounds,
+                 len(summary["accepted"]), len(summary["rejected"]), eta)
 
     def _keep_frozen(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Frozen groups are nobody's to change (client-level DP noise included); only what sites set
