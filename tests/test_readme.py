@@ -298,7 +298,7 @@ def test_quick_start_runs_as_written(tmp_path: Path) -> None:
     for command, shrunk in _shrunk_commands():
         started = time.perf_counter()
         done = subprocess.run(["bash", "-c", prelude + shrunk], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=300)
+                              text=True, encoding="utf-8", errors="replace", timeout=300)
         print(f"{time.perf_counter() - started:6.1f} s  {shrunk}")  # pytest -s shows where the time goes
         where = f"README.md line {command.line}: `{shrunk}`"
         assert done.returncode == 0, f"{where} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
