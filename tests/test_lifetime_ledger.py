@@ -50,6 +50,18 @@ def test_runs_compose_per_image_across_datasets(tmp_path: Path) -> None:
     assert len(everything["runs"]) == 3
 
 
+def test_a_crash_between_append_and_head_is_not_tampering(tmp_path: Path) -> None:
+    """The head is written after the line: a process killed in between leaves one line beyond the head."""
+    ledger = DatasetLedger(tmp_path)
+    ledger.record("/runs/a", A, [STEP], driver="local")
+    head = (tmp_path / "ledger.head").read_text(encoding="utf-8")
+    ledger.record("/runs/b", A, [STEP], driver="local")
+    (tmp_path / "ledger.head").write_text(head, encoding="utf-8")  # as if killed before the head update
+    assert [e["run"] for e in ledger.entries()] == ["/runs/a", "/runs/b"]
+    ledger.record("/runs/c", A, [STEP], driver="local")
+    assert len(ledger.entries()) == 3
+
+
 @pytest.mark.parametrize("tamper", ["edit", "remove", "reorder", "truncate", "delete"])
 def test_a_tampered_ledger_says_so(tmp_path: Path, tamper: str) -> None:
     ledger = DatasetLedger(tmp_path)

@@ -123,9 +123,13 @@ class DatasetLedger:
                 prev = entry["hash"]
                 out.append(entry)
         head = self._head()
-        if head is not None and (head.get("lines") != len(out) or head.get("hash") != prev):
-            raise LedgerTampered(f"{self.path} has {len(out)} line(s) but {self.folder / HEAD_FILE} records "
-                                 f"{head.get('lines')}: lines were removed from its end")
+        if head is not None:
+            # the head is written after each append: lines beyond it are an append whose head update
+            # did not land (a crash in between), lines missing before it were removed
+            lines = head.get("lines")
+            if not isinstance(lines, int) or lines > len(out) or (lines and out[lines - 1]["hash"] != head.get("hash")):
+                raise LedgerTampered(f"{self.path} has {len(out)} line(s) but {self.folder / HEAD_FILE} records "
+                                     f"{lines}: lines were removed from its end")
         return out
 
     def _head(self) -> dict[str, Any] | None:
